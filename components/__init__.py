@@ -1,0 +1,1 @@
+"""GameNGen pipeline: the ML library (plain Python and torch; no Dagster import here)."""

@@ -1,0 +1,68 @@
+"""Command-line entry point: ``python -m components <stage> ...`` or ``gamengen <stage> ...``.
+
+``dvc.yaml`` calls these commands. Each stage lives in ``components/stages/<stage>.py`` and exposes
+``add_arguments(parser)`` and ``main(args)``; register new stages in ``STAGES`` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from components.errors import PipelineError
+
+# stage name -> one-line help. The module is components.stages.<name>.
+STAGES: dict[str, str] = {
+    "rl_agent": "train the PPO agent on ViZDoom with the paper's reward; saves policy snapshots",
+    "raw_trajectories": "record one shard of play (frames, actions, rewards) from random to skilled",
+}
+
+# other commands: name -> (module, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "profile": ("components.stages.profile", "merge a params profile (micro, paper) into params.yaml"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gamengen",
+        description="GameNGen pipeline stages. dvc.yaml runs these; run one by hand to debug it.",
+        epilog="stages, in pipeline order: " + ", ".join(STAGES),
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="<stage>", required=True)
+    for name, help_text in STAGES.items():
+        _add_command(commands, name, f"components.stages.{name}", help_text)
+    for name, (module, help_text) in COMMANDS.items():
+        _add_command(commands, name, module, help_text)
+    return parser
+
+
+def _add_command(commands: argparse._SubParsersAction, name: str, module: str, help_text: str) -> None:
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(_module=module)
+    stage = importlib.import_module(module)
+    if hasattr(stage, "add_arguments"):
+        stage.add_arguments(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        importlib.import_module(args._module).main(args)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

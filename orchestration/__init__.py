@@ -1,0 +1,1 @@
+"""Dagster definitions built from dvc.yaml (see the orchestration issue)."""

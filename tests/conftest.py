@@ -1,0 +1,74 @@
+"""Shared fixtures: real temporary copies of this repo (git + DVC) on the micro profile."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def pipeline_env() -> dict[str, str]:
+    """Environment for subprocesses: the venv first on PATH, analytics and telemetry off, 2 threads."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(DVC_NO_ANALYTICS="1", DAGSTER_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO_ROOT))
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a command, returning its output; on failure the assertion shows stdout and stderr."""
+    result = subprocess.run(cmd, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def project_files() -> list[str]:
+    """Tracked and untracked-but-not-ignored files: what a fresh clone plus local edits would hold."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\n")
+    return [f for f in listed if f and (REPO_ROOT / f).is_file()]
+
+
+def make_repo_copy(destination: Path, profile: str | None = "micro") -> Path:
+    """Copy the project into ``destination`` as a fresh git + DVC repo, with ``profile`` applied."""
+    for name in project_files():
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, target)
+    run(["git", "init", "-q"], destination)
+    run(["git", "config", "user.email", "ci@example.invalid"], destination)
+    run(["git", "config", "user.name", "ci"], destination)
+    if profile:
+        run([sys.executable, "-m", "components", "profile", profile], destination)
+    run(["git", "add", "-A"], destination)
+    run(["git", "commit", "-q", "-m", "fixture"], destination)
+    return destination
+
+
+@pytest.fixture()
+def micro_repo(tmp_path: Path) -> Path:
+    """A fresh micro-profile copy of the repo, nothing run yet."""
+    return make_repo_copy(tmp_path / "repo")
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A micro-profile copy on which the whole `dvc repro` has run once; shared by the tests that read outputs.
+
+    Tests must not modify it: copy it (``shutil.copytree``) first if a test needs to change something.
+    """
+    repo = make_repo_copy(tmp_path_factory.mktemp("pipeline") / "repo")
+    run(["dvc", "repro"], repo, timeout=1500)
+    yield repo

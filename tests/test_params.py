@@ -1,0 +1,104 @@
+"""params.yaml validation: every bad value names its key path and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.params import (
+    ParamsError,
+    apply_profile,
+    available_profiles,
+    load_params,
+    parse_params,
+    profile_params,
+)
+from tests.conftest import REPO_ROOT
+
+DEFAULT = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def with_value(path: str, value: object) -> dict:
+    raw = copy.deepcopy(DEFAULT)
+    *parents, leaf = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return raw
+
+
+def test_default_params_load() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.profile == "default"
+    assert params.environment.frame_skip == 4
+    assert params.environment.actions[0].name == "noop"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("rl_agent.ppo.n_steps", -5, "rl_agent.ppo.n_steps: must be > 0, got -5"),
+        ("rl_agent.ppo.n_steps", "many", "rl_agent.ppo.n_steps: Input should be a valid integer"),
+        ("environment.frame_skip", 0, "environment.frame_skip: must be > 0, got 0"),
+        ("raw_trajectories.random_action_fraction", 1.5, "raw_trajectories.random_action_fraction: must be <= 1"),
+        ("raw_trajectories.policy", "expert", "raw_trajectories.policy: must be one of 'agent' or 'random'"),
+        ("raw_trajectories.shards", [0, 0], "raw_trajectories.shards: must be distinct"),
+        ("environment.resolution", [8, 6], "environment.resolution: must be (width, height)"),
+        ("environment.typo_key", 1, "environment.typo_key: unknown key"),
+    ],
+)
+def test_bad_value_names_key_and_rule(path: str, value: object, message: str) -> None:
+    with pytest.raises(ParamsError) as error:
+        parse_params(with_value(path, value))
+    assert message in str(error.value)
+
+
+def test_bad_action_button_is_named() -> None:
+    raw = copy.deepcopy(DEFAULT)
+    raw["environment"]["actions"][1]["buttons"] = ["FLY"]
+    with pytest.raises(ParamsError, match=r"environment\.actions\[1\]\.buttons\[0\]: must be one of"):
+        parse_params(raw)
+
+
+def test_duplicate_action_names_rejected() -> None:
+    raw = copy.deepcopy(DEFAULT)
+    raw["environment"]["actions"].append({"name": "noop", "buttons": []})
+    with pytest.raises(ParamsError, match="action names must be unique, repeated: \\['noop'\\]"):
+        parse_params(raw)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("environment: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("profile", available_profiles())
+def test_every_profile_validates(profile: str) -> None:
+    params = parse_params(profile_params(profile, DEFAULT))
+    assert params.profile == profile
+
+
+def test_paper_profile_is_paper_scale() -> None:
+    params = parse_params(profile_params("paper", DEFAULT))
+    assert params.environment.resolution == (320, 240)
+    assert params.rl_agent.ppo.learning_rate == 1e-4
+    assert params.rl_agent.ppo.n_envs == 8
+
+
+def test_apply_profile_rewrites_params_and_refuses_unknown(tmp_path: Path) -> None:
+    target = tmp_path / "params.yaml"
+    target.write_text((REPO_ROOT / "params.yaml").read_text())
+    params = apply_profile("micro", target)
+    assert params.profile == "micro"
+    assert load_params(target).environment.resolution == params.environment.resolution
+    before = target.read_bytes()
+    with pytest.raises(ParamsError, match="unknown profile 'huge'"):
+        apply_profile("huge", target)
+    assert target.read_bytes() == before
