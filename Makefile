@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh clone (Python 3.11 is all you need):
 #   make run    set up .venv, then run the whole pipeline on the default profile (dvc repro)
 #   make test   set up .venv, then run the test suite
+#   make play   play the learned game in a browser (ONNX export, 127.0.0.1)
 SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -10,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 
-.PHONY: venv run test browser ui play clean-venv
+.PHONY: venv run test browser ui play ablations promote clean-venv
 
 # Reinstalls only when pyproject.toml or constraints.txt change; otherwise a no-op.
 $(STAMP): pyproject.toml constraints.txt
@@ -29,8 +30,33 @@ browser:
 run: venv
 	dvc repro
 
+# Dagster UI on http://127.0.0.1:$(UI_PORT) (DAGSTER_HOME=dagster_home/, telemetry off); Ctrl-C or SIGTERM stops it.
+UI_PORT ?= 3000
+ui: venv
+	exec python -m orchestration.ui --host 127.0.0.1 --port $(UI_PORT)
+
 test: venv browser
 	python -m pytest -q
+
+# Play the learned game in a browser from the ONNX export (README "Play"). Builds the export first if needed:
+#   make play                   serve http://127.0.0.1:8765/ (params play.*)
+#   make play PLAY_ARGS="--port 9000 --export path/to/export"
+PLAY_ARGS ?=
+play: venv
+	@test -f data/onnx_export/manifest.json || [[ "$(PLAY_ARGS)" == *--export* ]] || dvc repro onnx_export
+	python -m components play $(PLAY_ARGS)
+
+# The paper's ablations as DVC experiments (README "Evaluation, ablations and promotion"); tables to docs/results.md.
+#   make ablations                                  context lengths, noise augmentation on/off, agent vs random data
+#   make ablations ABLATION_ARGS="--groups context"  one group;  ABLATION_ARGS=--report-only rewrites the tables
+ABLATION_ARGS ?=
+ablations: venv
+	python -m components ablations $(ABLATION_ARGS)
+
+# Champion/challenger: promote data/onnx_export to artifacts/champion if it is no worse on held-out play.
+promote: venv
+	dvc repro evaluation
+	python -m components promote
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _temporary_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
     os.close(handle)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
     return Path(name)
 
 
@@ -80,6 +87,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield temporary
         if target.exists():

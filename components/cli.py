@@ -18,11 +18,22 @@ from components.errors import PipelineError
 STAGES: dict[str, str] = {
     "rl_agent": "train the PPO agent on ViZDoom with the paper's reward; saves policy snapshots",
     "raw_trajectories": "record one shard of play (frames, actions, rewards) from random to skilled",
+    "base_autoencoder": "train (or load a pretrained) frame autoencoder and measure its latent scaling factor",
+    "validated_latents": "encode every frame to latents, then gate them with a Great Expectations suite",
+    "finetuned_vae": "fine-tune the decoder (encoder frozen) on game frames with pixel MSE",
+    "diffusion_checkpoint": "train the action-conditioned diffusion world model (resumable; accelerate-ready)",
+    "distilled_model": "distil the world model into a 1-step student (CFG and context noise built in)",
+    "onnx_export": "export encoder, 1-step world model and decoder to ONNX, with manifest and parity report",
+    "evaluation": "score the ONNX export and the 4-step teacher on held-out play, with baselines and rollouts",
 }
 
 # other commands: name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("components.stages.profile", "merge a params profile (micro, paper) into params.yaml"),
+    "play": ("components.play", "play the learned game in a browser from the ONNX export (ONNX Runtime only)"),
+    "rollout_video": ("components.stages.rollout_video", "GIF of an autoregressive rollout beside the real frames"),
+    "ablations": ("components.stages.ablations", "run the paper's ablations as DVC experiments; tables to docs/results.md"),
+    "promote": ("components.stages.promote", "promote the fresh export to champion if no worse on held-out play"),
 }
 
 

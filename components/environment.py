@@ -114,9 +114,14 @@ def render_resolution(width: int, height: int) -> tuple[int, int, vzd.ScreenReso
 
 def downscale(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     """Box-filter an RGB ``uint8 [H, W, 3]`` frame to ``[height, width, 3]`` (a copy, always writable)."""
-    if frame.shape[0] == height and frame.shape[1] == width:
+    source_h, source_w = frame.shape[:2]
+    if source_h == height and source_w == width:
         return np.array(frame)
-    return np.array(Image.fromarray(frame).resize((width, height), Image.BOX))
+    image = Image.fromarray(frame)
+    factor = source_w // width
+    if source_w == width * factor and source_h == height * factor:
+        return np.array(image.reduce(factor))  # integer factor: box mean, about 3x faster than resize
+    return np.array(image.resize((width, height), Image.BOX))
 
 
 # --------------------------------------------------------------------------- game construction

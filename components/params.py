@@ -11,12 +11,13 @@ merged into ``params.yaml`` by ``gamengen profile <name>``; see ``apply_profile`
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from components.errors import PipelineError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -135,12 +136,22 @@ class PPOParams(Section):
     clip_range: float = Field(0.2, gt=0.0)
     n_envs: int = Field(2, gt=0)  # paper: 8 parallel games
     features_dim: int = Field(256, gt=0)  # paper: 512
+    hidden_sizes: list[int] = Field([64, 64], description="actor and critic MLP widths")  # paper: 2-layer MLPs
+    cnn_channels: tuple[int, int, int] = Field((32, 64, 64), description="channels of the 3 conv layers")  # paper: Mnih (32, 64, 64)
+
+    @field_validator("cnn_channels", "hidden_sizes")
+    @classmethod
+    def _positive_widths(cls, value: Any) -> Any:
+        if min(value, default=1) <= 0:
+            raise ValueError(f"every width must be > 0, got {list(value)}")
+        return value
 
 
 class RLAgentParams(Section):
     total_timesteps: int = Field(20_000, gt=0)  # paper: 50M
     checkpoints: int = Field(4, gt=0, description="policy snapshots saved evenly over training")
     seed: int = 0
+    torch_threads: int = Field(1, ge=0, description="torch CPU threads for training; 0 = torch's default")
     ppo: PPOParams = PPOParams()
 
 
@@ -169,47 +180,315 @@ class RawTrajectoriesParams(Section):
 
 
 class AutoencoderParams(Section):
-    """Base autoencoder (helper stage ``base_autoencoder``). Filled in by the latents issue."""
+    """The frame autoencoder and its helper stage ``base_autoencoder`` (components/autoencoder.py).
+
+    With ``pretrained`` set, SD's VAE is loaded from that local folder and only the scaling factor is measured.
+    Otherwise a small ``AutoencoderKL`` is built from the fields below and trained on training-split frames
+    (MSE + ``kl_weight`` * KL) until ``train_minutes`` or ``max_steps``, whichever comes first.
+    """
+
+    pretrained: str | None = Field(
+        None, description="local folder with an SD-style AutoencoderKL (e.g. SD v1.4's vae/); null trains one"
+    )  # paper: SD v1.4 vae
+    block_out_channels: list[int] = Field([32, 64, 64], min_length=1)  # SD: [128, 256, 512, 512] (8x down)
+    latent_channels: int = Field(4, gt=0)  # SD: 4
+    layers_per_block: int = Field(1, gt=0)  # SD: 2
+    norm_num_groups: int = Field(16, gt=0)  # SD: 32
+    mid_block_attention: bool = False  # SD: true
+    latent_multiple: int = Field(4, gt=0, description="latent h and w are padded to multiples of this")
+    pad_mode: Literal["replicate", "constant"] = Field("replicate", description="edge-replicate or zero padding")
+    train_minutes: float = Field(7.5, gt=0.0, description="training-time budget; the LR schedule ends with it")
+    max_steps: int = Field(100_000, gt=0)
+    batch_size: int = Field(8, gt=0)
+    learning_rate: float = Field(2e-3, gt=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    kl_weight: float = Field(1e-6, ge=0.0)
+    scaling_frames: int = Field(1024, gt=0, description="training frames used to measure the latent scaling factor")
+    eval_frames: int = Field(256, gt=0, description="held-out frames for the PSNR curve and metrics")
+    eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between PSNR-curve points")
+    seed: int = 0
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _channels_positive(cls, value: list[int]) -> list[int]:
+        if min(value) <= 0:
+            raise ValueError(f"must be positive channel counts, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> "AutoencoderParams":
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels, not {bad}")
+        return self
 
 
 class ValidatedLatentsParams(Section):
-    """Stage ``validated_latents``. Filled in by the latents issue."""
+    """Stage ``validated_latents``: encode every frame, then the Great Expectations gate (latent_validation.py).
+
+    The context length K (episodes need K + 1 frames) is ``world_model.context``.
+    """
+
+    batch_size: int = Field(64, gt=0, description="frames encoded per forward pass")
+    dtype: Literal["float16", "float32"] = Field("float16", description="stored dtype of the scaled latents")
+    drop_short_episodes: bool = Field(
+        True, description="leave out episodes shorter than K + 1 frames (counted in the report) instead of failing"
+    )
+    channel_mean_limit: float = Field(3.0, gt=0.0, description="|per-channel mean| of scaled latents must be below")
+    channel_std_min: float = Field(0.05, gt=0.0, description="per-channel std below this counts as collapsed")
+    channel_std_max: float = Field(10.0, gt=0.0)
 
 
 class FinetunedVaeParams(Section):
-    """Stage ``finetuned_vae``. Filled in by the latents issue."""
+    """Stage ``finetuned_vae``: encoder frozen, decoder fine-tuned with pixel MSE (the paper's decoder fine-tune)."""
+
+    train_minutes: float = Field(2.0, gt=0.0, description="training-time budget; the LR schedule ends with it")
+    max_steps: int = Field(100_000, gt=0)
+    batch_size: int = Field(8, gt=0)
+    learning_rate: float = Field(5e-4, gt=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    augment: bool = Field(True, description="kornia brightness/contrast jitter on training frames")
+    ssim_weight: float = Field(0.0, ge=0.0, description="optional structural (SSIM) loss term; paper: MSE only")
+    eval_frames: int = Field(256, gt=0, description="held-out frames for PSNR/SSIM before and after")
+    grid_frames: int = Field(6, gt=0, description="held-out frames shown in the image grid")
+    seed: int = 0
 
 
 class WorldModelParams(Section):
-    """Model shape and conditioning of the diffusion world model. Filled in by the world-model issue."""
+    """Model shape and conditioning of the diffusion world model (components/world_model.py).
+
+    Read by ``diffusion_checkpoint`` and by every stage that builds windows of ``context + 1`` latents.
+    """
+
+    context: int = Field(4, gt=0, description="K: past frames (and actions) the model sees")  # paper: 64
+    noise_buckets: int = Field(10, gt=0, description="context noise levels are discretised into this many")  # paper: 10
+    max_noise_level: float = Field(
+        0.7, ge=0.0, le=5.0, description="context noise std is drawn from U(0, max_noise_level) in training"
+    )  # paper: 0.7
+    pretrained_unet: str | None = Field(
+        None, description="local path to an SD v1.4 style unet/ folder (save_pretrained); null builds from the "
+        "config below. conv_in is widened to C*(K+1) with zero weights for the context channels"
+    )  # paper: SD v1.4 unet
+    block_out_channels: list[int] = Field([64, 128], min_length=1)  # paper (SD v1.4): [320, 640, 1280, 1280]
+    down_block_types: list[str] = Field(["CrossAttnDownBlock2D", "DownBlock2D"], min_length=1)
+    up_block_types: list[str] = Field(["UpBlock2D", "CrossAttnUpBlock2D"], min_length=1)
+    layers_per_block: int = Field(1, gt=0)  # paper (SD v1.4): 2
+    attention_head_dim: int = Field(8, gt=0)  # paper (SD v1.4): 8
+    norm_num_groups: int = Field(32, gt=0)
+    cross_attention_dim: int = Field(64, gt=0, description="width of the action tokens")  # paper (SD v1.4): 768
+    num_train_timesteps: int = Field(1000, gt=1)
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"  # SD v1.4
+    zero_terminal_snr: bool = Field(True, description="rescale betas to zero terminal SNR (good with v-prediction)")
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _channels_fit_groups(cls, value: list[int]) -> list[int]:
+        if min(value) <= 0:
+            raise ValueError(f"must be positive, got {value}")
+        return value
 
 
 class DiffusionCheckpointParams(Section):
-    """Stage ``diffusion_checkpoint`` (training). Filled in by the world-model issue."""
+    """Stage ``diffusion_checkpoint``: training of the world model (components/world_model_training.py)."""
+
+    seed: int = 0
+    steps: int = Field(20_000, gt=0, description="optimizer steps (the most, when train_minutes is set)")  # paper: 700k
+    train_minutes: float | None = Field(
+        12.0, gt=0.0, description="wall-clock budget: after 25 steps the speed is measured and the step count "
+        "(and the LR schedule) fixed to fit, then stored in the checkpoint so a resumed run ends at the same "
+        "step; null trains exactly `steps`"
+    )  # paper: null (700k steps)
+    batch_size: int = Field(8, gt=0, description="per process")  # paper: 128
+    optimizer: Literal["adamw", "adafactor"] = "adamw"  # paper: adafactor
+    learning_rate: float = Field(5e-4, gt=0.0)  # paper: 2e-5
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # paper: constant
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)  # paper: 0
+    grad_clip: float = Field(1.0, gt=0.0)  # paper: 1.0
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="0 turns EMA off; the final weights are the EMA")
+    context_dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of samples whose context latents are zeroed (for CFG)"
+    )  # paper: 0.1
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="passed to accelerate.Accelerator")
+    checkpoint_every: int = Field(500, gt=0, description="resumable checkpoint every N steps (.cache/)")
+    log_every: int = Field(50, gt=0)
+    eval_windows: int = Field(64, gt=0, description="held-out windows for the final metrics")
+    preview_windows: int = Field(4, gt=0, description="rows in plots/diffusion_checkpoint/samples.png")
 
 
 class SamplerParams(Section):
-    """Inference-time sampling. Filled in by the world-model issue."""
+    """Inference-time sampling (components/sampler.py): DDIM with classifier-free guidance on past frames."""
+
+    steps: int = Field(4, gt=0, description="DDIM steps per frame")  # paper: 4
+    cfg: float = Field(1.5, ge=0.0, description="guidance on the past frames only (1 = off)")  # paper: 1.5
+    context_noise_level: float = Field(
+        0.1, ge=0.0, description="std of the noise added to the context at inference; its bucket is given to the "
+        "model, telling it the context may be imperfect (0 = clean context)"
+    )
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
+    seed: int = 0
 
 
 class DistilledModelParams(Section):
-    """Stage ``distilled_model``. Filled in by the distillation issue."""
+    """Stage ``distilled_model`` (components/distillation.py): a 1-step student regressed onto the teacher's
+    multi-step CFG sample (``params.sampler``) from frozen noise. See README "Distillation"."""
+
+    minutes: float = Field(4.0, gt=0.0, description="training-time budget (the run also stops at max_steps)")
+    max_steps: int = Field(5000, gt=0)  # paper (DMD): 1000 steps at batch 128
+    batch_size: int = Field(8, gt=0)  # paper: 128
+    learning_rate: float = Field(1e-4, gt=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    noise_seed: int = Field(0, description="seed of the frozen target and context noise built into the student")
+    eval_windows: int = Field(64, gt=0, description="held-out windows for the PSNR metrics")
+    eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between held-out checks")
+    seed: int = 0
 
 
 class OnnxExportParams(Section):
-    """Stage ``onnx_export``. Filled in by the distillation issue."""
+    """Stage ``onnx_export`` (components/export.py): the three ONNX graphs, manifest and held-out contexts."""
+
+    opset: int = Field(18, ge=18, description="ONNX opset of the dynamo exporter")
+    max_batch: int = Field(64, gt=1, description="upper bound of the dynamic batch axis")
+    parity_windows: int = Field(16, gt=0, description="real held-out windows compared between ORT and PyTorch")
+    parity_tolerance: float = Field(1e-3, gt=0.0, description="max abs diff allowed between ORT and PyTorch")
+    contexts: int = Field(8, gt=0, description="held-out starting contexts shipped in contexts.npz")
+    future_steps: int = Field(32, gt=0, description="recorded steps after each shipped context (rollout videos)")
 
 
 class PlayParams(Section):
-    """The real-time browser player. Filled in by the distillation issue."""
+    """The real-time browser player (components/play.py, ``make play``): ONNX Runtime only."""
+
+    export_dir: str = Field("data/onnx_export", min_length=1, description="export folder to play")
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8765, ge=0, le=65535, description="0 picks a free port")
+    fps: float = Field(
+        20.0, ge=0.0, description="frame-rate cap (0 = as fast as the model runs); the paper plays at 20"
+    )
+    threads: int = Field(2, gt=0, description="ONNX Runtime intra-op threads")
+
+
+class PromotionCriterionParams(Section):
+    """One metric a challenger must not lose on (components/promotion.py)."""
+
+    metric: str = Field(min_length=1, description="dotted path into metrics/evaluation.json")
+    tolerance: float = Field(0.0, ge=0.0, description="how much worse still counts as no worse (dB for PSNR)")
+    higher_is_better: bool = True
+
+
+class PromotionParams(Section):
+    """Champion/challenger: where the champion lives, the promotion log, and what "no worse" means."""
+
+    champion_dir: str = Field("artifacts/champion", min_length=1, description="the fixed place of the champion")
+    log: str = Field("docs/promotion-log.md", min_length=1, description="promotion log (+ .jsonl beside it)")
+    reevaluate_champion: bool = Field(
+        True, description="score the champion again on the challenger's held-out episodes before comparing"
+    )
+    criteria: list[PromotionCriterionParams] = Field(
+        default_factory=lambda: [
+            PromotionCriterionParams(metric="onnx.teacher_forced.psnr.model.pooled", tolerance=0.1),
+            PromotionCriterionParams(metric="onnx.teacher_forced.psnr.model.mean", tolerance=0.1),
+            PromotionCriterionParams(metric="onnx.rollout.16.mean_psnr_over_steps.model", tolerance=0.2),
+        ],
+        min_length=1,
+    )
+
+
+class AblationsParams(Section):
+    """The paper's ablations as DVC experiments (components/ablations.py, `python -m components ablations`)."""
+
+    context_key: str = "world_model.context"
+    context_lengths: list[int] = Field([1, 2, 4, 8, 16], min_length=1)  # paper: 1, 2, 4, 8, 16, 32, 64
+    noise_off: dict[str, float | int | str | bool] = Field(
+        default_factory=lambda: {"world_model.max_noise_level": 0.0, "sampler.context_noise_level": 0.0},
+        description="-S values that turn noise augmentation off (training and inference)",
+    )
+    data_key: str = "raw_trajectories.policy"
+    data_policies: list[str] = Field(["agent", "random"], min_length=1)
+    overrides: dict[str, float | int | str | bool] = Field(
+        default_factory=dict, description="-S values applied to every ablation experiment (a smaller scale)"
+    )
+    jobs: int = Field(1, gt=0, description="experiments run at once (dvc exp run --run-all -j)")
+
+    @field_validator("context_lengths")
+    @classmethod
+    def _positive_lengths(cls, value: list[int]) -> list[int]:
+        if min(value) <= 0:
+            raise ValueError(f"must be positive context lengths, got {value}")
+        return value
 
 
 class EvaluationParams(Section):
-    """Stage ``evaluation``. Filled in by the evaluation issue."""
+    """Stage ``evaluation``: the shipped ONNX export and the PyTorch teacher on held-out play only."""
+
+    episodes: list[str] | None = Field(
+        None, description="held-out episode ids to use (null: all held-out episodes); others are refused"
+    )
+    windows: int = Field(256, gt=0, description="teacher-forced next-frame windows")  # paper: 2048 trajectories
+    rollout_lengths: list[int] = Field([16, 32, 64], min_length=1, description="autoregressive rollout steps")
+    rollout_windows: int = Field(16, gt=0, description="windows per rollout length")  # paper FVD: 512
+    teacher: bool = Field(True, description="also score the PyTorch 4-step teacher (data/diffusion_checkpoint)")
+    batch_size: int = Field(32, gt=0)
+    psnr_cap_db: float = Field(50.0, gt=0.0, description="per-frame PSNR cap for identical frames (mean view)")
+    seed: int = 0
+    threads: int = Field(2, gt=0, description="ONNX Runtime intra-op threads")
+    lpips_weights: str | None = Field(None, description="local TorchScript vgg16.pt (StyleGAN2-ADA); null skips")
+    fvd_weights: str | None = Field(None, description="local TorchScript i3d_torchscript.pt (StyleGAN-V); null skips")
+    sample_windows: int = Field(3, gt=0, description="rows of the side-by-side sample video")
+    sample_fps: float = Field(8.0, gt=0.0)
+    promotion: PromotionParams = PromotionParams()
+    ablations: AblationsParams = AblationsParams()
+
+    @field_validator("rollout_lengths")
+    @classmethod
+    def _positive_rollouts(cls, value: list[int]) -> list[int]:
+        if min(value) <= 0 or len(set(value)) != len(value):
+            raise ValueError(f"must be distinct positive step counts, got {value}")
+        return sorted(value)
+
+    @field_validator("promotion")
+    @classmethod
+    def _criteria_use_measured_rollouts(cls, value: PromotionParams, info: ValidationInfo) -> PromotionParams:
+        lengths = info.data.get("rollout_lengths", [])
+        for criterion in value.criteria:
+            parts = criterion.metric.split(".")
+            if "rollout" in parts[:-1]:
+                steps = parts[parts.index("rollout") + 1]
+                if not steps.isdigit() or int(steps) not in lengths:
+                    raise ValueError(
+                        f"criteria metric {criterion.metric!r} needs a {steps}-step rollout, but "
+                        f"evaluation.rollout_lengths is {lengths}"
+                    )
+        return value
 
 
 class OrchestrationParams(Section):
-    """Dagster schedules and DVC remote use. Filled in by the orchestration issue."""
+    """Dagster schedules and DVC remote use (orchestration/; README "Dagster" and "Scale-out")."""
+
+    retraining_cron: str = Field(
+        "0 3 * * 0", description="cron of the `scheduled_retraining` schedule (5 fields; default Sunday 03:00)"
+    )
+    retraining_timezone: str = Field("UTC", min_length=1, description="IANA time zone of retraining_cron")
+    retraining_seed_param: str = Field(
+        "raw_trajectories.seed",
+        min_length=1,
+        description="param set to a fresh seed by each scheduled retraining (`dvc exp run -S <this>=<seed>`)",
+    )
+    pull_before_repro: bool = Field(
+        True, description="materializing runs `dvc repro --pull`: restores outs/run-cache from the remote if there"
+    )
+    push_after_repro: bool = Field(True, description="push outs and run-cache to the default DVC remote after a run")
+    require_remote: bool = Field(
+        False, description="fail the asset when the push fails (set true on distributed executors)"
+    )
+
+    @field_validator("retraining_cron")
+    @classmethod
+    def _five_field_cron(cls, value: str) -> str:
+        fields = value.split()
+        allowed = set("0123456789*/,-")
+        if len(fields) != 5 or any(not set(f) <= allowed for f in fields):
+            raise ValueError(f"must be a 5-field cron string such as '0 3 * * 0', got {value!r}")
+        return value
 
 
 class Params(Section):
@@ -285,13 +564,30 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ParamsError(f"invalid {source}:\n{format_validation_error(error)}") from None
 
 
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false, so ``no``/``on``/``yes`` stay strings.
+
+    ``dvc exp run -S`` rewrites params.yaml as YAML 1.2 and drops the quotes of ``"no"`` (e.g.
+    ``diffusion_checkpoint.mixed_precision``); YAML 1.1 would then read it as False.
+    """
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run from the repository root, or pass --params)") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Yaml12BoolLoader)
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     return data if data is not None else {}

@@ -72,3 +72,15 @@ def micro_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     repo = make_repo_copy(tmp_path_factory.mktemp("pipeline") / "repo")
     run(["dvc", "repro"], repo, timeout=1500)
     yield repo
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real ONNX export from tiny untrained upstream artifacts (about a minute; see tests/export_fixtures.py).
+
+    Holds data/distilled_model, data/onnx_export, metrics/distilled_model.json and reports/onnx_export.json.
+    Tests must not modify it.
+    """
+    from tests.export_fixtures import build_tiny_export
+
+    return build_tiny_export(tmp_path_factory.mktemp("tiny_export"))

@@ -128,3 +128,12 @@ def test_empty_or_missing_root(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ShardError, match="contains no shards"):
         TrajectoryStore(tmp_path / "empty")
+
+
+def test_atomic_outputs_have_ordinary_permissions(tmp_path: Path) -> None:
+    from components.atomic import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    path = write_shard(tmp_path / "shard-0", [3], ["train"])
+    assert (tmp_path / "a.txt").stat().st_mode & 0o044 == 0o044  # group/other readable (umask 022)
+    assert path.stat().st_mode & 0o055 == 0o055

@@ -1,13 +1,56 @@
-"""Stage ``raw_trajectories``: placeholder until the foundation issue's implementation lands."""
+"""Stage ``raw_trajectories --shard N``: record one shard of play, from random to skilled.
+
+Writes ``data/raw_trajectories/shard-N`` (a trajectory shard, see ``components.trajectory_store`` and the
+README "Data format: trajectories"), ``metrics/raw_trajectories/shard-N.json`` (episodes, frames, mean
+reward, action histogram, held-out episodes) and ``plots/raw_trajectories/shard-N.png`` (sample frames).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
+
+from components.params import load_params
+
+log = logging.getLogger(__name__)
+
+OUT_ROOT = Path("data/raw_trajectories")
+AGENT_DIR = Path("data/rl_agent")
+METRICS_ROOT = Path("metrics/raw_trajectories")
+PLOTS_ROOT = Path("plots/raw_trajectories")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--shard", type=int, required=True, help="shard id, one of raw_trajectories.shards")
+    parser.add_argument("--agent", type=Path, default=AGENT_DIR, help=f"rl_agent output (default: {AGENT_DIR})")
+    parser.add_argument("--out-root", type=Path, default=OUT_ROOT, help=f"shards folder (default: {OUT_ROOT})")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def main(args: argparse.Namespace) -> None:
-    raise NotImplementedError("raw_trajectories is being implemented")
+    params = load_params(args.params)
+    from components.errors import PipelineError
+
+    config = params.raw_trajectories
+    if args.shard not in config.shards:
+        raise PipelineError(f"--shard {args.shard}: not in raw_trajectories.shards {config.shards}")
+    from PIL import Image
+
+    from components.atomic import atomic_path, atomic_write_json
+    from components.collection import record_shard, sample_grid
+    from components.trajectory_store import Shard
+
+    name = f"shard-{args.shard}"
+    out_path = args.out_root / name
+    log.info("recording %s: %d frames, policy %s, %d games in lockstep", out_path, config.frames_per_shard,
+             config.policy, config.parallel_games)
+    summary = record_shard(params, args.shard, out_path, args.agent, progress=not args.no_progress)
+    atomic_write_json(METRICS_ROOT / f"{name}.json", summary.as_dict())
+
+    grid = sample_grid(Shard(out_path, verify_checksums=False).array("frames"))
+    (PLOTS_ROOT).mkdir(parents=True, exist_ok=True)
+    with atomic_path(PLOTS_ROOT / f"{name}.png", suffix=".png") as temporary:
+        Image.fromarray(grid).save(temporary, format="PNG")
+    log.info("%s: %d episodes (%d held out), %d frames, %.0f frames/s", name, summary.episodes,
+             summary.heldout_episodes, summary.frames, summary.frames_per_second)

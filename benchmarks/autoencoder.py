@@ -1,0 +1,131 @@
+"""Benchmark the frame autoencoder at the default profile: encoding throughput and decoder fine-tune step time.
+
+    python benchmarks/autoencoder.py [--params params.yaml] [--threads 2] [--repeats 5]
+
+Builds the autoencoder from ``params.yaml`` (weights do not change the speed), pads as the pipeline does, and
+prints one JSON object:
+
+* ``encode_frames_per_s``: frames/s of ``FrameAutoencoder.encode`` at ``validated_latents.batch_size``
+  (what bounds the ``validated_latents`` stage);
+* ``decode_frames_per_s``: the same for ``decode``;
+* ``finetune_step_ms``: one decoder fine-tune step (frozen encoder forward, decoder forward + backward,
+  AdamW) at ``finetuned_vae.batch_size``; ``finetune_samples_per_s`` follows;
+* ``base_train_step_ms``: one ``base_autoencoder`` training step (MSE + KL) at ``autoencoder.batch_size``.
+
+Medians over ``--repeats`` runs after one warm-up. Timings on a shared machine are inflated by contention;
+the ``*_per_cpu_s`` / ``*_cpu_ms`` figures use process CPU time instead, which contention inflates less (with
+``--threads 1`` they approximate an idle single core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def median_seconds(function, repeats: int) -> tuple[float, float]:
+    """Median (wall seconds, process CPU seconds) of one call, after a warm-up call."""
+    function()  # warm-up
+    wall, cpu = [], []
+    for _ in range(repeats):
+        started, started_cpu = time.perf_counter(), time.process_time()
+        function()
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    import torch
+
+    from components.autoencoder import FrameAutoencoder, build_vae, kl_divergence, load_pretrained_vae
+    from components.params import load_params
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    params = load_params(args.params)
+    a = params.autoencoder
+    vae = load_pretrained_vae(a.pretrained) if a.pretrained else build_vae(
+        a.block_out_channels, a.latent_channels, a.layers_per_block, a.norm_num_groups, a.mid_block_attention)
+    vae = vae.to(memory_format=torch.channels_last).eval()
+    frame_size = (params.environment.height, params.environment.width)
+    ae = FrameAutoencoder(vae, frame_size, 1.0, a.latent_multiple, a.pad_mode)
+
+    encode_batch = params.validated_latents.batch_size
+    frames = torch.rand(encode_batch, 3, *frame_size)
+    with torch.no_grad():
+        latents = ae.encode(frames)
+        encode_s = median_seconds(lambda: ae.encode(frames), args.repeats)
+        decode_s = median_seconds(lambda: ae.decode(latents), args.repeats)
+
+    f = params.finetuned_vae
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    decoder_params = [t for t in vae.parameters() if t.requires_grad]
+    optimizer = torch.optim.AdamW(decoder_params, lr=f.learning_rate)
+    batch = torch.rand(f.batch_size, 3, *frame_size)
+
+    def finetune_step() -> None:
+        with torch.no_grad():
+            z = ae.encode(batch)
+        output = ae.crop(vae.decode(z / ae.scaling_factor).sample, clamp=False)
+        loss = torch.nn.functional.mse_loss(output, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    vae.train()
+    finetune_s = median_seconds(finetune_step, args.repeats)
+
+    vae.requires_grad_(True)
+    base_optimizer = torch.optim.AdamW(vae.parameters(), lr=a.learning_rate)
+    base_batch = torch.rand(a.batch_size, 3, *frame_size)
+
+    def base_step() -> None:
+        x = ae.pad(base_batch).contiguous(memory_format=torch.channels_last)
+        posterior = vae.encode(x).latent_dist
+        loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample()).sample, x) + a.kl_weight * kl_divergence(
+            posterior)
+        base_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        base_optimizer.step()
+
+    base_s = median_seconds(base_step, args.repeats)
+    print(json.dumps({
+        "profile": params.profile,
+        "frame_size_hw": list(frame_size),
+        "latent_shape": list(ae.latent_shape),
+        "params_millions": round(sum(t.numel() for t in vae.parameters()) / 1e6, 3),
+        "threads": args.threads,
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "encode_batch": encode_batch,
+        "encode_frames_per_s": round(encode_batch / encode_s[0], 1),
+        "encode_frames_per_cpu_s": round(encode_batch / encode_s[1], 1),
+        "decode_frames_per_s": round(encode_batch / decode_s[0], 1),
+        "finetune_batch": f.batch_size,
+        "finetune_step_ms": round(1000 * finetune_s[0], 1),
+        "finetune_step_cpu_ms": round(1000 * finetune_s[1], 1),
+        "finetune_samples_per_s": round(f.batch_size / finetune_s[0], 1),
+        "base_train_batch": a.batch_size,
+        "base_train_step_ms": round(1000 * base_s[0], 1),
+        "base_train_step_cpu_ms": round(1000 * base_s[1], 1),
+        "base_train_samples_per_s": round(a.batch_size / base_s[0], 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Benchmark the diffusion world model at the default profile: training throughput and ms per generated frame.
+
+    python benchmarks/world_model.py [--params params.yaml] [--threads 2] [--device cpu|cuda] [--repeats 5]
+
+Builds the world model and the autoencoder from ``params.yaml`` (weights do not change the speed; a trained
+``data/finetuned_vae`` is used when present), at the latent size the autoencoder makes, and prints one JSON object:
+
+* ``train_samples_per_s`` / ``train_step_ms``: one full training step (data read excluded: batches are in memory;
+  v-loss with noise augmentation and context dropout, backward, clipping, AdamW) at
+  ``diffusion_checkpoint.batch_size``; ``steps_in_train_minutes``: the steps the stage's time budget would plan;
+* ``ms_per_frame``: ``WorldModel.step`` (DDIM with ``sampler.cfg``, two UNet calls per step when cfg != 1, plus the
+  decode) for 1, 2, 4 and 8 DDIM steps, batch 1; ``ms_per_frame_cfg1`` the same without guidance;
+* ``decode_ms``: the autoencoder decode alone.
+
+Medians over ``--repeats`` after a warm-up. Timings on a shared machine are inflated by contention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def median_ms(function, repeats: int, sync=lambda: None) -> float:
+    function()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        sync()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def build_autoencoder(params, finetuned: Path):
+    from components.autoencoder import FrameAutoencoder, build_vae, load_autoencoder
+
+    if (finetuned / "autoencoder.json").is_file():
+        return load_autoencoder(finetuned), str(finetuned)
+    a = params.autoencoder
+    vae = build_vae(a.block_out_channels, a.latent_channels, a.layers_per_block, a.norm_num_groups,
+                    a.mid_block_attention).eval()
+    frame = (params.environment.height, params.environment.width)
+    return FrameAutoencoder(vae, frame, 1.0, a.latent_multiple, a.pad_mode), "built from params.autoencoder"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--autoencoder", default="data/finetuned_vae")
+    args = parser.parse_args()
+
+    import torch
+
+    from components.params import load_params
+    from components.sampler import WorldModel
+    from components.world_model import ActionConditionedUNet, make_scheduler
+    from components.world_model_training import Batch, diffusion_loss, learning_rate, make_optimizer, step_generator
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    params = load_params(args.params)
+    ae, ae_source = build_autoencoder(params, Path(args.autoencoder))
+    ae.vae.to(device)
+    channels, height, width = ae.latent_shape
+    k = params.world_model.context
+    num_actions = len(params.environment.actions)
+    torch.manual_seed(0)
+    net = ActionConditionedUNet.from_params(params.world_model, channels, (height, width), num_actions).to(device)
+    tp = params.diffusion_checkpoint
+
+    # training step
+    optimizer = make_optimizer(net, tp)
+    ddpm = make_scheduler(net.config, "ddpm")
+    b = tp.batch_size
+    batch = Batch(torch.randn(b, k, channels, height, width), torch.randint(0, num_actions, (b, k)),
+                  torch.randn(b, channels, height, width)).to(device)
+    step = [0]
+
+    def train_step() -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step[0], tp)
+        loss = diffusion_loss(net, ddpm, batch, net.config, tp.context_dropout, step_generator(0, 0, step[0]))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), tp.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step[0] += 1
+
+    net.train()
+    train_ms = median_ms(train_step, args.repeats, sync)
+    net.eval()
+
+    # generation
+    s = params.sampler
+    context = torch.randn(k, channels, height, width, device=device)
+    ms_per_frame, ms_per_frame_cfg1 = {}, {}
+    with torch.no_grad():
+        decode_ms = median_ms(lambda: ae.decode(context[:1]), args.repeats, sync)
+        for steps in (1, 2, 4, 8):
+            for cfg, table in ((s.cfg, ms_per_frame), (1.0, ms_per_frame_cfg1)):
+                wm = WorldModel(net, ae, steps=steps, cfg=cfg, context_noise_level=s.context_noise_level, seed=0)
+                wm.reset(context, torch.zeros(k - 1, dtype=torch.long))
+                table[str(steps)] = round(median_ms(lambda: wm.step(1), args.repeats, sync), 2)
+
+    result = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": args.threads,
+        "autoencoder": ae_source,
+        "latent_shape": [channels, height, width],
+        "context": k,
+        "parameters_m": round(net.num_parameters() / 1e6, 3),
+        "batch_size": b,
+        "train_step_ms": round(train_ms, 2),
+        "train_samples_per_s": round(b / train_ms * 1000, 2),
+        "max_steps": tp.steps,
+        "train_minutes": tp.train_minutes,
+        "steps_in_train_minutes": None if tp.train_minutes is None else
+        min(tp.steps, int(tp.train_minutes * 60000 / train_ms)),
+        "cfg": s.cfg,
+        "ms_per_frame": ms_per_frame,
+        "ms_per_frame_cfg1": ms_per_frame_cfg1,
+        "decode_ms": round(decode_ms, 2),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""The frame autoencoder: game frames <-> the scaled latents the diffusion world model sees.
+
+``FrameAutoencoder`` wraps a diffusers ``AutoencoderKL`` (Stable Diffusion's VAE, or a small one trained from a
+config by the ``base_autoencoder`` stage) and hides three details every user would otherwise repeat:
+
+* **Pixel range.** ``encode`` takes frames as float ``[B, 3, H, W]`` in ``[0, 1]``; ``decode`` returns the same.
+* **Padding.** Frames are padded (edge-replicated by default, or zeros) so that the latent height and width are
+  multiples of ``latent_multiple`` (the world model's UNet halves them ``log2(latent_multiple)`` times). The
+  padding is split evenly between top/bottom and left/right, as the paper pads 240 rows to 256; ``decode`` crops
+  it off again. Example: 80x60 frames, 4x downsampling, multiple 4 -> 60 rows padded to 64 -> latents 16x20.
+* **Scaling.** Latents are the posterior *mean* (deterministic) times ``scaling_factor``, measured as
+  ``1 / std`` of the unscaled latents of training frames, the way SD's 0.18215 was chosen, so the world model
+  sees latents of unit variance.
+
+A saved autoencoder is a folder::
+
+    <folder>/vae/                 AutoencoderKL.save_pretrained (config.json + diffusion_pytorch_model.safetensors)
+    <folder>/autoencoder.json     {"format_version", "frame_size", "scaling_factor", "latent_multiple",
+                                   "pad_mode", "padding", "latent_shape", "downsample_factor", ...}
+
+The module also holds the small training helpers both autoencoder stages use (a time-budgeted loop whose
+learning-rate schedule is planned for the budget, resumable from ``.cache/<stage>/``, and frame sampling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from components.atomic import atomic_directory, atomic_path, atomic_write_json, save_safetensors
+from components.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "autoencoder.json"
+VAE_SUBFOLDER = "vae"
+PAD_MODES = ("replicate", "constant")
+
+
+class AutoencoderError(PipelineError):
+    """An autoencoder folder or pretrained VAE that cannot be loaded. The message says what was expected."""
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def downsample_factor(vae: Any) -> int:
+    """Spatial downsampling of an AutoencoderKL: 2 ** (number of encoder blocks - 1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def padding_for(frame_size: tuple[int, int], factor: int, latent_multiple: int) -> tuple[int, int, int, int]:
+    """Padding (left, right, top, bottom) making both sides multiples of ``factor * latent_multiple``."""
+    unit = factor * latent_multiple
+    height, width = frame_size
+    pad_h = -height % unit
+    pad_w = -width % unit
+    return (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+
+
+# --------------------------------------------------------------------------- the autoencoder
+
+
+class FrameAutoencoder:
+    """Frames in ``[0, 1]`` <-> scaled, padded latents. See the module docstring for the conventions."""
+
+    def __init__(
+        self,
+        vae: Any,
+        frame_size: tuple[int, int],
+        scaling_factor: float = 1.0,
+        latent_multiple: int = 4,
+        pad_mode: str = "replicate",
+    ) -> None:
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        self.vae = vae
+        self.frame_size = (int(frame_size[0]), int(frame_size[1]))
+        self.scaling_factor = float(scaling_factor)
+        self.latent_multiple = int(latent_multiple)
+        self.pad_mode = pad_mode
+        self.factor = downsample_factor(vae)
+        self.padding = padding_for(self.frame_size, self.factor, self.latent_multiple)
+
+    # ----------------------------------------------------------------- shapes
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        left, right, top, bottom = self.padding
+        return (self.frame_size[0] + top + bottom, self.frame_size[1] + left + right)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latents ``encode`` returns."""
+        height, width = self.padded_size
+        return (int(self.vae.config.latent_channels), height // self.factor, width // self.factor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    # ----------------------------------------------------------------- pixels <-> model input
+    def pad(self, frames: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in ``[0, 1]`` -> padded model input in ``[-1, 1]``."""
+        if tuple(frames.shape[-2:]) != self.frame_size:
+            raise ValueError(f"expected frames of size (H, W) = {self.frame_size}, got {tuple(frames.shape[-2:])}")
+        x = frames * 2.0 - 1.0
+        if any(self.padding):
+            x = F.pad(x, self.padding, mode=self.pad_mode) if self.pad_mode == "replicate" else F.pad(x, self.padding)
+        return x
+
+    def crop(self, images: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Padded model output in ``[-1, 1]`` -> ``[B, 3, H, W]`` in ``[0, 1]`` (unclamped for training losses)."""
+        left, _, top, _ = self.padding
+        height, width = self.frame_size
+        images = (images[..., top : top + height, left : left + width] + 1.0) / 2.0
+        return images.clamp(0.0, 1.0) if clamp else images
+
+    # ----------------------------------------------------------------- the interface
+    def encode_unscaled(self, frames: torch.Tensor) -> torch.Tensor:
+        """Posterior mean of the padded frames, before scaling."""
+        x = self.pad(frames.to(self.device, torch.float32))
+        return self.vae.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mean
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames ``[B, 3, H, W]`` in ``[0, 1]`` -> scaled latents ``[B, C, h, w]``."""
+        return self.encode_unscaled(frames) * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents ``[B, C, h, w]`` -> frames ``[B, 3, H, W]`` in ``[0, 1]``, cropped to the frame size."""
+        z = latents.to(self.device, torch.float32) / self.scaling_factor
+        return self.crop(self.vae.decode(z.contiguous(memory_format=torch.channels_last)).sample)
+
+    def reconstruct(self, frames: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(frames))``."""
+        return self.decode(self.encode(frames))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "frame_size": list(self.frame_size),
+            "scaling_factor": self.scaling_factor,
+            "latent_multiple": self.latent_multiple,
+            "pad_mode": self.pad_mode,
+            "padding": {"left": self.padding[0], "right": self.padding[1], "top": self.padding[2], "bottom": self.padding[3]},
+            "latent_shape": list(self.latent_shape),
+            "downsample_factor": self.factor,
+        }
+
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write the folder atomically: ``vae/`` (safetensors) and ``autoencoder.json`` (+ ``extra`` keys)."""
+        with atomic_directory(folder) as staging:
+            self.vae.save_pretrained(staging / VAE_SUBFOLDER, safe_serialization=True)
+            atomic_write_json(staging / CONFIG_NAME, {**(extra or {}), **self.config()})
+        return Path(folder)
+
+    def eval(self) -> "FrameAutoencoder":
+        self.vae.eval()
+        return self
+
+
+# --------------------------------------------------------------------------- loading and building
+
+
+def load_pretrained_vae(path: str | Path) -> Any:
+    """Load an SD-style ``AutoencoderKL`` from a local folder (e.g. SD v1.4's ``vae/``, or the repo root above it).
+
+    Nothing is downloaded: a missing or malformed folder raises ``AutoencoderError`` saying what was expected.
+    """
+    from diffusers import AutoencoderKL
+
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / VAE_SUBFOLDER / "config.json").is_file():
+        folder = folder / VAE_SUBFOLDER  # a whole SD checkout: use its vae/ subfolder
+    expected = (
+        "a local folder holding a diffusers AutoencoderKL: config.json plus diffusion_pytorch_model.safetensors "
+        "(or .bin), such as Stable Diffusion v1.4's vae/ subfolder"
+    )
+    if not folder.is_dir():
+        raise AutoencoderError(f"autoencoder.pretrained: {path} does not exist; expected {expected}")
+    if not (folder / "config.json").is_file():
+        raise AutoencoderError(f"autoencoder.pretrained: {folder} has no config.json; expected {expected}")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # diffusers raises OSError/ValueError/EnvironmentError variants
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AutoencoderError(f"autoencoder.pretrained: cannot load {folder} ({first_line}); expected {expected}") from None
+    return vae
+
+
+def build_vae(
+    block_out_channels: Sequence[int],
+    latent_channels: int,
+    layers_per_block: int,
+    norm_num_groups: int,
+    mid_block_attention: bool,
+) -> Any:
+    """A fresh ``AutoencoderKL`` from a config (the stand-in for SD's VAE when no weights are available)."""
+    from diffusers import AutoencoderKL
+
+    blocks = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        mid_block_add_attention=mid_block_attention,
+    )
+
+
+def load_autoencoder(folder: str | Path) -> FrameAutoencoder:
+    """Load a folder written by ``FrameAutoencoder.save`` (``data/base_autoencoder`` or ``data/finetuned_vae``)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    config_file = folder / CONFIG_NAME
+    what = f"a folder written by FrameAutoencoder.save ({CONFIG_NAME} and {VAE_SUBFOLDER}/)"
+    if not folder.is_dir():
+        raise AutoencoderError(f"{folder}: no such autoencoder folder; expected {what}. Run its DVC stage first.")
+    if not config_file.is_file():
+        raise AutoencoderError(f"{config_file}: missing; {folder} is not {what}")
+    try:
+        config = json.loads(config_file.read_text())
+        if config.get("format_version") != FORMAT_VERSION:
+            raise AutoencoderError(
+                f"{config_file}: format_version {config.get('format_version')!r} is not {FORMAT_VERSION}; "
+                "re-run the stage that wrote it"
+            )
+        frame_size = tuple(config["frame_size"])
+        scaling = float(config["scaling_factor"])
+        multiple = int(config["latent_multiple"])
+        pad_mode = str(config["pad_mode"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise AutoencoderError(f"{config_file}: malformed ({error!r}); expected {what}") from None
+    if not (folder / VAE_SUBFOLDER / "config.json").is_file():
+        raise AutoencoderError(f"{folder / VAE_SUBFOLDER}: missing AutoencoderKL weights; expected {what}")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(folder / VAE_SUBFOLDER), local_files_only=True)
+    except Exception as error:
+        raise AutoencoderError(f"{folder / VAE_SUBFOLDER}: cannot load the AutoencoderKL ({error}); expected {what}") from None
+    vae = vae.to(memory_format=torch.channels_last).eval()
+    return FrameAutoencoder(vae, frame_size, scaling, multiple, pad_mode)
+
+
+# --------------------------------------------------------------------------- frames from trajectory shards
+
+
+class FrameSampler:
+    """Random and fixed batches of frames from a ``TrajectoryStore``'s episodes of one split."""
+
+    def __init__(self, store: Any, split: str | None, episode_ids: set[str] | None = None) -> None:
+        self.store = store
+        self.rows: list[np.ndarray] = []  # per shard: row indices that belong to the split
+        episodes = [e for e in store.split(split) if episode_ids is None or e.episode_id in episode_ids]
+        for shard_index, _ in enumerate(store.shards):
+            ranges = [np.arange(e.start, e.start + e.length) for e in episodes if e.shard == shard_index]
+            self.rows.append(np.concatenate(ranges) if ranges else np.zeros(0, np.int64))
+        self.sizes = np.array([len(r) for r in self.rows])
+        self.total = int(self.sizes.sum())
+
+    def frames(self, picks: np.ndarray) -> torch.Tensor:
+        """Frames for global picks (indices into the split's rows), float ``[B, 3, H, W]`` in ``[0, 1]``."""
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        shard_of = np.searchsorted(offsets, picks, side="right") - 1
+        out = []
+        for pick, shard in zip(picks, shard_of):
+            row = self.rows[shard][pick - offsets[shard]]
+            out.append(self.store.shards[shard].array("frames")[row])
+        array = np.stack(out)
+        return torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255.0)
+
+    def random_batch(self, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
+        return self.frames(np.sort(rng.integers(0, self.total, batch_size)))
+
+    def evenly_spaced(self, count: int) -> torch.Tensor:
+        """A fixed, reproducible subset (evaluation frames)."""
+        count = min(count, self.total)
+        return self.frames(np.linspace(0, self.total - 1, count).round().astype(np.int64)) if count else torch.zeros(0)
+
+
+def evaluation_frames(store: Any, count: int, episode_ids: set[str] | None = None) -> tuple[torch.Tensor, str]:
+    """Held-out frames for metrics; falls back (with a warning) to training frames when no episode is held out."""
+    heldout = FrameSampler(store, "heldout", episode_ids)
+    if heldout.total:
+        return heldout.evenly_spaced(count), "heldout"
+    log.warning("no held-out episodes in the trajectories: evaluating on training frames instead")
+    return FrameSampler(store, "train", episode_ids).evenly_spaced(count), "train"
+
+
+@torch.no_grad()
+def reconstruction_metrics(ae: FrameAutoencoder, frames: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
+    """PSNR (pooled over the mean squared error of all frames, in dB) and mean SSIM of decode(encode(x))."""
+    import kornia
+
+    squared, ssim, pixels = 0.0, 0.0, 0
+    for start in range(0, len(frames), batch_size):
+        batch = frames[start : start + batch_size]
+        recon = ae.reconstruct(batch)
+        squared += F.mse_loss(recon, batch, reduction="sum").item()
+        ssim += kornia.metrics.ssim(recon, batch, window_size=7).mean(dim=(1, 2, 3)).sum().item()
+        pixels += batch.numel()
+    mse = squared / max(pixels, 1)
+    return {
+        "psnr": 10.0 * math.log10(1.0 / max(mse, 1e-12)),
+        "ssim": ssim / max(len(frames), 1),
+        "mse": mse,
+        "frames": int(len(frames)),
+    }
+
+
+@torch.no_grad()
+def measure_scaling_factor(ae: FrameAutoencoder, frames: torch.Tensor, batch_size: int = 64) -> float:
+    """``1 / std`` of the unscaled latents of ``frames`` (training frames), as SD's 0.18215 was measured."""
+    latents = torch.cat([ae.encode_unscaled(frames[i : i + batch_size]) for i in range(0, len(frames), batch_size)])
+    std = latents.float().std().item()
+    if not math.isfinite(std) or std <= 0:
+        raise PipelineError(f"cannot measure the latent scaling factor: latent std is {std}; the autoencoder is broken")
+    return 1.0 / std
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (params, input manifests): keys resumable state."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def inputs_fingerprint(store: Any) -> list[str]:
+    """The sha256 of every array of every shard: changes whenever the data changes."""
+    return [spec["sha256"] for shard in store.shards for spec in shard.manifest["arrays"].values()]
+
+
+@dataclass
+class Budget:
+    """Train until ``minutes`` of training time or ``max_steps`` steps, whichever comes first."""
+
+    minutes: float
+    max_steps: int
+    warmup_steps: int = 0
+    min_lr_fraction: float = 0.02
+    max_warmup_fraction: float = 0.05  # on a slow machine warm-up never takes more than 5% of the budget
+
+    def progress(self, step: int, elapsed: float) -> float:
+        return max(step / self.max_steps, elapsed / (60.0 * self.minutes))
+
+    def lr_scale(self, step: int, elapsed: float) -> float:
+        """Linear warm-up, then cosine decay planned to reach its floor exactly when the budget ends."""
+        progress = min(1.0, self.progress(step, elapsed))
+        warm = 1.0
+        if self.warmup_steps:
+            warm = min(1.0, max((step + 1) / self.warmup_steps, progress / self.max_warmup_fraction))
+        cosine = self.min_lr_fraction + (1 - self.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warm * cosine
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    resumed_from_step: int
+    curve: list[dict[str, float]] = field(default_factory=list)
+    last_loss: float = float("nan")
+
+
+class ResumableState:
+    """Model + optimizer + counters under ``.cache/<stage>/<key>/``; a stale key is never resumed."""
+
+    def __init__(self, root: str | Path | None, key: str) -> None:
+        self.folder = Path(root) / key if root else None
+
+    def load(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        if self.folder is None or not (self.folder / "counters.json").is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            counters = json.loads((self.folder / "counters.json").read_text())
+            module.load_state_dict(load_file(str(self.folder / "model.safetensors")))
+            optimizer.load_state_dict(torch.load(self.folder / "optimizer.pt", weights_only=True))
+        except Exception as error:  # a damaged cache is not fatal: start over
+            log.warning("ignoring unreadable training state in %s (%s)", self.folder, error)
+            return None
+        log.info("resuming from %s at step %d (%.0f s trained)", self.folder, counters["step"], counters["elapsed"])
+        return counters
+
+    def save(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, counters: dict[str, Any]) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors(self.folder / "model.safetensors", module.state_dict())
+        with atomic_path(self.folder / "optimizer.pt", suffix=".pt") as temporary:
+            torch.save(optimizer.state_dict(), temporary)
+        atomic_write_json(self.folder / "counters.json", counters)  # written last: marks a complete state
+
+
+def train(
+    module: torch.nn.Module,
+    parameters: Sequence[torch.nn.Parameter],
+    loss_fn: Callable[[int], torch.Tensor],
+    budget: Budget,
+    learning_rate: float,
+    state: ResumableState,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    eval_every_s: float = 60.0,
+    checkpoint_every_s: float = 60.0,
+    weight_decay: float = 0.0,
+) -> TrainResult:
+    """AdamW on ``loss_fn(step)`` within ``budget``; evaluates every ``eval_every_s`` seconds of training time.
+
+    ``module`` is what the resumable state saves and restores; ``parameters`` are the ones optimized.
+    """
+    from tqdm import tqdm
+
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    counters = state.load(module, optimizer) or {"step": 0, "elapsed": 0.0, "curve": []}
+    step, elapsed, curve = int(counters["step"]), float(counters["elapsed"]), list(counters["curve"])
+    resumed_from = step
+    next_eval = (math.floor(elapsed / eval_every_s) + 1) * eval_every_s if evaluate else math.inf
+    last_save = time.monotonic()
+    loss_value = float("nan")
+    bar = tqdm(total=int(60 * budget.minutes), initial=int(elapsed), unit="s", desc="training", mininterval=2.0)
+    module.train()
+    while budget.progress(step, elapsed) < 1.0:
+        started = time.monotonic()
+        scale = budget.lr_scale(step, elapsed)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate * scale
+        loss = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise PipelineError(f"training diverged at step {step} (loss {loss_value}); lower the learning rate")
+        step += 1
+        took = time.monotonic() - started
+        elapsed += took
+        bar.update(int(elapsed) - bar.n)
+        bar.set_postfix(step=step, loss=f"{loss_value:.4f}", lr=f"{learning_rate * scale:.2e}")
+        if elapsed >= next_eval:
+            module.eval()
+            point = {"seconds": round(elapsed, 1), "step": step, **evaluate()}  # type: ignore[misc]
+            module.train()
+            curve.append(point)
+            log.info("step %d, %.0f s: %s", step, elapsed, {k: round(v, 4) for k, v in point.items()})
+            next_eval += eval_every_s
+        if time.monotonic() - last_save >= checkpoint_every_s:
+            state.save(module, optimizer, {"step": step, "elapsed": elapsed, "curve": curve})
+            last_save = time.monotonic()
+    bar.close()
+    state.save(module, optimizer, {"step": step, "elapsed": elapsed, "curve": curve})
+    module.eval()
+    return TrainResult(steps=step, seconds=elapsed, resumed_from_step=resumed_from, curve=curve, last_loss=loss_value)
+
+
+def kl_divergence(posterior: Any) -> torch.Tensor:
+    """Mean KL of a diagonal Gaussian posterior to N(0, 1), per latent element."""
+    return 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()

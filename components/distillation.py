@@ -1,0 +1,307 @@
+"""One-step distillation of the diffusion world model (stage ``distilled_model``).
+
+The teacher is the world model of ``diffusion_checkpoint`` sampled as the player would sample it
+(``params.sampler``): DDIM with ``steps`` steps, classifier-free guidance ``cfg`` on the past frames
+(``components.sampler.guided_velocity``) and context noise of std ``context_noise_level``.
+
+Method (documented in README "Distillation"): *fixed-noise regression onto the teacher's sampler output*,
+the simplest form of consistency/progressive distillation.
+
+* Two noise tensors are drawn once from ``distilled_model.noise_seed`` and frozen into the student as
+  buffers: the initial target noise ``z`` ``[C, h, w]`` and the context noise ``e`` ``[K, C, h, w]``. Every
+  sample of every batch uses the same ``z`` and ``e``, so the export is deterministic and parity-testable.
+* Target: ``y = teacher(ctx + level * e, actions, x_T = z)``: the teacher's full multi-step CFG sampling,
+  exactly as ``components.sampler.sample_next_latent`` computes it, but from the fixed noise.
+* Student: a copy of the teacher's network (same architecture, initialised from its weights) called once,
+  at the first DDIM timestep ``T`` on ``z``, with the same noisy context and bucket, and *without* guidance
+  (one UNet call); its velocity is turned into the one-step DDIM result ``c_x * z + c_v * v``.
+  At initialisation this is exactly the teacher's 1-step, guidance-free sample; training teaches it the
+  4-step guided answer. Loss: MSE between student and teacher latents over training windows.
+* Guidance and the context noise are thereby baked into the student: it needs one UNet call per frame,
+  against ``steps * 2`` for the teacher (two per step with guidance).
+
+The paper uses DMD/VSD (a fake-score network and a distribution-matching loss), which keeps sample
+diversity; this regression gives a deterministic model per context, which the metrics below measure.
+
+Interface::
+
+    student = OneStepStudent.from_teacher(net, steps=4, cfg=1.5, context_noise_level=0.1, noise_seed=0)
+    next_latent = student(context_latents [B,K,C,h,w], context_actions [B,K])   # [B,C,h,w]
+    student.save(folder); student = load_student(folder)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.errors import PipelineError
+from components.sampler import guided_velocity
+from components.world_model import ActionConditionedUNet, WorldModelConfig, make_scheduler, noise_bucket
+
+log = logging.getLogger(__name__)
+
+STUDENT_CONFIG = "student.json"
+STUDENT_WEIGHTS = "student.safetensors"
+FORMAT = "gamengen-one-step-student/1"
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """How the teacher was sampled and how the student calls the network (saved as ``student.json``)."""
+
+    teacher_steps: int
+    cfg: float
+    context_noise_level: float
+    noise_bucket: int
+    timestep: int  # the first DDIM timestep of the teacher's schedule, where the student runs
+    coef_x: float  # one-step DDIM: next = coef_x * z + coef_v * v
+    coef_v: float
+    noise_seed: int
+
+
+def one_step_coefficients(scheduler: Any, timestep: int) -> tuple[float, float]:
+    """``(c_x, c_v)`` with ``scheduler.step(v, t, x).prev_sample == c_x * x + c_v * v`` for a 1-step DDIM schedule.
+
+    With v-prediction: ``x0 = a x - s v``, ``eps = s x + a v`` (``a = sqrt(alpha_bar_t)``, ``s = sqrt(1 - alpha_bar_t)``)
+    and ``prev = a' x0 + s' eps`` with ``alpha_bar`` of the final step (``final_alpha_cumprod``).
+    """
+    alpha = float(scheduler.alphas_cumprod[timestep])
+    alpha_prev = float(scheduler.final_alpha_cumprod)
+    a, s = alpha**0.5, (1.0 - alpha) ** 0.5
+    a_prev, s_prev = alpha_prev**0.5, (1.0 - alpha_prev) ** 0.5
+    return a_prev * a + s_prev * s, -a_prev * s + s_prev * a
+
+
+def velocity(net: ActionConditionedUNet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+             actions: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """``net(...)`` without its data-dependent action-range check, so ``torch.export`` can trace it.
+
+    Same computation as ``ActionConditionedUNet.forward``: target and context on channels, action plus
+    position embeddings as the cross-attention tokens, the noise bucket as class label.
+    """
+    batch = context.shape[0]
+    stacked = torch.cat([x, context.reshape(batch, -1, *context.shape[-2:])], dim=1)
+    tokens = net.action_embedding(actions) + net.position_embedding
+    return net.unet(stacked, t, encoder_hidden_states=tokens.to(stacked.dtype), class_labels=buckets).sample
+
+
+class OneStepStudent(nn.Module):
+    """The distilled 1-step world model: ``(context_latents, context_actions) -> next_latent``.
+
+    Holds a copy of the teacher's network plus the frozen noise ``target_noise`` [C,h,w] and
+    ``context_eps`` [K,C,h,w]; see the module docstring.
+    """
+
+    def __init__(self, net: ActionConditionedUNet, settings: StudentSettings,
+                 target_noise: torch.Tensor, context_eps: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.settings = settings
+        self.register_buffer("target_noise", target_noise.float().contiguous())
+        self.register_buffer("context_eps", context_eps.float().contiguous())
+
+    @property
+    def config(self) -> WorldModelConfig:
+        return self.net.config
+
+    @classmethod
+    def from_teacher(cls, teacher: ActionConditionedUNet, steps: int, cfg: float, context_noise_level: float,
+                     noise_seed: int) -> "OneStepStudent":
+        """A student initialised from (a deep copy of) ``teacher``; the teacher itself is left untouched."""
+        config = teacher.config
+        scheduler = make_scheduler(config, "ddim")
+        scheduler.set_timesteps(steps)
+        timestep = int(scheduler.timesteps[0])
+        scheduler.set_timesteps(1)
+        if int(scheduler.timesteps[0]) != timestep:
+            raise PipelineError(
+                f"the scheduler's first timestep differs between {steps} steps ({timestep}) and 1 step "
+                f"({int(scheduler.timesteps[0])}); use 'trailing' timestep spacing"
+            )
+        coef_x, coef_v = one_step_coefficients(scheduler, timestep)
+        bucket = int(noise_bucket(context_noise_level, config.max_noise_level, config.noise_buckets).item())
+        settings = StudentSettings(steps, float(cfg), float(context_noise_level), bucket, timestep, coef_x, coef_v,
+                                   int(noise_seed))
+        target_noise, context_eps = fixed_noise(config, noise_seed)
+        student = cls(copy.deepcopy(teacher), settings, target_noise, context_eps)
+        student.net.requires_grad_(True)  # the teacher is usually frozen; its copy is what gets trained
+        return student.train(False)
+
+    def noisy_context(self, context_latents: torch.Tensor) -> torch.Tensor:
+        """The context as the model sees it: ``ctx + level * e`` with the frozen ``e``."""
+        if self.settings.context_noise_level > 0:
+            return context_latents + self.settings.context_noise_level * self.context_eps
+        return context_latents
+
+    def forward(self, context_latents: torch.Tensor, context_actions: torch.Tensor) -> torch.Tensor:
+        batch = context_latents.shape[0]
+        x = self.target_noise.unsqueeze(0).expand(batch, -1, -1, -1)
+        t = torch.full_like(context_actions[:, 0], self.settings.timestep)
+        buckets = torch.full_like(context_actions[:, 0], self.settings.noise_bucket)
+        v = velocity(self.net, x, t, self.noisy_context(context_latents), context_actions, buckets)
+        return self.settings.coef_x * x + self.settings.coef_v * v
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """``folder/student.json`` (settings + the network config) and ``student.safetensors``, atomically."""
+        from components.atomic import atomic_directory, atomic_write_json, save_safetensors
+
+        with atomic_directory(folder) as staging:
+            save_safetensors(staging / STUDENT_WEIGHTS, self.state_dict(), metadata={"format": FORMAT})
+            atomic_write_json(staging / STUDENT_CONFIG, {
+                "format": FORMAT,
+                "settings": asdict(self.settings),
+                "world_model": self.net.config.to_dict(),
+                **(extra or {}),
+            })
+        return Path(folder)
+
+
+def fixed_noise(config: WorldModelConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen target noise [C,h,w] and context noise [K,C,h,w] drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (config.latent_channels, *config.latent_size)
+    target = torch.randn(shape, generator=generator)
+    context = torch.randn((config.context, *shape), generator=generator)
+    return target, context
+
+
+def load_student(folder: str | Path) -> OneStepStudent:
+    """Load a student written by ``OneStepStudent.save`` (stage ``distilled_model``), in eval mode."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path, weights_path = folder / STUDENT_CONFIG, folder / STUDENT_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise PipelineError(f"{folder}: no distilled model there (expected {STUDENT_CONFIG} and {STUDENT_WEIGHTS}); "
+                            "run `dvc repro distilled_model` first")
+    try:
+        data = json.loads(config_path.read_text())
+        if data.get("format") != FORMAT:
+            raise PipelineError(f"{config_path}: format {data.get('format')!r} is not {FORMAT}; re-run the stage")
+        settings = StudentSettings(**data["settings"])
+        config = WorldModelConfig.from_dict(data["world_model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise PipelineError(f"{config_path}: corrupt ({error!r}); re-run `dvc repro distilled_model`") from None
+    shape = (config.latent_channels, *config.latent_size)
+    student = OneStepStudent(ActionConditionedUNet(config), settings, torch.zeros(shape),
+                             torch.zeros((config.context, *shape)))
+    try:
+        student.load_state_dict(load_file(str(weights_path)))
+    except Exception as error:  # safetensors / shape mismatch
+        raise PipelineError(f"{weights_path}: unreadable or mismatched weights ({error}); re-run the stage") from None
+    return student.eval()
+
+
+# --------------------------------------------------------------------------- the teacher's output
+
+
+@torch.no_grad()
+def teacher_sample(teacher: ActionConditionedUNet, scheduler: Any, student: OneStepStudent,
+                   context_latents: torch.Tensor, context_actions: torch.Tensor) -> torch.Tensor:
+    """The teacher's multi-step CFG sample from the student's frozen noise: the distillation target.
+
+    Same loop as ``components.sampler.sample_next_latent`` (eta 0), with ``x_T = z`` and context noise ``e``.
+    """
+    s = student.settings
+    batch = context_latents.shape[0]
+    context = student.noisy_context(context_latents)
+    buckets = torch.full((batch,), s.noise_bucket, dtype=torch.long)
+    scheduler.set_timesteps(s.teacher_steps)
+    x = student.target_noise.unsqueeze(0).expand(batch, -1, -1, -1) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        timesteps = torch.full((batch,), int(t), dtype=torch.long)
+        v = guided_velocity(teacher, x, timesteps, context, context_actions, buckets, s.cfg)
+        x = scheduler.step(v, t, x, eta=0.0).prev_sample
+    return x
+
+
+# --------------------------------------------------------------------------- windows
+
+
+class LatentWindows:
+    """Windows of ``K + 1`` consecutive rows of validated latents: K context latents/actions, then the target."""
+
+    def __init__(self, store: Any, context: int, split: str) -> None:
+        self.store, self.context, self.split = store, context, split
+        self.index = store.window_index(context + 1, split)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, picks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(context latents [B,K,C,h,w], context actions [B,K] long, target latents [B,C,h,w]) for index rows."""
+        windows = [self.store.read_window(int(s), int(r), self.context + 1, ("latents", "actions"))
+                   for s, r in self.index[picks]]
+        latents = torch.from_numpy(np.stack([w["latents"] for w in windows])).float()
+        actions = torch.from_numpy(np.stack([w["actions"] for w in windows]).astype(np.int64))
+        return latents[:, :-1], actions[:, :-1], latents[:, -1]
+
+    def random_batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        return self.batch(rng.integers(0, len(self.index), size))
+
+    def evenly_spaced(self, count: int) -> np.ndarray:
+        count = min(count, len(self.index))
+        return np.linspace(0, len(self.index) - 1, count).round().astype(np.int64)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB pooled over the mean squared error of all frames (values in [0, 1]); capped at 100 dB."""
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return float(10.0 * np.log10(1.0 / max(mse, 1e-10)))
+
+
+@torch.no_grad()
+def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet, autoencoder: Any,
+                         windows: LatentWindows, picks: np.ndarray, batch_size: int = 16,
+                         with_teacher: bool = True) -> dict[str, float]:
+    """Next-frame PSNR on ``picks`` (held-out windows), all decoded to frames.
+
+    * ``student_psnr`` / ``teacher_psnr``: the decoded 1-step / multi-step prediction against the ground
+      truth, the decoded true next latent (the autoencoder's reconstruction, the best a latent model can do);
+    * ``student_vs_teacher_psnr``: the student's frames against the teacher's;
+    * ``copy_last_psnr``: the baseline that decodes the last context latent (no dynamics).
+    """
+    scheduler = make_scheduler(teacher.config, "ddim")
+    was_training = student.training
+    student.eval()
+    outs: dict[str, list[torch.Tensor]] = {"student": [], "teacher": [], "truth": [], "copy_last": []}
+    for start in range(0, len(picks), batch_size):
+        context, actions, target = windows.batch(picks[start : start + batch_size])
+        outs["student"].append(autoencoder.decode(student(context, actions)))
+        outs["truth"].append(autoencoder.decode(target))
+        outs["copy_last"].append(autoencoder.decode(context[:, -1]))
+        if with_teacher:
+            outs["teacher"].append(autoencoder.decode(teacher_sample(teacher, scheduler, student, context, actions)))
+    student.train(was_training)
+    frames = {k: torch.cat(v) for k, v in outs.items() if v}
+    metrics = {
+        "student_psnr": psnr(frames["student"], frames["truth"]),
+        "copy_last_psnr": psnr(frames["copy_last"], frames["truth"]),
+        "windows": float(len(picks)),
+    }
+    if with_teacher:
+        metrics["teacher_psnr"] = psnr(frames["teacher"], frames["truth"])
+        metrics["student_vs_teacher_psnr"] = psnr(frames["student"], frames["teacher"])
+    return metrics
+
+
+def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, scheduler: Any,
+                      windows: LatentWindows, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
+    """MSE between the student's one-step latent and the teacher's multi-step CFG latent on a random batch."""
+    context, actions, _ = windows.random_batch(batch_size, rng)
+    target = teacher_sample(teacher, scheduler, student, context, actions)
+    return torch.mean((student(context, actions) - target) ** 2)

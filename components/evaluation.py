@@ -1,0 +1,715 @@
+"""Held-out evaluation of a world model: metrics, baselines, controllability and rollouts.
+
+Everything here is pure: functions take frames, latents, actions and *predictor callables* and return
+numbers. The ``evaluation`` stage (components/stages/evaluation.py) wires in the shipped ONNX export and
+the PyTorch teacher. Conventions:
+
+* Frames are float tensors ``[B, 3, H, W]`` in ``0..1``; latents ``[B, C, h, w]``; actions int64 ids.
+* A *window* of ``K + L`` consecutive rows of one episode: rows ``0..K-1`` are the context (latents and the
+  actions taken on them); the model predicts row ``K`` from them (store convention: frames ``t-K..t-1``
+  with actions ``t-K..t-1`` predict frame ``t``). A rollout keeps predicting rows ``K..K+L-1``, feeding its
+  own predictions back and using the recorded actions.
+* PSNR is reported three ways (:func:`psnr_summary`): pooled over the mean MSE, mean per frame with
+  identical frames capped (50 dB), and the median. About a quarter of random-play windows barely change, and
+  copy-last is exact on them, so an uncapped mean would be infinite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.errors import PipelineError
+
+PSNR_CAP_DB = 50.0
+ACTION_KINDS = ("turning", "moving", "static")
+
+# (context_latents [B,K,C,h,w] f32, context_actions [B,K] i64) -> next latent [B,C,h,w] f32
+Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# latents [B,C,h,w] -> frames [B,3,H,W] in 0..1 ; frames -> latents
+Decoder = Callable[[np.ndarray], np.ndarray]
+Encoder = Callable[[np.ndarray], np.ndarray]
+
+
+class HeldOutError(PipelineError):
+    """Evaluation was asked to use an episode the models may have trained on."""
+
+
+# --------------------------------------------------------------------------- PSNR / SSIM
+
+
+def mse_per_frame(prediction: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Mean squared error of each frame ``[B, ...]`` (values in 0..1), as float64 ``[B]``."""
+    p = torch.as_tensor(prediction, dtype=torch.float64)
+    t = torch.as_tensor(target, dtype=torch.float64)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction {tuple(p.shape)} and target {tuple(t.shape)} differ in shape")
+    return ((p - t) ** 2).flatten(1).mean(1).numpy()
+
+
+def psnr_from_mse(mse: np.ndarray | float, max_value: float = 1.0) -> np.ndarray:
+    """PSNR in dB of each MSE; an MSE of exactly 0 gives ``inf`` (not an error, not NaN)."""
+    mse = np.asarray(mse, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(max_value**2 / mse)
+
+
+def psnr_summary(mse: Sequence[float] | np.ndarray, cap_db: float = PSNR_CAP_DB) -> dict[str, float]:
+    """The three PSNR views of per-frame MSEs, in dB.
+
+    * ``pooled``: PSNR of the mean MSE over all frames (dominated by the hard frames);
+    * ``mean``: mean of per-frame PSNR, each capped at ``cap_db`` so identical frames count as ``cap_db``;
+    * ``median``: median per-frame PSNR (uncapped; ``inf`` only if more than half the frames are exact).
+    ``count`` is the number of frames. An empty input gives NaNs and count 0.
+    """
+    mse = np.asarray(mse, dtype=np.float64).reshape(-1)
+    if mse.size == 0:
+        return {"pooled": math.nan, "mean": math.nan, "median": math.nan, "count": 0}
+    per_frame = psnr_from_mse(mse)
+    return {
+        "pooled": _finite_or_cap(float(psnr_from_mse(mse.mean())), cap_db),
+        "mean": float(np.minimum(per_frame, cap_db).mean()),
+        "median": _finite_or_cap(float(np.median(per_frame)), cap_db),
+        "count": int(mse.size),
+    }
+
+
+def _finite_or_cap(value: float, cap_db: float) -> float:
+    """JSON has no infinity: an exact match is reported as the cap."""
+    return cap_db if math.isinf(value) else value
+
+
+def ssim(prediction: torch.Tensor, target: torch.Tensor, window_size: int = 7) -> np.ndarray:
+    """SSIM of each frame ``[B, 3, H, W]`` (kornia), averaged over its pixel map: float64 ``[B]``.
+
+    The window shrinks (odd, >= 3) for frames smaller than it, e.g. the micro profile's 32x24 frames.
+    """
+    import kornia
+
+    p = torch.as_tensor(prediction, dtype=torch.float32)
+    t = torch.as_tensor(target, dtype=torch.float32)
+    size = min(window_size, min(p.shape[-2:]) // 2 * 2 - 1)
+    size = max(size, 3)
+    ssim_map = kornia.metrics.ssim(p.clamp(0, 1), t.clamp(0, 1), window_size=size, max_val=1.0)
+    return ssim_map.flatten(1).mean(1).double().numpy()
+
+
+# --------------------------------------------------------------------------- actions
+
+
+def action_kind(buttons: Sequence[str]) -> str:
+    """``turning`` if the action turns the view, ``moving`` if it moves or strafes, else ``static``."""
+    if any(b.startswith("TURN_") for b in buttons):
+        return "turning"
+    if any(b.startswith("MOVE_") for b in buttons):
+        return "moving"
+    return "static"
+
+
+# Tried in order, so a turn flips only its turn (forward_turn_left -> forward_turn_right), and an action
+# that does not turn flips its direction (forward -> backward, strafe_left -> strafe_right).
+_OPPOSITE_WORDS = ({"left": "right", "right": "left"}, {"forward": "backward", "backward": "forward"})
+_OPPOSITE_BUTTONS = (
+    {"TURN_LEFT": "TURN_RIGHT", "TURN_RIGHT": "TURN_LEFT"},
+    {"MOVE_LEFT": "MOVE_RIGHT", "MOVE_RIGHT": "MOVE_LEFT"},
+    {"MOVE_FORWARD": "MOVE_BACKWARD", "MOVE_BACKWARD": "MOVE_FORWARD"},
+)
+
+
+def counterfactual_actions(actions: Sequence[Any]) -> dict[int, int]:
+    """Map each action id to its opposite: ``turn_left`` <-> ``turn_right``, ``forward`` <-> ``backward``...
+
+    ``actions`` are the ``environment.actions`` specs (objects with ``name`` and ``buttons``, or dicts).
+    The opposite is found by name first (swap the left/right words, else the forward/backward words, so
+    ``forward_turn_left`` -> ``forward_turn_right``), then by buttons the same way. Actions with no
+    opposite (no-op, attack, use) are left out: they have no counterfactual.
+    """
+    names = [_field(a, "name") for a in actions]
+    buttons = [frozenset(_field(a, "buttons")) for a in actions]
+    by_name = {n: i for i, n in enumerate(names)}
+    by_buttons = {b: i for i, b in enumerate(buttons)}
+    opposite: dict[int, int] = {}
+    for i, name in enumerate(names):
+        candidates = ["_".join(swap.get(w, w) for w in name.split("_")) for swap in _OPPOSITE_WORDS]
+        found = [by_name[c] for c in candidates if c != name and c in by_name]
+        if not found:
+            flipped = [frozenset(swap.get(b, b) for b in buttons[i]) for swap in _OPPOSITE_BUTTONS]
+            found = [by_buttons[f] for f in flipped if f != buttons[i] and f in by_buttons]
+        if found:
+            opposite[i] = found[0]
+    return opposite
+
+
+def _field(spec: Any, key: str) -> Any:
+    return spec[key] if isinstance(spec, dict) else getattr(spec, key)
+
+
+def action_kinds(actions: Sequence[Any]) -> list[str]:
+    """The kind (turning / moving / static) of every action id."""
+    return [action_kind(_field(a, "buttons")) for a in actions]
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def win_shares(
+    model_mse: np.ndarray, baseline_mse: np.ndarray, kinds: Sequence[str]
+) -> dict[str, dict[str, float | int]]:
+    """Share of windows where the model's MSE is strictly lower than the baseline's, overall and per kind.
+
+    A tie (e.g. both exact on a frame that did not change) is not a win. Kinds with no window report
+    ``share: null`` and ``count: 0``.
+    """
+    return _shares(np.asarray(model_mse) < np.asarray(baseline_mse), kinds)
+
+
+def _shares(wins: np.ndarray, kinds: Sequence[str]) -> dict[str, dict[str, float | int]]:
+    kinds = np.asarray(list(kinds))
+    result: dict[str, dict[str, float | int]] = {}
+    for kind in ("all", *ACTION_KINDS):
+        mask = np.ones(len(wins), bool) if kind == "all" else kinds == kind
+        count = int(mask.sum())
+        result[kind] = {"share": float(wins[mask].mean()) if count else None, "count": count}
+    return result
+
+
+def controllability(
+    true_mse: np.ndarray, counterfactual_mse: np.ndarray, kinds: Sequence[str]
+) -> dict[str, dict[str, float | int]]:
+    """How often the prediction made with the true action is closer to the real frame than the one made
+    with the counterfactual action (strictly), overall and per kind. A model that ignores its actions
+    ties everywhere and scores 0."""
+    return _shares(np.asarray(true_mse) < np.asarray(counterfactual_mse), kinds)
+
+
+def margins_db(model: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    """Model minus baseline, in dB, for each PSNR view (positive: the model is better)."""
+    return {k: model[k] - baseline[k] for k in ("pooled", "mean", "median")}
+
+
+def psnr_curve(step_mse: np.ndarray, cap_db: float = PSNR_CAP_DB) -> dict[str, list[float]]:
+    """Per-step PSNR of rollouts: ``step_mse`` is ``[windows, steps]``; returns the three views per step."""
+    step_mse = np.asarray(step_mse, dtype=np.float64)
+    per_step = [psnr_summary(step_mse[:, s], cap_db) for s in range(step_mse.shape[1])]
+    return {view: [s[view] for s in per_step] for view in ("pooled", "mean", "median")}
+
+
+def crossing_step(model_curve: Sequence[float], baseline_curve: Sequence[float]) -> int | None:
+    """The first rollout step (1-based) at which the model's PSNR falls below the baseline's.
+
+    ``1`` means the model is worse from the first step; ``None`` means it never falls below (ties, e.g.
+    both exact at the cap, do not count as crossing) for the whole rollout.
+    """
+    for step, (model, baseline) in enumerate(zip(model_curve, baseline_curve, strict=True), start=1):
+        if model < baseline:
+            return step
+    return None
+
+
+# --------------------------------------------------------------------------- windows and rollouts
+
+
+@dataclass(frozen=True)
+class Windows:
+    """A batch of evaluation windows: ``frames`` uint8 ``[N, T, H, W, 3]``, ``latents`` f32 ``[N, T, C, h, w]``
+    (or None when only the export is evaluated), ``actions`` int64 ``[N, T]``, ``episode_ids`` ``[N]``."""
+
+    frames: np.ndarray
+    latents: np.ndarray | None
+    actions: np.ndarray
+    episode_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def frames_chw(self, rows: slice | int) -> np.ndarray:
+        """Frames of ``rows`` as float32 ``[N, (T,) 3, H, W]`` in 0..1."""
+        return to_chw(self.frames[:, rows])
+
+
+def to_chw(frames: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` in 0..1."""
+    return np.moveaxis(np.asarray(frames, dtype=np.float32) / 255.0, -1, -3)
+
+
+def batched(function: Callable[..., np.ndarray], batch_size: int, *arrays: np.ndarray) -> np.ndarray:
+    """Apply ``function`` to slices of at most ``batch_size`` rows of ``arrays`` and concatenate."""
+    parts = [function(*(a[i : i + batch_size] for a in arrays)) for i in range(0, len(arrays[0]), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0,))
+
+
+def rollout_latents(
+    predict: Predictor, context_latents: np.ndarray, actions: np.ndarray, steps: int
+) -> np.ndarray:
+    """Autoregressive rollout: ``steps`` predicted latents ``[B, steps, C, h, w]``.
+
+    ``context_latents`` is ``[B, K, C, h, w]``; ``actions`` is ``[B, K + steps - 1]`` (at least), the
+    recorded actions from the first context row on. Each prediction joins the context, the oldest row
+    leaves it, and the next recorded action is appended.
+    """
+    k = context_latents.shape[1]
+    if actions.shape[1] < k + steps - 1:
+        raise ValueError(f"a {steps}-step rollout with context {k} needs {k + steps - 1} actions, got {actions.shape[1]}")
+    context = np.array(context_latents, dtype=np.float32)
+    predictions = []
+    for step in range(steps):
+        nxt = np.asarray(predict(context, np.ascontiguousarray(actions[:, step : step + k])), dtype=np.float32)
+        predictions.append(nxt)
+        context = np.concatenate([context[:, 1:], nxt[:, None]], axis=1)
+    return np.stack(predictions, axis=1)
+
+
+def sample_windows(index: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """A deterministic, evenly spread subset of ``count`` window starts (all of them if fewer)."""
+    if len(index) <= count:
+        return index
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(index), size=count, replace=False))
+    return index[chosen]
+
+
+# --------------------------------------------------------------------------- one model, all metrics
+
+
+@dataclass
+class ModelUnderTest:
+    """A world model to score: its predictor and the decoder that turns its latents into frames.
+
+    ``latents`` says where its context comes from: ``"encode"`` (encode the real frames with ``encode``,
+    what the shipped export does at play time) or ``"store"`` (the validated latents).
+    """
+
+    name: str
+    predict: Predictor
+    decode: Decoder
+    encode: Encoder | None = None
+
+
+def context_latents(model: ModelUnderTest, windows: Windows, rows: slice, batch_size: int) -> np.ndarray:
+    """Context latents ``[N, len(rows), C, h, w]`` for ``model``: encoded from the frames, or the stored ones."""
+    if model.encode is None:
+        if windows.latents is None:
+            raise PipelineError(f"{model.name}: needs stored latents or an encoder")
+        return np.asarray(windows.latents[:, rows], dtype=np.float32)
+    frames = windows.frames_chw(rows)
+    n, t = frames.shape[:2]
+    flat = frames.reshape(n * t, *frames.shape[2:])
+    latents = batched(model.encode, batch_size, flat)
+    return latents.reshape(n, t, *latents.shape[1:]).astype(np.float32)
+
+
+def teacher_forced(
+    model: ModelUnderTest,
+    windows: Windows,
+    context: int,
+    kinds_of_actions: Sequence[str],
+    opposite: dict[int, int],
+    batch_size: int,
+    cap_db: float = PSNR_CAP_DB,
+) -> dict[str, Any]:
+    """Next-frame metrics of ``model`` on windows of ``context + 1`` rows, with the baselines beside them.
+
+    Returns PSNR (three views) and SSIM of the model, of copy-last-frame, of copy-last-latent
+    (decode(last context latent)) and of the autoencoder ceiling (decode(latent of the real next frame));
+    the model's margins over the baselines in dB; the share of windows it wins against each baseline by
+    action kind; and controllability (true action vs its counterfactual, on windows whose action has one).
+    """
+    k = context
+    latents = context_latents(model, windows, slice(0, k + 1), batch_size)
+    ctx, next_latent = latents[:, :k], latents[:, k]
+    ctx_actions = np.ascontiguousarray(windows.actions[:, :k])
+    target = windows.frames_chw(k)
+    last_frame = windows.frames_chw(k - 1)
+
+    predicted = batched(model.decode, batch_size, batched(model.predict, batch_size, ctx, ctx_actions))
+    copy_latent = batched(model.decode, batch_size, ctx[:, -1])
+    ceiling = batched(model.decode, batch_size, next_latent)
+    _check_frames(model.name, predicted, target)
+
+    kinds = [kinds_of_actions[a] for a in windows.actions[:, k - 1]]
+    mse = {
+        "model": mse_per_frame(predicted, target),
+        "copy_last_frame": mse_per_frame(last_frame, target),
+        "copy_last_latent": mse_per_frame(copy_latent, target),
+        "autoencoder_ceiling": mse_per_frame(ceiling, target),
+    }
+    ssims = {
+        "model": ssim(torch.from_numpy(predicted), torch.from_numpy(target)),
+        "copy_last_frame": ssim(torch.from_numpy(last_frame), torch.from_numpy(target)),
+        "copy_last_latent": ssim(torch.from_numpy(copy_latent), torch.from_numpy(target)),
+        "autoencoder_ceiling": ssim(torch.from_numpy(ceiling), torch.from_numpy(target)),
+    }
+    result: dict[str, Any] = {
+        "windows": len(windows),
+        "identical_frame_share": float((mse["copy_last_frame"] == 0).mean()),
+        "action_kind_counts": {kind: kinds.count(kind) for kind in ACTION_KINDS},
+        "psnr": {name: psnr_summary(values, cap_db) for name, values in mse.items()},
+        "ssim": {name: float(values.mean()) for name, values in ssims.items()},
+    }
+    result["margin_db"] = {
+        baseline: margins_db(result["psnr"]["model"], result["psnr"][baseline])
+        for baseline in ("copy_last_frame", "copy_last_latent")
+    }
+    result["win_share"] = {
+        baseline: win_shares(mse["model"], mse[baseline], kinds) for baseline in ("copy_last_frame", "copy_last_latent")
+    }
+    result["controllability"] = _controllability(
+        model, ctx, ctx_actions, target, mse["model"], kinds, opposite, batch_size
+    )
+    return result
+
+
+def _controllability(
+    model: ModelUnderTest,
+    ctx: np.ndarray,
+    ctx_actions: np.ndarray,
+    target: np.ndarray,
+    true_mse: np.ndarray,
+    kinds: Sequence[str],
+    opposite: dict[int, int],
+    batch_size: int,
+) -> dict[str, Any]:
+    last = ctx_actions[:, -1]
+    has_opposite = np.array([int(a) in opposite for a in last], bool)
+    if not has_opposite.any():
+        return {"all": {"share": None, "count": 0}, "reason": "no window's action has a counterfactual"}
+    swapped = ctx_actions[has_opposite].copy()
+    swapped[:, -1] = [opposite[int(a)] for a in swapped[:, -1]]
+    counter = batched(model.decode, batch_size, batched(model.predict, batch_size, ctx[has_opposite], swapped))
+    cf_mse = mse_per_frame(counter, target[has_opposite])
+    selected_kinds = [k for k, keep in zip(kinds, has_opposite) if keep]
+    return controllability(true_mse[has_opposite], cf_mse, selected_kinds)
+
+
+def _check_frames(name: str, predicted: np.ndarray, target: np.ndarray) -> None:
+    if predicted.shape != target.shape:
+        raise PipelineError(
+            f"{name}: decoded frames are {predicted.shape[1:]} but the recorded frames are {target.shape[1:]}; "
+            "the export and the trajectories must come from the same environment.resolution"
+        )
+
+
+def rollout(
+    model: ModelUnderTest,
+    windows: Windows,
+    context: int,
+    steps: int,
+    batch_size: int,
+    cap_db: float = PSNR_CAP_DB,
+) -> dict[str, Any]:
+    """A ``steps``-long autoregressive rollout on windows of ``context + steps`` rows, driven by the recorded
+    actions: per-step PSNR curves (three views) of the model and of the frozen baselines (copy-last-frame,
+    copy-last-latent), the step where the model's pooled curve crosses each baseline, and ``frames``
+    (the decoded predictions, uint8 ``[N, steps, H, W, 3]``, for the sample video; not JSON)."""
+    k = context
+    ctx = context_latents(model, windows, slice(0, k), batch_size)
+    predicted = batched(lambda c, a: rollout_latents(model.predict, c, a, steps), batch_size, ctx, windows.actions)
+    n = len(windows)
+    flat = predicted.reshape(n * steps, *predicted.shape[2:])
+    frames = batched(model.decode, batch_size, flat).reshape(n, steps, 3, *windows.frames.shape[2:4])
+    target = windows.frames_chw(slice(k, k + steps))
+    _check_frames(model.name, frames[:, 0], target[:, 0])
+    last_frame = windows.frames_chw(k - 1)
+    last_latent_frame = batched(model.decode, batch_size, ctx[:, -1])
+
+    def step_mse(prediction_at: Callable[[int], np.ndarray]) -> np.ndarray:
+        return np.stack([mse_per_frame(prediction_at(s), target[:, s]) for s in range(steps)], axis=1)
+
+    curves = {
+        "model": psnr_curve(step_mse(lambda s: frames[:, s]), cap_db),
+        "copy_last_frame": psnr_curve(step_mse(lambda s: last_frame), cap_db),
+        "copy_last_latent": psnr_curve(step_mse(lambda s: last_latent_frame), cap_db),
+    }
+    return {
+        "steps": steps,
+        "windows": n,
+        "psnr_by_step": curves,
+        "crossing_step": {
+            baseline: crossing_step(curves["model"]["pooled"], curves[baseline]["pooled"])
+            for baseline in ("copy_last_frame", "copy_last_latent")
+        },
+        "final_step_psnr": {name: curve["pooled"][-1] for name, curve in curves.items()},
+        "frames": to_uint8_hwc(frames),
+    }
+
+
+def to_uint8_hwc(frames: np.ndarray) -> np.ndarray:
+    """float ``[..., 3, H, W]`` in 0..1 -> uint8 ``[..., H, W, 3]``."""
+    return (np.clip(np.moveaxis(frames, -3, -1), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- FVD
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between two Gaussian fits of feature sets ``[N, D]`` (the FVD/FID formula)."""
+    from scipy import linalg
+
+    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
+    sigma_a = np.atleast_2d(np.cov(features_a, rowvar=False))
+    sigma_b = np.atleast_2d(np.cov(features_b, rowvar=False))
+    covmean = linalg.sqrtm(sigma_a @ sigma_b)
+    covmean = np.real(covmean)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a + sigma_b - 2.0 * covmean))
+
+
+# --------------------------------------------------------------------------- held-out data
+
+
+def heldout_episodes(store: Any, requested: Sequence[str] | None = None) -> list[Any]:
+    """The episodes to evaluate on: ``requested`` ids (each must be held out), else every held-out episode.
+
+    Raises ``HeldOutError`` naming any requested episode that is not in the held-out split (the models may
+    have trained on it) or does not exist, and when there is no held-out episode at all.
+    """
+    if requested:
+        by_id = {e.episode_id: e for e in store.episodes}
+        unknown = [i for i in requested if i not in by_id]
+        if unknown:
+            raise HeldOutError(f"evaluation.episodes: no such episodes {unknown} in the recorded trajectories")
+        not_heldout = [f"{i} (split {by_id[i].split!r})" for i in requested if by_id[i].split != "heldout"]
+        if not_heldout:
+            raise HeldOutError(
+                f"refusing to evaluate on episodes that are not held out: {', '.join(not_heldout)}. The models may "
+                "have trained on them; list only held-out episodes in evaluation.episodes (or leave it null)"
+            )
+        return [by_id[i] for i in requested]
+    episodes = store.split("heldout")
+    if not episodes:
+        raise HeldOutError(
+            "the recorded trajectories have no held-out episodes; raise raw_trajectories.heldout_fraction "
+            "(or record more episodes) and rerun raw_trajectories"
+        )
+    return episodes
+
+
+def pick_windows(episodes: Sequence[Any], length: int, count: int, seed: int) -> list[tuple[Any, int]]:
+    """Up to ``count`` windows of ``length`` rows inside held-out episodes: ``(episode, offset in episode)``."""
+    candidates = [(e, o) for e in episodes if e.split == "heldout" for o in range(e.length - length + 1)]
+    if any(e.split != "heldout" for e in episodes):  # defence in depth: never score on training play
+        raise HeldOutError("an episode that is not held out reached window selection")
+    chosen = sample_windows(np.arange(len(candidates)), count, seed)
+    return [candidates[i] for i in chosen]
+
+
+def load_windows(raw: Any, latents: Any | None, picks: Sequence[tuple[Any, int]], length: int) -> Windows:
+    """Read the frames (and stored latents, when ``latents`` is a store) of the picked windows."""
+    latent_episodes = {e.episode_id: e for e in latents.episodes} if latents is not None else {}
+    frames, stored, actions = [], [], []
+    for episode, offset in picks:
+        rows = raw.read_window(episode.shard, episode.start + offset, length, ["frames", "actions"])
+        frames.append(rows["frames"])
+        actions.append(rows["actions"].astype(np.int64))
+        if latents is not None:
+            twin = latent_episodes.get(episode.episode_id)
+            if twin is None or twin.length != episode.length or twin.split != "heldout":
+                raise PipelineError(
+                    f"episode {episode.episode_id}: validated_latents does not hold the same held-out episode "
+                    "as raw_trajectories; rerun validated_latents"
+                )
+            stored.append(latents.read_window(twin.shard, twin.start + offset, length, ["latents"])["latents"])
+    return Windows(
+        np.stack(frames),
+        np.stack(stored).astype(np.float32) if stored else None,
+        np.stack(actions),
+        [e.episode_id for e, _ in picks],
+    )
+
+
+def common_episodes(raw_episodes: Sequence[Any], latents: Any | None) -> list[Any]:
+    """Held-out raw episodes that the latent store also holds (validated_latents may drop short ones)."""
+    if latents is None:
+        return list(raw_episodes)
+    ids = {e.episode_id for e in latents.split("heldout")}
+    return [e for e in raw_episodes if e.episode_id in ids]
+
+
+# --------------------------------------------------------------------------- a whole model
+
+
+def evaluate_model(
+    model: ModelUnderTest,
+    context: int,
+    raw: Any,
+    latents: Any | None,
+    episodes: Sequence[Any],
+    settings: Any,
+    actions: Sequence[Any],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Teacher-forced metrics and every rollout length for one model. ``settings`` is ``params.evaluation``.
+
+    Returns ``(metrics, extras)``; extras holds arrays for the plots and the sample video (not JSON):
+    ``rollout_<L>`` predicted frames and ``real_<L>`` the real ones, uint8 ``[N, L, H, W, 3]``.
+    """
+    kinds, opposite = action_kinds(actions), counterfactual_actions(actions)
+    picks = pick_windows(episodes, context + 1, settings.windows, settings.seed)
+    if not picks:
+        raise HeldOutError(f"no held-out episode has the {context + 1} frames a window needs; record longer episodes")
+    windows = load_windows(raw, latents, picks, context + 1)
+    metrics: dict[str, Any] = {
+        "context": context,
+        "teacher_forced": teacher_forced(model, windows, context, kinds, opposite, settings.batch_size,
+                                         settings.psnr_cap_db),
+        "rollout": {},
+    }
+    extras: dict[str, np.ndarray] = {}
+    skipped = {}
+    for steps in settings.rollout_lengths:
+        picks = pick_windows(episodes, context + steps, settings.rollout_windows, settings.seed)
+        if not picks:
+            skipped[str(steps)] = f"no held-out episode has {context + steps} frames"
+            continue
+        windows = load_windows(raw, latents, picks, context + steps)
+        result = rollout(model, windows, context, steps, settings.batch_size, settings.psnr_cap_db)
+        extras[f"rollout_{steps}"] = result.pop("frames")
+        extras[f"real_{steps}"] = windows.frames[:, context:]
+        extras[f"context_{steps}"] = windows.frames[:, context - 1]
+        result["psnr_at_step"] = {
+            str(s): result["psnr_by_step"]["model"]["pooled"][s - 1] for s in _shown_steps(steps)
+        }
+        result["mean_psnr_over_steps"] = {
+            name: float(np.mean(curve["pooled"])) for name, curve in result["psnr_by_step"].items()
+        }
+        metrics["rollout"][str(steps)] = result
+    if skipped:
+        metrics["rollout_skipped"] = skipped
+    return metrics, extras
+
+
+def _shown_steps(steps: int) -> list[int]:
+    shown = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= steps]
+    return shown if shown[-1] == steps else [*shown, steps]
+
+
+def onnx_model(export_dir: str | Path, threads: int = 2) -> tuple[ModelUnderTest, dict[str, Any]]:
+    """The shipped export, run by ONNX Runtime exactly as the player runs it: encode real frames, predict,
+    decode. Returns the model and the export's manifest."""
+    from components.play import OnnxGame
+
+    game = OnnxGame(export_dir, threads=threads)
+
+    def decode(latents: np.ndarray) -> np.ndarray:
+        return game.decoder.run(["frames"], {"latents": np.ascontiguousarray(latents, np.float32)})[0]
+
+    def encode(frames: np.ndarray) -> np.ndarray:
+        return game.encoder.run(["latents"], {"frames": np.ascontiguousarray(frames, np.float32)})[0]
+
+    return ModelUnderTest("onnx", game.predict, decode, encode), game.manifest
+
+
+def teacher_model(checkpoint_dir: str | Path, vae_dir: str | Path, sampler: Any) -> tuple[ModelUnderTest, int]:
+    """The PyTorch teacher: DDIM with ``sampler.steps`` steps and CFG on the past frames, decoded by the
+    fine-tuned VAE; its context is the validated latents. Returns the model and its context length K."""
+    from components.autoencoder import load_autoencoder
+    from components.sampler import sample_next_latent
+    from components.world_model import load_world_model, make_scheduler
+
+    net = load_world_model(checkpoint_dir).eval()
+    autoencoder = load_autoencoder(vae_dir)
+    scheduler = make_scheduler(net.config, "ddim")
+    generator = torch.Generator().manual_seed(int(sampler.seed))
+
+    @torch.no_grad()
+    def predict(context: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        return sample_next_latent(
+            net, scheduler, torch.from_numpy(np.ascontiguousarray(context, np.float32)),
+            torch.from_numpy(np.ascontiguousarray(actions, np.int64)), steps=sampler.steps, cfg=sampler.cfg,
+            context_noise_level=sampler.context_noise_level, eta=sampler.eta, generator=generator,
+        ).numpy()
+
+    @torch.no_grad()
+    def decode(latents: np.ndarray) -> np.ndarray:
+        return autoencoder.decode(torch.from_numpy(np.ascontiguousarray(latents, np.float32))).clamp(0, 1).numpy()
+
+    return ModelUnderTest("teacher", predict, decode), int(net.config.context)
+
+
+# --------------------------------------------------------------------------- LPIPS and FVD (optional)
+
+
+def lpips_scores(weights: str | None, pairs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Mean LPIPS-style perceptual distance of each ``name: (prediction, target)`` pair, uint8 [N, H, W, 3].
+
+    ``weights`` is a local TorchScript VGG16 as used by StyleGAN2-ADA's metrics (``vgg16.pt``), called
+    ``vgg16(images_0_255, resize_images=False, return_lpips=True)``. Absent: ``{"skipped": reason}``.
+    """
+    reason = _missing_weights(weights, "evaluation.lpips_weights")
+    if reason:
+        return {"skipped": reason}
+    try:
+        net = torch.jit.load(str(weights), map_location="cpu").eval()
+        scores = {}
+        with torch.no_grad():
+            for name, (prediction, target) in pairs.items():
+                a = torch.from_numpy(np.moveaxis(prediction, -1, 1).astype(np.float32))
+                b = torch.from_numpy(np.moveaxis(target, -1, 1).astype(np.float32))
+                fa = net(a, resize_images=False, return_lpips=True)
+                fb = net(b, resize_images=False, return_lpips=True)
+                scores[name] = float(((fa - fb) ** 2).sum(1).mean())
+        return scores
+    except Exception as error:  # a wrong file must not fail the stage; say why
+        return {"skipped": f"{weights}: could not compute LPIPS ({type(error).__name__}: {error})"}
+
+
+def fvd_scores(weights: str | None, real: np.ndarray | None, fakes: dict[str, np.ndarray]) -> dict[str, Any]:
+    """FVD between real clips and each model's generated clips, uint8 ``[N, T, H, W, 3]``.
+
+    ``weights`` is a local TorchScript I3D as used by StyleGAN-V (``i3d_torchscript.pt``), called on videos
+    ``[N, 3, T, H, W]`` in -1..1 with ``rescale=False, resize=True, return_features=True``.
+    """
+    reason = _missing_weights(weights, "evaluation.fvd_weights")
+    if reason:
+        return {"skipped": reason}
+    if real is None or len(real) < 2:
+        return {"skipped": "fewer than 2 rollout clips: FVD needs a distribution of videos"}
+    try:
+        net = torch.jit.load(str(weights), map_location="cpu").eval()
+
+        def features(videos: np.ndarray) -> np.ndarray:
+            x = torch.from_numpy(np.moveaxis(videos.astype(np.float32) / 127.5 - 1.0, -1, 1))  # N,3,T,H,W
+            with torch.no_grad():
+                return net(x, rescale=False, resize=True, return_features=True).double().numpy()
+
+        real_features = features(real)
+        return {name: frechet_distance(real_features, features(fake)) for name, fake in fakes.items()}
+    except Exception as error:
+        return {"skipped": f"{weights}: could not compute FVD ({type(error).__name__}: {error})"}
+
+
+def _missing_weights(weights: str | None, key: str) -> str | None:
+    if not weights:
+        return f"{key} is not set (no backbone weights at a local path; nothing is downloaded)"
+    if not Path(weights).is_file():
+        return f"{key}: {weights} does not exist"
+    return None
+
+
+def headline(metrics: Mapping[str, Any]) -> dict[str, float | int | str | None]:
+    """The numbers worth a glance (Dagster metadata, logs): PSNR views, margins, win shares, crossings."""
+    flat: dict[str, Any] = {}
+    for model in ("onnx", "teacher"):
+        m = metrics.get(model)
+        if not isinstance(m, Mapping) or "teacher_forced" not in m:
+            continue
+        tf = m["teacher_forced"]
+        for view in ("pooled", "mean", "median"):
+            flat[f"{model}/psnr_{view}"] = tf["psnr"]["model"][view]
+        flat[f"{model}/ssim"] = tf["ssim"]["model"]
+        for baseline in ("copy_last_frame", "copy_last_latent"):
+            flat[f"{model}/margin_db_vs_{baseline}"] = tf["margin_db"][baseline]["pooled"]
+            flat[f"{model}/turning_win_share_vs_{baseline}"] = tf["win_share"][baseline]["turning"]["share"]
+        flat[f"{model}/controllability_turning"] = tf["controllability"].get("turning", {}).get("share")
+        for steps, r in m.get("rollout", {}).items():
+            flat[f"{model}/rollout{steps}_final_psnr"] = r["final_step_psnr"]["model"]
+            flat[f"{model}/rollout{steps}_crosses_copy_last_latent_at"] = r["crossing_step"]["copy_last_latent"]
+    if "onnx" in metrics:
+        tf = metrics["onnx"]["teacher_forced"]
+        for name in ("copy_last_frame", "copy_last_latent", "autoencoder_ceiling"):
+            flat[f"baseline/{name}_psnr_pooled"] = tf["psnr"][name]["pooled"]
+    return flat

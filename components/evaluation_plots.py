@@ -1,0 +1,112 @@
+"""Offline images for the evaluation: a PSNR-by-rollout-step line chart (PNG) and a side-by-side video (GIF).
+
+Drawn with Pillow only (no matplotlib, no browser, no CDN), so they render anywhere, including in Dagster's
+UI and in ``dvc plots show`` (image plots).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from components.atomic import atomic_path
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def line_chart(
+    path: str | Path,
+    curves: Mapping[str, Sequence[float]],
+    title: str,
+    y_label: str = "PSNR (dB)",
+    x_label: str = "rollout step",
+    size: tuple[int, int] = (720, 440),
+) -> Path:
+    """Draw ``curves`` (name -> values at x = 1, 2, ...) as lines with axes, ticks and a legend; write PNG."""
+    width, height = size
+    left, right, top, bottom = 64, 190, 36, 48
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    values = [v for c in curves.values() for v in c if v is not None and math.isfinite(v)]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    if hi - lo < 1e-6:
+        lo, hi = lo - 1.0, hi + 1.0
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    steps = max((len(c) for c in curves.values()), default=1)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def xy(step: int, value: float) -> tuple[float, float]:
+        x = left + (step - 1) / max(steps - 1, 1) * plot_w
+        return x, top + (hi - value) / (hi - lo) * plot_h
+
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
+    for i in range(6):  # y ticks
+        value = lo + (hi - lo) * i / 5
+        _, y = xy(1, value)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.line([left, y, left + plot_w, y], fill=(230, 230, 230))
+        draw.text((4, y - 6), f"{value:.1f}", fill="black", font=font)
+    for step in sorted({1, steps, *range(0, steps + 1, max(steps // 8, 1))} - {0}):  # x ticks
+        x, _ = xy(step, lo)
+        draw.line([x, top + plot_h, x, top + plot_h + 4], fill="black")
+        draw.text((x - 6, top + plot_h + 6), str(step), fill="black", font=font)
+    for index, (name, curve) in enumerate(curves.items()):
+        color = COLORS[index % len(COLORS)]
+        points = [xy(s, v) for s, v in enumerate(curve, start=1) if v is not None and math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for x, y in points if len(points) <= 16 else []:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        ly = top + 8 + 18 * index
+        draw.line([width - right + 12, ly + 6, width - right + 36, ly + 6], fill=color, width=3)
+        draw.text((width - right + 42, ly), name, fill="black", font=font)
+    draw.text((left, 10), title, fill="black", font=font)
+    draw.text((left + plot_w // 2 - 30, height - 18), x_label, fill="black", font=font)
+    draw.text((4, 18), y_label, fill="black", font=font)
+    return _save(image, Path(path))
+
+
+def side_by_side_gif(
+    path: str | Path,
+    columns: Mapping[str, np.ndarray],
+    fps: float = 8.0,
+    scale: int | None = None,
+) -> Path:
+    """A GIF whose every frame shows, left to right, one labelled column per entry of ``columns``.
+
+    Each entry is uint8 ``[N, T, H, W, 3]`` (N samples stacked top to bottom, T time steps). Frames are
+    enlarged ``scale`` times (nearest neighbour; default: to about 160 pixels wide, at most 4x).
+    """
+    names = list(columns)
+    first = columns[names[0]]
+    n, t, h, w, _ = first.shape
+    scale = scale or max(1, min(4, 160 // w))
+    label_h = 14
+    frames = []
+    font = ImageFont.load_default()
+    for step in range(t):
+        canvas = Image.new("RGB", (len(names) * w * scale, label_h + n * h * scale), "white")
+        draw = ImageDraw.Draw(canvas)
+        for col, name in enumerate(names):
+            draw.text((col * w * scale + 2, 1), f"{name} t={step + 1}", fill="black", font=font)
+            for row in range(n):
+                tile = Image.fromarray(columns[name][row, step]).resize((w * scale, h * scale), Image.NEAREST)
+                canvas.paste(tile, (col * w * scale, label_h + row * h * scale))
+        frames.append(canvas.convert("P", palette=Image.ADAPTIVE))
+    target = Path(path)
+    with atomic_path(target, suffix=".gif") as temporary:
+        frames[0].save(temporary, format="GIF", save_all=True, append_images=frames[1:],
+                       duration=int(1000 / fps), loop=0)
+    return target
+
+
+def _save(image: Image.Image, path: Path) -> Path:
+    with atomic_path(path, suffix=".png") as temporary:
+        image.save(temporary, format="PNG")
+    return path

@@ -1,0 +1,226 @@
+"""ONNX export of the playable model (stage ``onnx_export``): three graphs, a manifest and held-out contexts.
+
+The contract (names, dtypes, axes, manifest fields) is defined in ``components.export_contract`` and
+documented in README "ONNX export contract". This module builds it:
+
+* ``EncoderGraph`` / ``DecoderGraph`` wrap ``FrameAutoencoder.encode`` / ``decode`` (padding, scaling and
+  cropping inside the graph); ``OneStepStudent`` is exported as is (CFG and context noise are in it).
+* ``export_graph`` runs ``torch.onnx.export`` (dynamo) with a dynamic batch axis, checks the model with
+  ``onnx.checker`` and writes a single file atomically (external data only above the 2 GB protobuf limit).
+* ``parity`` compares ONNX Runtime with PyTorch on real held-out inputs (max abs diff per graph).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.atomic import atomic_path, atomic_write_bytes
+from components.errors import PipelineError
+from components.export_contract import GRAPHS
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+class ExportError(PipelineError):
+    """A graph that could not be exported or failed its checks."""
+
+
+class EncoderGraph(nn.Module):
+    """frames [B,3,H,W] in [0,1] -> scaled latents [B,C,h,w] (posterior mean; padding inside)."""
+
+    def __init__(self, autoencoder: Any) -> None:
+        super().__init__()
+        self.vae = autoencoder.vae  # registered so .eval() and parameters reach it
+        self._autoencoder = autoencoder
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self._autoencoder.encode(frames)
+
+
+class DecoderGraph(nn.Module):
+    """scaled latents [B,C,h,w] -> frames [B,3,H,W] in [0,1] at the recorded size (padding cropped)."""
+
+    def __init__(self, autoencoder: Any) -> None:
+        super().__init__()
+        self.vae = autoencoder.vae
+        self._autoencoder = autoencoder
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._autoencoder.decode(latents)
+
+
+def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | Path, graph: str,
+                 max_batch: int = 64, opset: int = 18) -> Path:
+    """Export ``module`` to ``path`` with the input/output names of ``GRAPHS[graph]`` and a dynamic batch.
+
+    Uses the dynamo exporter; ``onnx.checker`` (full check, with shape inference) must pass. The file is a
+    single protobuf unless the weights pass 2 GB, when they go to ``<path>.data`` beside it.
+    """
+    import onnx
+
+    spec = GRAPHS[graph]
+    input_names = [name for name, _, _ in spec["inputs"]]
+    output_names = [name for name, _, _ in spec["outputs"]]
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    dynamic_shapes = tuple({0: batch} for _ in example_inputs)
+    module = module.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, example_inputs, dynamo=True, input_names=input_names, output_names=output_names,
+                dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False,
+            )
+    except Exception as error:  # torch.export raises many types; the message is what matters
+        raise ExportError(f"{graph}: torch.onnx.export failed: {str(error).strip().splitlines()[0]}") from error
+    path = Path(path)
+    proto = program.model_proto
+    if proto.ByteSize() < PROTOBUF_LIMIT:
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as error:
+            raise ExportError(f"{graph}: onnx.checker rejected the graph: {error}") from None
+        atomic_write_bytes(path, proto.SerializeToString())
+    else:  # > 2 GB: the protobuf limit forces external data
+        with atomic_path(path, suffix=".onnx") as temporary:
+            program.save(str(temporary), external_data=True)
+        onnx.checker.check_model(str(path), full_check=True)
+    log.info("exported %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return path
+
+
+def ort_session(path: str | Path, threads: int = 2) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def parity(module: nn.Module, session: Any, inputs: dict[str, np.ndarray], batch_size: int = 8) -> dict[str, float]:
+    """Max and mean absolute difference between ONNX Runtime and PyTorch on ``inputs`` (same names as the graph)."""
+    names = list(inputs)
+    count = len(inputs[names[0]])
+    max_diff, total, elements = 0.0, 0.0, 0
+    output_scale = 0.0
+    for start in range(0, count, batch_size):
+        feed = {n: np.ascontiguousarray(a[start : start + batch_size]) for n, a in inputs.items()}
+        expected = module(*(torch.from_numpy(v) for v in feed.values())).numpy()
+        actual = session.run(None, feed)[0]
+        if actual.shape != expected.shape:
+            raise ExportError(f"ONNX output shape {actual.shape} differs from PyTorch's {expected.shape}")
+        difference = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+        max_diff = max(max_diff, float(difference.max()))
+        total += float(difference.sum())
+        elements += difference.size
+        output_scale = max(output_scale, float(np.abs(expected).max()))
+    return {"max_abs_diff": max_diff, "mean_abs_diff": total / max(elements, 1), "max_abs_output": output_scale,
+            "samples": count}
+
+
+# --------------------------------------------------------------------------- manifest helpers
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def params_hash(sections: dict[str, Any]) -> str:
+    """sha256 of the params sections (as validated JSON) that made the export."""
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dvc_lock_hashes(inputs: list[str], lock_path: str | Path = "dvc.lock") -> dict[str, str | None]:
+    """For each input path, the md5 that ``dvc.lock`` records for it as some stage's out (None if absent).
+
+    Upstream stages are locked before this one runs, so their outs' hashes are final.
+    """
+    import yaml
+
+    recorded: dict[str, str] = {}
+    lock = Path(lock_path)
+    if lock.is_file():
+        data = yaml.safe_load(lock.read_text()) or {}
+        for stage in (data.get("stages") or {}).values():
+            for out in stage.get("outs", []) or []:
+                if "md5" in out:
+                    recorded[str(out["path"]).rstrip("/")] = out["md5"]
+    result: dict[str, str | None] = {}
+    for name in inputs:
+        name = name.rstrip("/")
+        if name in recorded:
+            result[name] = recorded[name]
+        else:  # a folder of foreach shards: each shard is its own out
+            shards = {k: v for k, v in recorded.items() if k.startswith(name + "/")}
+            result[name] = hashlib.md5(json.dumps(shards, sort_keys=True).encode()).hexdigest() if shards else None
+            if shards:
+                result.update(shards)
+    return result
+
+
+# --------------------------------------------------------------------------- held-out windows with real frames
+
+
+def heldout_windows(latent_store: Any, length: int, count: int, raw_store: Any = None, decode: Any = None,
+                    seed: int = 0) -> dict[str, Any]:
+    """``count`` evenly spread held-out windows of ``length`` rows: latents, actions and the real frames.
+
+    Real frames come from the latent shard's own ``frames`` array when it has one, else from the raw
+    trajectory episode with the same ``episode_id`` (and length); failing both, from ``decode(latents)``
+    (then ``frames_source`` says "decoded"). Falls back to training episodes, with a warning, when no
+    held-out episode is long enough.
+    """
+    split = "heldout"
+    index = latent_store.window_index(length, split)
+    if len(index) == 0:
+        log.warning("no held-out episode has %d rows: using training episodes for the shipped contexts", length)
+        split = "train"
+        index = latent_store.window_index(length, split)
+    if len(index) == 0:
+        raise PipelineError(f"no episode has {length} rows (K + steps); lower onnx_export.future_steps")
+    # Spread over episodes: at most one window per episode first, evenly over the index.
+    picks = np.linspace(0, len(index) - 1, min(count, len(index))).round().astype(np.int64)
+    raw_episodes = {e.episode_id: e for e in raw_store.episodes} if raw_store is not None else {}
+    latents, actions, frames, sources = [], [], [], set()
+    for shard, start in index[picks]:
+        window = latent_store.read_window(int(shard), int(start), length, ("latents", "actions"))
+        latents.append(window["latents"].astype(np.float32))
+        actions.append(window["actions"].astype(np.int64))
+        source = latent_store.shards[int(shard)]
+        if "frames" in source.array_names:
+            frames.append(np.array(source.array("frames")[start : start + length]))
+            sources.add("latent_store")
+            continue
+        episode = next(e for e in latent_store.episodes if e.shard == shard and e.start <= start < e.start + e.length)
+        raw = raw_episodes.get(episode.episode_id)
+        if raw is not None and raw.length == episode.length:
+            offset = raw.start + (int(start) - episode.start)
+            frames.append(np.array(raw_store.shards[raw.shard].array("frames")[offset : offset + length]))
+            sources.add("raw_trajectories")
+        elif decode is not None:
+            frames.append(decode(window["latents"].astype(np.float32)))
+            sources.add("decoded")
+        else:
+            raise PipelineError(f"episode {episode.episode_id}: no real frames found and no decoder given")
+    return {
+        "latents": np.stack(latents),
+        "actions": np.stack(actions),
+        "frames": np.stack(frames).astype(np.uint8),
+        "split": split,
+        "frames_source": ",".join(sorted(sources)),
+    }

@@ -1,0 +1,54 @@
+"""``python -m components ablations`` (``make ablations``): the paper's ablations as DVC experiments.
+
+Queues ``dvc exp run --queue -S ...`` experiments for the context lengths, noise augmentation on/off and
+agent/random data of ``evaluation.ablations``, runs them, and writes the tables to ``docs/results.md``.
+See components/ablations.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--groups", default="context,noise,data", help="comma-separated: context, noise, data")
+    parser.add_argument("--context-lengths", default=None,
+                        help="comma-separated K values, overriding evaluation.ablations.context_lengths")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from existing experiments")
+    parser.add_argument("--tag", default=None, help="the experiment tag to report (default: the newest)")
+    parser.add_argument("--output", default="docs/results.md")
+    parser.add_argument("--repo", default=".", help="the DVC repository (default: here)")
+
+
+def main(args: argparse.Namespace) -> None:
+    import datetime as dt
+    import logging
+    from pathlib import Path
+
+    from components import ablations as ab
+    from components.params import load_params, read_yaml
+
+    log = logging.getLogger("components.ablations")
+    params = load_params(args.params)
+    settings = params.evaluation.ablations
+    if args.context_lengths:
+        settings = settings.model_copy(update={"context_lengths": [int(k) for k in args.context_lengths.split(",")]})
+    repo = Path(args.repo)
+    tag = args.tag
+    if not args.report_only:
+        raw = read_yaml(Path(args.params))
+        experiments = ab.plan(settings, raw, [g.strip() for g in args.groups.split(",") if g.strip()])
+        tag = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S")
+        log.info("running %d ablation experiments with tag %s: %s", len(experiments), tag,
+                 ", ".join(e.label for e in experiments))
+        ab.queue_and_run(experiments, repo, tag, jobs=settings.jobs)
+    results = ab.read_experiments(ab.dvc_exp_show(repo))
+    tag = tag or ab.latest_tag(results)
+    chosen = [r for r in results if r.tag == tag]
+    if not chosen:
+        raise ab.AblationError(f"no ablation experiments with metrics in {repo} (tag {tag}); run without --report-only")
+    command = "python -m components " + " ".join(sys.argv[1:]) if "ablations" in sys.argv else "make ablations"
+    body = ab.tables(chosen, settings)
+    ab.write_results(repo / args.output, body, command.strip(), tag, params.profile)
+    print(body)

@@ -1,0 +1,108 @@
+"""Stage ``base_autoencoder``: the autoencoder the latents are made with, before the decoder fine-tune.
+
+With ``autoencoder.pretrained`` (a local SD-style VAE folder) it loads that VAE and only measures the latent
+scaling factor. Otherwise (the default: no model hub here) it trains a small ``AutoencoderKL`` from config on
+training-split frames, MSE + KL, for ``autoencoder.train_minutes``, measuring held-out PSNR as it goes.
+
+Writes ``data/base_autoencoder/`` (a ``FrameAutoencoder`` folder), ``metrics/base_autoencoder.json`` and the
+PSNR-against-training-time curve ``plots/base_autoencoder/psnr_curve.json``. Resumable training state lives in
+``.cache/base_autoencoder/<hash of params and input data>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from components.params import load_params
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trajectories", default="data/raw_trajectories", help="trajectory shards to train on")
+    parser.add_argument("--out", default="data/base_autoencoder", help="autoencoder folder to write")
+    parser.add_argument("--metrics", default="metrics/base_autoencoder.json")
+    parser.add_argument("--curve", default="plots/base_autoencoder/psnr_curve.json")
+    parser.add_argument("--cache", default=".cache/base_autoencoder", help="resumable state; '' disables it")
+
+
+def main(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from components import autoencoder as aem
+    from components.atomic import atomic_write_json
+    from components.errors import PipelineError
+    from components.trajectory_store import TrajectoryStore
+
+    params = load_params(args.params)
+    p = params.autoencoder
+    torch.manual_seed(p.seed)
+    store = TrajectoryStore(args.trajectories)
+    train_frames = aem.FrameSampler(store, "train")
+    if not train_frames.total:
+        raise PipelineError(f"{args.trajectories}: no training-split episodes to train the autoencoder on")
+    frame_size = (params.environment.height, params.environment.width)
+    stored = tuple(store.shards[0].array("frames").shape[1:3])
+    if stored != frame_size:
+        raise PipelineError(
+            f"{args.trajectories}: frames are {stored[1]}x{stored[0]} but environment.resolution is "
+            f"{params.environment.width}x{params.environment.height}; re-run raw_trajectories"
+        )
+    eval_frames, eval_split = aem.evaluation_frames(store, p.eval_frames)
+
+    if p.pretrained:
+        vae = aem.load_pretrained_vae(p.pretrained)
+        source = {"source": "pretrained", "pretrained": p.pretrained}
+    else:
+        vae = aem.build_vae(p.block_out_channels, p.latent_channels, p.layers_per_block, p.norm_num_groups,
+                            p.mid_block_attention)
+        source = {"source": "trained"}
+    vae = vae.to(memory_format=torch.channels_last)
+    ae = aem.FrameAutoencoder(vae, frame_size, 1.0, p.latent_multiple, p.pad_mode)
+    log.info(
+        "autoencoder: %s, %.2fM params, frames %s padded to %s, latents %s",
+        source["source"], sum(t.numel() for t in vae.parameters()) / 1e6, frame_size, ae.padded_size, ae.latent_shape,
+    )
+
+    result = None
+    if not p.pretrained:
+        rng = np.random.default_rng(p.seed)
+
+        def loss_fn(step: int) -> torch.Tensor:
+            x = ae.pad(train_frames.random_batch(p.batch_size, rng)).contiguous(memory_format=torch.channels_last)
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+            return torch.nn.functional.mse_loss(recon, x) + p.kl_weight * aem.kl_divergence(posterior)
+
+        key = aem.fingerprint(p.model_dump(), frame_size, aem.inputs_fingerprint(store))
+        result = aem.train(
+            vae,
+            list(vae.parameters()),
+            loss_fn,
+            aem.Budget(p.train_minutes, p.max_steps, p.warmup_steps),
+            p.learning_rate,
+            aem.ResumableState(args.cache or None, key),
+            evaluate=lambda: aem.reconstruction_metrics(ae, eval_frames),
+            eval_every_s=p.eval_every_s,
+        )
+    vae.eval()
+    ae.scaling_factor = aem.measure_scaling_factor(ae, train_frames.evenly_spaced(p.scaling_frames))
+    final = aem.reconstruction_metrics(ae, eval_frames)
+    log.info("scaling factor %.5f; %s PSNR %.2f dB, SSIM %.4f", ae.scaling_factor, eval_split, final["psnr"], final["ssim"])
+
+    training = {} if result is None else {
+        "steps": result.steps, "train_seconds": round(result.seconds, 1), "resumed_from_step": result.resumed_from_step,
+        "samples_per_second": round(result.steps * p.batch_size / max(result.seconds, 1e-9), 2),
+    }
+    curve = [] if result is None else list(result.curve)
+    if result is not None and (not curve or curve[-1]["step"] != result.steps):
+        curve.append({"seconds": round(result.seconds, 1), "step": result.steps, **final})
+    ae.save(args.out, extra={**source, "eval_split": eval_split, "eval_psnr": final["psnr"]})
+    atomic_write_json(args.metrics, {
+        **source, "eval_split": eval_split, "psnr": final["psnr"], "ssim": final["ssim"],
+        "scaling_factor": ae.scaling_factor, "latent_shape": list(ae.latent_shape), **training,
+    })
+    atomic_write_json(args.curve, [{"seconds": c["seconds"], "step": c["step"], "psnr": c["psnr"], "ssim": c["ssim"]}
+                                   for c in curve])

@@ -1,0 +1,84 @@
+"""Stage ``diffusion_checkpoint``: train the action-conditioned diffusion world model on ``validated_latents``.
+
+Outputs: ``data/diffusion_checkpoint/`` (``model.safetensors``, ``config.json``, ``scheduler_config.json``; load
+with ``components.world_model.load_world_model``), ``metrics/diffusion_checkpoint.json``,
+``plots/diffusion_checkpoint/samples.png`` (held-out context | predicted | real, decoded with ``finetuned_vae``)
+and the DVCLive curves in ``dvclive/diffusion_checkpoint/``.
+
+Resumable: a killed run continues from ``.cache/diffusion_checkpoint/<key>/`` when rerun (see
+components/world_model_training.py). Multi-GPU / multi-node::
+
+    accelerate launch --num_processes 8 -m components diffusion_checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--latents", default="data/validated_latents", help="shards of latents to train on")
+    parser.add_argument("--autoencoder", default="data/finetuned_vae", help="decodes the sample previews")
+    parser.add_argument("--out", default="data/diffusion_checkpoint", help="folder for the trained model")
+    parser.add_argument("--metrics", default="metrics/diffusion_checkpoint.json")
+    parser.add_argument("--samples", default="plots/diffusion_checkpoint/samples.png")
+    parser.add_argument("--live-dir", default="dvclive/diffusion_checkpoint", help="DVCLive folder")
+    parser.add_argument("--cache-dir", default=".cache/diffusion_checkpoint", help="resumable checkpoints")
+    parser.add_argument("--no-preview", action="store_true", help="skip the decoded sample PNG (debugging)")
+
+
+def main(args: argparse.Namespace) -> None:
+    import torch
+
+    from components.atomic import atomic_write_json
+    from components.errors import PipelineError
+    from components.params import load_params
+    from components.world_model_training import heldout_metrics, open_latents, save_preview, train
+
+    params = load_params(args.params)
+    autoencoder = None
+    if not args.no_preview:
+        from components.autoencoder import load_autoencoder
+
+        autoencoder = load_autoencoder(args.autoencoder)
+    result = train(params, args.latents, cache_root=args.cache_dir, live_dir=args.live_dir)
+    if not result.is_main_process:
+        return  # under `accelerate launch` the main process writes the outputs
+    net = result.net
+    if autoencoder is not None and tuple(autoencoder.latent_shape) != (
+        net.config.latent_channels, *net.config.latent_size
+    ):
+        raise PipelineError(
+            f"{args.autoencoder}: its latents are {tuple(autoencoder.latent_shape)} but {args.latents} holds "
+            f"{(net.config.latent_channels, *net.config.latent_size)}; rerun validated_latents with this autoencoder"
+        )
+    net.save(args.out)
+    log.info("saved the world model to %s", args.out)
+
+    store = open_latents(args.latents, net.config.context, net.config.num_actions)
+    tp = params.diffusion_checkpoint
+    torch.manual_seed(tp.seed)
+    evaluation = heldout_metrics(net, store, params, max(tp.eval_windows, tp.preview_windows), seed=tp.seed)
+    if autoencoder is not None:
+        save_preview(args.samples, autoencoder, evaluation["batch"], evaluation["sampled"], tp.preview_windows)
+        log.info("sample predictions: %s", args.samples)
+    metrics = {
+        "steps": result.steps,
+        "planned_steps": result.planned_steps,
+        "train_minutes_budget": tp.train_minutes,
+        "resumed_from_step": result.resumed_from,
+        "final_train_loss": result.final_loss,
+        "train_samples_per_s": result.samples_per_s,
+        "train_seconds": result.seconds,
+        "parameters": net.num_parameters(),
+        "context": net.config.context,
+        "latent_shape": [net.config.latent_channels, *net.config.latent_size],
+        "sampler": params.sampler.model_dump(),
+        **{k: v for k, v in evaluation.items() if k not in ("batch", "sampled")},
+    }
+    atomic_write_json(args.metrics, metrics)
+    log.info("metrics: %s", {k: metrics[k] for k in ("steps", "final_train_loss", "heldout_loss",
+                                                     "sampled_latent_mse", "copy_last_latent_mse")})

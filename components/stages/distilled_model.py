@@ -1,0 +1,120 @@
+"""Stage ``distilled_model``: distil the diffusion world model into a 1-step student.
+
+Reads ``data/diffusion_checkpoint`` (the teacher), ``data/finetuned_vae`` (to decode for the metrics) and
+``data/validated_latents`` (training and held-out windows). Writes ``data/distilled_model/`` (the student)
+and ``metrics/distilled_model.json``: held-out next-frame PSNR of the student and the teacher against the
+ground truth, the student against the teacher, the copy-last-latent baseline and the undistilled 1-step
+model. Method: ``components.distillation`` (README "Distillation"). Resumable training state lives in
+``.cache/distilled_model/<key>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", default="data/diffusion_checkpoint", help="teacher world model folder")
+    parser.add_argument("--autoencoder", default="data/finetuned_vae", help="autoencoder folder (for the metrics)")
+    parser.add_argument("--latents", default="data/validated_latents", help="validated latent shards")
+    parser.add_argument("--out", default="data/distilled_model", help="output folder")
+    parser.add_argument("--metrics", default="metrics/distilled_model.json", help="metrics file")
+    parser.add_argument("--cache", default=".cache/distilled_model", help="resumable training state ('' = none)")
+
+
+def main(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from components.atomic import atomic_write_json
+    from components.autoencoder import Budget, ResumableState, fingerprint, inputs_fingerprint, load_autoencoder, train
+    from components.distillation import (
+        LatentWindows,
+        OneStepStudent,
+        distillation_loss,
+        distillation_metrics,
+        teacher_sample,
+    )
+    from components.errors import PipelineError
+    from components.export import file_sha256
+    from components.params import load_params
+    from components.trajectory_store import TrajectoryStore
+    from components.world_model import load_world_model, make_scheduler
+
+    params = load_params(args.params)
+    settings, sampler = params.distilled_model, params.sampler
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+
+    teacher = load_world_model(args.teacher)
+    teacher.requires_grad_(False)
+    autoencoder = load_autoencoder(args.autoencoder)
+    store = TrajectoryStore(args.latents)
+    context = teacher.config.context
+    training = LatentWindows(store, context, "train")
+    heldout = LatentWindows(store, context, "heldout")
+    if len(training) == 0:
+        raise PipelineError(f"{args.latents}: no training episode has {context + 1} rows; record longer episodes")
+    if len(heldout) == 0:
+        log.warning("no held-out window of %d rows: the metrics use training windows instead", context + 1)
+        heldout = training
+    picks = heldout.evenly_spaced(settings.eval_windows)
+
+    student = OneStepStudent.from_teacher(teacher, sampler.steps, sampler.cfg, sampler.context_noise_level,
+                                          settings.noise_seed)
+    log.info("teacher: %d steps, cfg %.2f, context noise %.2f (bucket %d); student runs at t=%d",
+             sampler.steps, sampler.cfg, sampler.context_noise_level, student.settings.noise_bucket,
+             student.settings.timestep)
+    before = distillation_metrics(student, teacher, autoencoder, heldout, picks)
+    log.info("before distillation: %s", {k: round(v, 3) for k, v in before.items()})
+
+    # A fixed held-out batch with its teacher targets, for the learning curve.
+    curve_context, curve_actions, _ = heldout.batch(picks[: min(len(picks), 16)])
+    scheduler = make_scheduler(teacher.config, "ddim")
+    curve_target = teacher_sample(teacher, scheduler, student, curve_context, curve_actions)
+
+    def evaluate() -> dict[str, float]:
+        with torch.no_grad():
+            return {"heldout_mse_vs_teacher": torch.mean((student(curve_context, curve_actions) - curve_target) ** 2).item()}
+
+    key = fingerprint(settings.model_dump(), sampler.model_dump(), inputs_fingerprint(store),
+                      [file_sha256(p) for p in sorted(Path(args.teacher).glob("*")) if p.is_file()])
+    state = ResumableState(args.cache or None, key)
+    result = train(
+        student,
+        list(student.net.parameters()),
+        lambda step: distillation_loss(student, teacher, scheduler, training, settings.batch_size, rng),
+        Budget(settings.minutes, settings.max_steps, settings.warmup_steps),
+        settings.learning_rate,
+        state,
+        evaluate=evaluate,
+        eval_every_s=settings.eval_every_s,
+    )
+    student.eval()
+    after = distillation_metrics(student, teacher, autoencoder, heldout, picks)
+    log.info("after distillation (%d steps, %.0f s): %s", result.steps, result.seconds,
+             {k: round(v, 3) for k, v in after.items()})
+
+    metrics = {
+        "student_psnr": after["student_psnr"],
+        "teacher_psnr": after["teacher_psnr"],
+        "student_vs_teacher_psnr": after["student_vs_teacher_psnr"],
+        "copy_last_psnr": after["copy_last_psnr"],
+        "undistilled_1step_psnr": before["student_psnr"],
+        "undistilled_1step_vs_teacher_psnr": before["student_vs_teacher_psnr"],
+        "heldout_windows": int(after["windows"]),
+        "heldout_split": "heldout" if heldout is not training else "train",
+        "train_steps": result.steps,
+        "train_seconds": round(result.seconds, 1),
+        "final_loss": result.last_loss,
+        "teacher_steps": sampler.steps,
+        "cfg": sampler.cfg,
+        "context_noise_level": sampler.context_noise_level,
+    }
+    student.save(args.out, extra={"metrics": metrics, "curve": result.curve})
+    atomic_write_json(args.metrics, metrics)
+    log.info("wrote %s and %s", args.out, args.metrics)

@@ -1,0 +1,138 @@
+"""Stage ``evaluation``: score what ships (the ONNX export) and the PyTorch teacher on held-out play only.
+
+Reads ``data/onnx_export`` (run with ONNX Runtime, as the player runs it), ``data/diffusion_checkpoint`` +
+``data/finetuned_vae`` (the 4-step teacher), ``data/validated_latents`` (the teacher's context) and
+``data/raw_trajectories`` (the real frames and recorded actions). Any episode that is not in the held-out
+split is refused before anything is loaded. Writes:
+
+* ``metrics/evaluation.json``: teacher-forced PSNR (pooled / mean capped at 50 dB / median) and SSIM with the
+  copy-last-frame, copy-last-latent and autoencoder-ceiling baselines, margins in dB, win shares by action kind,
+  controllability, rollouts of each ``evaluation.rollout_lengths`` with PSNR per step and the crossing step,
+  LPIPS/FVD or the reason they were skipped (see components/evaluation.py);
+* ``plots/evaluation/psnr_by_step.png`` (and ``.json`` for ``dvc plots``): PSNR by rollout step;
+* ``plots/evaluation/sample.gif``: real | ONNX | teacher rollouts side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", default="data/onnx_export", help="the ONNX export to score (what ships)")
+    parser.add_argument("--checkpoint", default="data/diffusion_checkpoint", help="the PyTorch teacher")
+    parser.add_argument("--vae", default="data/finetuned_vae", help="the teacher's decoder")
+    parser.add_argument("--latents", default="data/validated_latents", help="the teacher's context latents")
+    parser.add_argument("--raw", default="data/raw_trajectories", help="real frames and recorded actions")
+    parser.add_argument("--metrics", default="metrics/evaluation.json")
+    parser.add_argument("--plots", default="plots/evaluation")
+
+
+def main(args: argparse.Namespace) -> None:
+    from components.params import load_params
+
+    params = load_params(args.params)
+    metrics, extras = run(params, Path(args.export), Path(args.raw), Path(args.latents), Path(args.checkpoint),
+                          Path(args.vae))
+    write_outputs(metrics, extras, Path(args.metrics), Path(args.plots), params.evaluation)
+
+
+def run(params: Any, export: Path, raw_root: Path, latents_root: Path, checkpoint: Path, vae: Path,
+        teacher: bool | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Evaluate the export (and the teacher unless ``teacher`` is false); returns metrics and image arrays."""
+    from components import evaluation as ev
+    from components.trajectory_store import TrajectoryStore
+
+    settings = params.evaluation
+    raw = TrajectoryStore(raw_root)
+    episodes = ev.heldout_episodes(raw, settings.episodes)  # refuses training episodes before any model loads
+    with_teacher = settings.teacher if teacher is None else teacher
+    latents = TrajectoryStore(latents_root) if with_teacher else None
+    episodes = ev.common_episodes(episodes, latents)
+    log.info("evaluating on %d held-out episodes (%d frames)", len(episodes), sum(e.length for e in episodes))
+    actions = params.environment.actions
+    metrics: dict[str, Any] = {"heldout_episodes": len(episodes), "heldout_frames": sum(e.length for e in episodes)}
+    extras: dict[str, dict] = {}
+
+    onnx, manifest = ev.onnx_model(export, threads=settings.threads)
+    _check_export_matches(manifest, raw, params)
+    metrics["onnx"], extras["onnx"] = ev.evaluate_model(onnx, int(manifest["K"]), raw, None, episodes, settings, actions)
+    if with_teacher:
+        model, k = ev.teacher_model(checkpoint, vae, params.sampler)
+        metrics["teacher"], extras["teacher"] = ev.evaluate_model(model, k, raw, latents, episodes, settings, actions)
+    else:
+        metrics["teacher"] = {"skipped": "evaluation.teacher is false"}
+
+    shortest = str(min(settings.rollout_lengths))
+    models = [m for m in ("onnx", "teacher") if m in extras]
+    real_clip = extras["onnx"].get(f"real_{shortest}")
+    metrics["fvd"] = ev.fvd_scores(settings.fvd_weights, real_clip,
+                                   {m: extras[m][f"rollout_{shortest}"] for m in models if f"rollout_{shortest}" in extras[m]})
+    metrics["lpips"] = ev.lpips_scores(settings.lpips_weights, {
+        m: (extras[m][f"rollout_{shortest}"][:, 0], extras[m][f"real_{shortest}"][:, 0])
+        for m in models if f"rollout_{shortest}" in extras[m]
+    })
+    for name in ("lpips", "fvd"):
+        if "skipped" in metrics[name]:
+            log.info("%s skipped: %s", name.upper(), metrics[name]["skipped"])
+    # the numbers worth a glance, first in the file (sorted keys): Dagster metadata shows the first values
+    metrics["headline"] = ev.headline(metrics)
+    for key, value in metrics["headline"].items():
+        log.info("%s = %s", key, f"{value:.3f}" if isinstance(value, float) else value)
+    return metrics, extras
+
+
+def _check_export_matches(manifest: dict[str, Any], raw: Any, params: Any) -> None:
+    from components.errors import PipelineError
+
+    frame_shape = tuple(raw.shards[0].array("frames").shape[1:3])
+    if (int(manifest["H"]), int(manifest["W"])) != frame_shape:
+        raise PipelineError(
+            f"the export makes {manifest['W']}x{manifest['H']} frames but the recorded frames are "
+            f"{frame_shape[1]}x{frame_shape[0]}; rerun the pipeline so both come from one environment.resolution"
+        )
+    names = [a["name"] for a in manifest["actions"]]
+    if names != [a.name for a in params.environment.actions]:
+        raise PipelineError(f"the export's actions {names} differ from environment.actions; rerun onnx_export")
+
+
+def write_outputs(metrics: dict[str, Any], extras: dict[str, dict], metrics_path: Path, plots_dir: Path,
+                  settings: Any) -> None:
+    """metrics JSON, the PSNR-by-step chart (PNG + JSON for dvc plots) and the side-by-side GIF."""
+    import numpy as np
+
+    from components.atomic import atomic_write_json
+    from components.evaluation_plots import line_chart, side_by_side_gif
+
+    atomic_write_json(metrics_path, metrics)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    rollouts = metrics["onnx"]["rollout"]
+    if not rollouts:
+        log.warning("no rollout was long enough for the held-out episodes: no plot, no sample video")
+        return
+    longest = max(rollouts, key=int)
+    curves = {"ONNX 1-step": rollouts[longest]["psnr_by_step"]["model"]["pooled"]}
+    teacher = metrics.get("teacher", {}).get("rollout", {}).get(longest)
+    if teacher:
+        curves["teacher"] = teacher["psnr_by_step"]["model"]["pooled"]
+    curves["copy-last-frame"] = rollouts[longest]["psnr_by_step"]["copy_last_frame"]["pooled"]
+    curves["copy-last-latent"] = rollouts[longest]["psnr_by_step"]["copy_last_latent"]["pooled"]
+    line_chart(plots_dir / "psnr_by_step.png", curves,
+               f"Pooled PSNR by rollout step ({longest} steps, held-out, recorded actions)")
+    keys = {"ONNX 1-step": "onnx", "teacher": "teacher", "copy-last-frame": "copy_last_frame",
+            "copy-last-latent": "copy_last_latent"}
+    rows = [{"step": s + 1, **{keys[name]: curve[s] for name, curve in curves.items()}} for s in range(int(longest))]
+    atomic_write_json(plots_dir / "psnr_by_step.json", rows)
+
+    n = settings.sample_windows
+    columns = {"real": extras["onnx"][f"real_{longest}"][:n], "ONNX": extras["onnx"][f"rollout_{longest}"][:n]}
+    if "teacher" in extras and f"rollout_{longest}" in extras["teacher"]:
+        columns["teacher"] = extras["teacher"][f"rollout_{longest}"][:n]
+    count = min(len(c) for c in columns.values())
+    side_by_side_gif(plots_dir / "sample.gif", {k: np.asarray(v[:count]) for k, v in columns.items()},
+                     fps=settings.sample_fps)

@@ -1,0 +1,141 @@
+"""Stage ``finetuned_vae``: freeze the encoder, fine-tune the decoder on game frames with pixel MSE (the paper's step).
+
+Trains on the training-split frames of the episodes that passed the latent gate (``data/validated_latents``),
+with optional kornia brightness/contrast jitter; the target is the (augmented) frame itself. The encoder, its
+quantisation conv and the scaling factor are unchanged, so ``data/validated_latents`` stays valid for the
+fine-tuned decoder.
+
+Writes ``data/finetuned_vae/`` (a full ``FrameAutoencoder`` folder), ``metrics/finetuned_vae.json`` (held-out
+PSNR/SSIM of decode(encode(x)) before and after) and ``plots/finetuned_vae/reconstructions.png`` (rows:
+original, base decoder, fine-tuned decoder). Resumable state: ``.cache/finetuned_vae/<hash>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from components.params import load_params
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trajectories", default="data/raw_trajectories", help="trajectory shards (frames)")
+    parser.add_argument("--latents", default="data/validated_latents", help="validated latents (which episodes)")
+    parser.add_argument("--autoencoder", default="data/base_autoencoder", help="base autoencoder folder")
+    parser.add_argument("--out", default="data/finetuned_vae")
+    parser.add_argument("--metrics", default="metrics/finetuned_vae.json")
+    parser.add_argument("--plots", default="plots/finetuned_vae")
+    parser.add_argument("--cache", default=".cache/finetuned_vae", help="resumable state; '' disables it")
+
+
+def save_grid(path: Path, rows: list, scale: int = 3) -> None:
+    """Save rows of frames (each float [N, 3, H, W] in [0, 1]) as one PNG, upscaled ``scale`` times."""
+    import numpy as np
+    from PIL import Image
+
+    from components.atomic import atomic_path
+
+    gap = 2
+    n, _, height, width = rows[0].shape
+    canvas = np.full((len(rows) * (height + gap) - gap, n * (width + gap) - gap, 3), 255, np.uint8)
+    for r, frames in enumerate(rows):
+        pixels = (frames.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        for c in range(n):
+            y, x = r * (height + gap), c * (width + gap)
+            canvas[y : y + height, x : x + width] = pixels[c]
+    image = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    with atomic_path(path, suffix=".png") as temporary:
+        image.save(temporary, format="PNG")
+
+
+def main(args: argparse.Namespace) -> None:
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from components import autoencoder as aem
+    from components.atomic import atomic_write_json
+    from components.errors import PipelineError
+    from components.trajectory_store import TrajectoryStore
+
+    params = load_params(args.params)
+    p = params.finetuned_vae
+    torch.manual_seed(p.seed)
+    base = aem.load_autoencoder(args.autoencoder)
+    ae = aem.load_autoencoder(args.autoencoder)  # the copy whose decoder is trained
+    trajectories = TrajectoryStore(args.trajectories)
+    validated = {e.episode_id for e in TrajectoryStore(args.latents, verify_checksums=False).episodes}
+    train_frames = aem.FrameSampler(trajectories, "train", validated)
+    if not train_frames.total:
+        raise PipelineError(f"{args.latents}: no validated training episodes to fine-tune the decoder on")
+    eval_frames, eval_split = aem.evaluation_frames(trajectories, p.eval_frames, validated)
+
+    vae = ae.vae
+    for module in (vae.encoder, vae.quant_conv):
+        if module is not None:
+            module.requires_grad_(False)
+    trainable = [t for t in vae.parameters() if t.requires_grad]
+    log.info("fine-tuning the decoder: %.2fM of %.2fM params trainable",
+             sum(t.numel() for t in trainable) / 1e6, sum(t.numel() for t in vae.parameters()) / 1e6)
+
+    import kornia
+
+    augment = kornia.augmentation.ColorJiggle(brightness=0.15, contrast=0.15, p=0.5) if p.augment else None
+    rng = np.random.default_rng(p.seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        frames = train_frames.random_batch(p.batch_size, rng)
+        if augment is not None:
+            frames = augment(frames).clamp(0.0, 1.0)
+        with torch.no_grad():
+            latents = ae.encode(frames)
+        decoded = vae.decode((latents / ae.scaling_factor).contiguous(memory_format=torch.channels_last)).sample
+        output = ae.crop(decoded, clamp=False)
+        loss = torch.nn.functional.mse_loss(output, frames)
+        if p.ssim_weight:
+            loss = loss + p.ssim_weight * kornia.losses.ssim_loss(output.clamp(0, 1), frames, window_size=7)
+        return loss
+
+    before = aem.reconstruction_metrics(base.eval(), eval_frames)
+    log.info("base decoder on %s frames: PSNR %.2f dB, SSIM %.4f", eval_split, before["psnr"], before["ssim"])
+    weights = Path(args.autoencoder) / aem.VAE_SUBFOLDER / "diffusion_pytorch_model.safetensors"
+    weights_hash = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else ""
+    key = aem.fingerprint(p.model_dump(), base.config(), weights_hash, aem.inputs_fingerprint(trajectories),
+                          sorted(validated))
+    result = aem.train(
+        vae,
+        trainable,
+        loss_fn,
+        aem.Budget(p.train_minutes, p.max_steps, p.warmup_steps),
+        p.learning_rate,
+        aem.ResumableState(args.cache or None, key),
+        evaluate=None,
+    )
+    vae.eval()
+    vae.encoder.requires_grad_(True)  # saved weights are unaffected; keeps the loaded model ordinary
+    after = aem.reconstruction_metrics(ae, eval_frames)
+    log.info("fine-tuned decoder on %s frames: PSNR %.2f dB (%+.2f), SSIM %.4f", eval_split, after["psnr"],
+             after["psnr"] - before["psnr"], after["ssim"])
+
+    grid = eval_frames[np.linspace(0, len(eval_frames) - 1, min(p.grid_frames, len(eval_frames))).round().astype(int)]
+    with torch.no_grad():
+        save_grid(Path(args.plots) / "reconstructions.png", [grid, base.reconstruct(grid), ae.reconstruct(grid)])
+    metrics = {
+        "eval_split": eval_split,
+        "eval_frames": before["frames"],
+        "psnr_before": before["psnr"],
+        "psnr_after": after["psnr"],
+        "psnr_gain": after["psnr"] - before["psnr"],
+        "ssim_before": before["ssim"],
+        "ssim_after": after["ssim"],
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 1),
+        "step_ms": round(1000 * result.seconds / result.steps, 1) if result.steps else None,
+    }
+    ae.save(args.out, extra={"source": "finetuned_decoder", "base": str(args.autoencoder), **{
+        f"eval_{k}": v for k, v in metrics.items() if k.startswith(("psnr", "ssim"))}})
+    atomic_write_json(args.metrics, metrics)

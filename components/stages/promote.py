@@ -1,0 +1,46 @@
+"""``python -m components promote``: promote the fresh export to champion if it is no worse, else reject it.
+
+Run after ``dvc repro`` (or inside a DVC experiment's workspace). See components/promotion.py for the rule,
+the champion folder and the promotion log. Rejection is a normal outcome: the exit status is 0 either way;
+``--decision-json`` writes the decision with both metric sets for a caller (e.g. Dagster) to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", default="data/onnx_export", help="the challenger export")
+    parser.add_argument("--metrics", default="metrics/evaluation.json", help="the challenger's held-out metrics")
+    parser.add_argument("--raw", default="data/raw_trajectories", help="held-out play to re-evaluate the champion on")
+    parser.add_argument("--latents", default="data/validated_latents")
+    parser.add_argument("--source", default="", help="label for the log, e.g. the DVC experiment name or git rev")
+    parser.add_argument("--no-reevaluate", action="store_true",
+                        help="compare with the champion's stored metrics instead of scoring it again")
+    parser.add_argument("--decision-json", default=None, help="also write the decision to this JSON file")
+
+
+def main(args: argparse.Namespace) -> None:
+    from components.atomic import atomic_write_json
+    from components.params import load_params
+    from components.promotion import promote_challenger
+
+    params = load_params(args.params)
+    decision = promote_challenger(
+        params, args.export, args.metrics, source=args.source or _git_rev(), raw_root=args.raw,
+        latents_root=args.latents, reevaluate=False if args.no_reevaluate else None,
+    )
+    print(("PROMOTED: " if decision.promoted else "REJECTED: ") + decision.reason)
+    for c in decision.comparisons:
+        print(f"  {c.metric}: champion {c.champion} challenger {c.challenger} delta {c.delta} "
+              f"(tolerance {c.tolerance}) {'ok' if c.passed else 'WORSE'}")
+    if args.decision_json:
+        atomic_write_json(args.decision_json, decision.to_dict())
+
+
+def _git_rev() -> str:
+    import subprocess
+
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"git {result.stdout.strip()}" if result.returncode == 0 else ""

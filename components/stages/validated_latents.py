@@ -1,0 +1,118 @@
+"""Stage ``validated_latents``: encode every frame to scaled latents, then gate them (components/latent_validation.py).
+
+For each trajectory shard ``data/raw_trajectories/shard-N`` it writes ``data/validated_latents/shard-N``
+(``ShardWriter(kind="latents")``) with arrays ``latents`` [N, C, h, w] (scaled, ``validated_latents.dtype``),
+``actions`` int64 [N] and ``dones`` bool [N], and the same episodes (ids, split, metadata) in the same order.
+Episodes shorter than K + 1 frames are left out when ``drop_short_episodes`` is on (counted in the report).
+
+Everything is written into a staging folder first. The Great Expectations suite then runs over the staged
+latents; only if every expectation passes is the folder moved to ``data/validated_latents``. The report
+``reports/validated_latents.json`` is written either way: ``{"success", "checks": [{"name", "success",
+"details", ...}], ...}``. On failure the stage prints the failed expectations with counts and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from components.params import load_params
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trajectories", default="data/raw_trajectories", help="trajectory shards to encode")
+    parser.add_argument("--autoencoder", default="data/base_autoencoder", help="autoencoder folder")
+    parser.add_argument("--out", default="data/validated_latents")
+    parser.add_argument("--report", default="reports/validated_latents.json")
+
+
+class LatentValidationError(Exception):
+    """Raised inside the stage so the staged latents are discarded; re-raised as a PipelineError."""
+
+
+def main(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from components.atomic import atomic_directory, atomic_write_json
+    from components.autoencoder import load_autoencoder
+    from components.errors import PipelineError
+    from components.latent_validation import GateLimits, latent_statistics, validate_latents
+    from components.trajectory_store import ShardWriter, TrajectoryStore, shard_paths
+
+    params = load_params(args.params)
+    p = params.validated_latents
+    context = params.world_model.context
+    ae = load_autoencoder(args.autoencoder)
+    trajectories = TrajectoryStore(args.trajectories)
+    frame_size = tuple(trajectories.shards[0].array("frames").shape[1:3])
+    if frame_size != ae.frame_size:
+        raise PipelineError(
+            f"{args.trajectories}: frames are (H, W) = {frame_size} but {args.autoencoder} was trained on "
+            f"{ae.frame_size}; re-run base_autoencoder"
+        )
+    dtype = np.dtype(p.dtype)
+    total = sum(e.length for e in trajectories.episodes)
+    dropped: list[str] = []
+    limits = GateLimits(context, len(params.environment.actions), p.channel_mean_limit, p.channel_std_min,
+                        p.channel_std_max)
+    log.info("encoding %d frames of %d episodes to latents %s (%s)", total, len(trajectories.episodes),
+             ae.latent_shape, p.dtype)
+    try:
+        with atomic_directory(args.out) as staging:
+            with tqdm(total=total, unit="frame", desc="encoding", mininterval=2.0) as bar:
+                for shard_index, path in enumerate(shard_paths(args.trajectories)):
+                    attributes = {
+                        **trajectories.shards[shard_index].attributes,
+                        "source_shard": path.name,
+                        "autoencoder": ae.config(),
+                    }
+                    episodes = [e for e in trajectories.episodes if e.shard == shard_index]
+                    if p.drop_short_episodes:
+                        short = [e for e in episodes if e.length < context + 1]
+                        dropped += [e.episode_id for e in short]
+                        bar.update(sum(e.length for e in short))
+                        episodes = [e for e in episodes if e.length >= context + 1]
+                    if not episodes:
+                        log.warning("%s: no episode of at least K+1 = %d frames; shard left out", path, context + 1)
+                        continue
+                    with ShardWriter(staging / path.name, kind="latents", attributes=attributes) as writer:
+                        for episode in episodes:
+                            arrays = trajectories.episode_arrays(episode, ["frames", "actions", "dones"])
+                            latents = np.empty((episode.length, *ae.latent_shape), dtype)
+                            for start in range(0, episode.length, p.batch_size):
+                                chunk = np.array(arrays["frames"][start : start + p.batch_size])
+                                frames = torch.from_numpy(chunk).permute(0, 3, 1, 2).float().div_(255.0)
+                                with torch.no_grad():
+                                    latents[start : start + len(chunk)] = ae.encode(frames).numpy().astype(dtype)
+                                bar.update(len(chunk))
+                            metadata = {k: v for k, v in episode.metadata.items() if k not in ("start", "length", "split")}
+                            writer.add_episode(
+                                {
+                                    "latents": latents,
+                                    "actions": np.asarray(arrays["actions"], np.int64),
+                                    "dones": np.asarray(arrays["dones"], bool),
+                                },
+                                split=episode.split,
+                                **metadata,
+                            )
+            if dropped:
+                log.warning("left out %d episodes shorter than K+1 = %d frames", len(dropped), context + 1)
+            log.info("running the latent data gate (Great Expectations)")
+            report = validate_latents(latent_statistics(TrajectoryStore(staging), trajectories), limits)
+            report.summary["dropped_short_episodes"] = {"count": len(dropped), "episode_ids": dropped[:20]}
+            report.summary["latent_shape"] = list(ae.latent_shape)
+            report.summary["dtype"] = p.dtype
+            atomic_write_json(args.report, report.as_json())
+            if not report.success:
+                raise LatentValidationError(report.failure_text())
+    except LatentValidationError as failure:
+        raise PipelineError(f"{failure}\nno latents were published; see {args.report}") from None
+    except Exception:
+        if "report" not in locals():  # the stage broke before the gate ran: say so in the report
+            atomic_write_json(args.report, {"success": False, "checks": [], "error": "stage failed before validation"})
+        raise
+    log.info("gate passed (%d checks); latents published to %s", len(report.checks), args.out)

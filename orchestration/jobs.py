@@ -1,0 +1,97 @@
+"""Jobs: ``full_pipeline`` (every DVC-backed asset) and ``retraining_experiment`` (a DVC experiment run).
+
+``full_pipeline`` selects all assets and their checks. In the UI, "Materialize all" starts an asset backfill
+(each foreach partition its own run, then the downstream stages). From code, a single run that covers every
+partition is ``full_pipeline_run_tags(defs)`` passed as run tags (see tests/test_orchestration.py).
+
+``retraining_experiment`` reruns the pipeline with a fresh seed for one param (``orchestration.
+retraining_seed_param``) as ``dvc exp run --temp -S <param>=<seed>``: DVC runs it in a temporary copy, so
+the workspace stays untouched; the result is a named DVC experiment handed to ``promotion.promote``.
+"""
+# No `from __future__ import annotations` here: Dagster reads config/resource types from the signature.
+
+import json
+import secrets
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from orchestration.assets import DVC_POOL
+from orchestration.metadata import flatten
+from orchestration.promotion import Candidate, promote
+from orchestration.resources import DvcResource
+from orchestration.settings import orchestration_params
+
+full_pipeline = dg.define_asset_job(
+    "full_pipeline",
+    selection=dg.AssetSelection.all(),
+    description="Every stage of dvc.yaml, in DVC's order (each asset runs `dvc repro --single-item`).",
+)
+
+
+def full_pipeline_run_tags(partition_keys: list[str]) -> dict[str, str]:
+    """Run tags that make one run of ``full_pipeline`` cover all partitions (first..last key)."""
+    if not partition_keys:
+        return {}
+    return {
+        "dagster/asset_partition_range_start": partition_keys[0],
+        "dagster/asset_partition_range_end": partition_keys[-1],
+    }
+
+
+class RetrainingConfig(dg.Config):
+    seed: int | None = None  # None: a random seed
+    experiment_name: str | None = None  # None: retrain-<UTC time>-seed<seed>
+
+
+def experiment_metrics(output: str, name: str) -> dict:
+    """Metrics of experiment ``name`` from ``dvc exp show --json`` output (best effort: {} if not found)."""
+    try:
+        rows = json.loads(output)
+    except ValueError:
+        return {}
+    found: dict = {}
+
+    def visit(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("name") == name and isinstance(node.get("data"), dict):
+                for file, content in (node["data"].get("metrics") or {}).items():
+                    for key, value in flatten((content or {}).get("data") or {}).items():
+                        found[f"{file}:{key}"] = value
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(rows)
+    return found
+
+
+@dg.op(pool=DVC_POOL, description="`dvc exp run --temp -S <seed param>=<fresh seed>`, then the promotion hook")
+def retraining_experiment(context: dg.OpExecutionContext, config: RetrainingConfig, dvc: DvcResource) -> bool:
+    settings = orchestration_params(dvc.root)
+    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = config.experiment_name or f"retrain-{stamp}-seed{seed}"
+    param = settings.retraining_seed_param
+    if settings.pull_before_repro and dvc.remote_reachable()[0]:
+        dvc.run(["pull", "--run-cache", "--allow-missing"], context.log, check=False)
+    dvc.run(
+        ["exp", "run", "--temp", "--name", name, "--set-param", f"{param}={seed}"],
+        context.log,
+        what=f"retraining experiment {name!r}",
+    )
+    shown = dvc.run(["exp", "show", "--json"], dg.get_dagster_logger(), check=False)
+    candidate = Candidate(dvc.root, name, seed, param, experiment_metrics(shown.output, name))
+    promoted = promote(candidate, context.log)
+    context.add_output_metadata(
+        {"experiment": name, "seed": seed, "seed param": param, "promoted": promoted,
+         "metrics": dg.MetadataValue.json(candidate.metrics)}
+    )  # fmt: skip
+    return promoted
+
+
+@dg.job(description="Re-collect with a fresh seed and rerun downstream as a DVC experiment (workspace untouched).")
+def retraining_job() -> None:
+    retraining_experiment()

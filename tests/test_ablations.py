@@ -1,0 +1,148 @@
+"""The ablation command: planning, real DVC experiments (queue + run + exp show), and the results tables."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import ablations as ab
+from components.params import AblationsParams
+from tests.conftest import REPO_ROOT, make_repo_copy, run
+
+SETTINGS = AblationsParams(context_lengths=[1, 2, 4])
+
+
+def metrics_for(context: int, noise: float, policy: str) -> dict:
+    """The metrics/evaluation.json layout the evaluation stage writes (only the fields the tables read)."""
+    psnr = 20.0 + context + 2 * noise - (1.0 if policy == "random" else 0.0)
+    curve = {str(s): psnr - s * (0.05 if noise else 0.3) for s in (1, 2, 4, 8)}
+    return {
+        "onnx": {
+            "teacher_forced": {"psnr": {"model": {"pooled": psnr, "mean": psnr + 3, "median": psnr + 1}},
+                               "margin_db": {"copy_last_latent": {"pooled": 0.5}}},
+            "rollout": {"8": {"psnr_at_step": curve, "final_step_psnr": {"model": curve["8"]},
+                              "crossing_step": {"copy_last_latent": 4 if not noise else None}}},
+        },
+        "teacher": {"teacher_forced": {"psnr": {"model": {"pooled": psnr + 0.5}}}},
+    }
+
+
+def test_plan_runs_each_distinct_setting_once() -> None:
+    baseline = {"world_model": {"context": 2}, "raw_trajectories": {"policy": "agent"}}
+    experiments = ab.plan(SETTINGS, baseline)
+    assert [e.label for e in experiments] == ["base", "context-1", "context-4", "noise-off", "data-random"]
+    assert experiments[1].set_params() == ["world_model.context=1"]
+    assert experiments[3].overrides == {"world_model.max_noise_level": 0.0, "sampler.context_noise_level": 0.0}
+    assert experiments[1].name("20260101") == "abl-20260101-context-1"
+    only = ab.plan(SETTINGS.model_copy(update={"overrides": {"diffusion_checkpoint.steps": 10}}), baseline, ["context"])
+    assert [e.label for e in only] == ["base", "context-1", "context-4"]
+    assert all(e.overrides["diffusion_checkpoint.steps"] == 10 for e in only)
+    with pytest.raises(ab.AblationError, match="unknown ablation groups"):
+        ab.plan(SETTINGS, baseline, ["colour"])
+
+
+def test_tables_are_shaped_like_the_papers() -> None:
+    def result(label: str, context: int, noise: float, policy: str) -> ab.Result:
+        params = {"world_model": {"context": context, "max_noise_level": noise},
+                  "sampler": {"context_noise_level": noise / 7}, "raw_trajectories": {"policy": policy}}
+        return ab.Result(f"abl-t-{label}", label, "t", "", params, metrics_for(context, noise, policy))
+
+    results = [result("base", 2, 0.7, "agent"), result("context-1", 1, 0.7, "agent"),
+               result("context-4", 4, 0.7, "agent"), result("noise-off", 2, 0.0, "agent"),
+               result("data-random", 2, 0.7, "random")]
+    text = ab.tables(results, SETTINGS)
+    lines = text.splitlines()
+    context_rows = [line for line in lines if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert [row.split("|")[1].strip() for row in context_rows] == ["4", "2", "1"]  # noise-off/random left out
+    assert "| 1 | 22.40 | 25.40 | 23.40 | 0.50 | 22.90 | n/a |" in text
+    assert "| noise augmentation | step 1 | step 2 | step 4 | step 8 | crosses copy-last-latent at |" in text
+    assert "| on | 23.35 | 23.30 | 23.20 | 23.00 | never |" in text
+    assert "| off | 21.70 | 21.40 | 20.80 | 19.60 | 4 |" in text
+    assert "| agent | 23.40 | 23.00 |" in text and "| random | 22.40 | 22.00 |" in text
+    with pytest.raises(ab.AblationError, match="no 'base'"):
+        ab.tables(results[1:], SETTINGS)
+
+
+# --------------------------------------------------------------------------- real DVC experiments
+
+TOY_STAGE = textwrap.dedent(
+    """
+    # A stand-in pipeline with the real metrics layout: PSNR computed from the params the experiment ran with.
+    import json, os, yaml
+    from metrics_layout import metrics_for
+    p = yaml.safe_load(open("params.yaml"))
+    os.makedirs("metrics", exist_ok=True)
+    m = metrics_for(p["world_model"]["context"], p["world_model"]["max_noise_level"], p["raw_trajectories"]["policy"])
+    json.dump(m, open("metrics/evaluation.json", "w"))
+    """
+)
+
+
+def toy_repo(root: Path) -> Path:
+    """A real git + DVC repo with the project's code and micro params, whose only stage is a stand-in evaluation."""
+    repo = make_repo_copy(root)
+    (repo / "toy").mkdir()
+    (repo / "toy/evaluate.py").write_text(TOY_STAGE)
+    (repo / "toy/metrics_layout.py").write_text(inspect.getsource(metrics_for))
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluation": {
+        "cmd": "python toy/evaluate.py", "deps": ["toy/evaluate.py"],
+        "params": ["world_model", "sampler", "raw_trajectories"],
+        "metrics": [{"metrics/evaluation.json": {"cache": False}}]}}}))
+    run(["dvc", "config", "core.analytics", "false"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "toy pipeline"], repo)
+    return repo
+
+
+def test_ablation_command_queues_runs_and_reports_real_dvc_experiments(tmp_path: Path) -> None:
+    repo = toy_repo(tmp_path / "repo")
+    result = run([sys.executable, "-m", "components", "ablations", "--groups", "context,noise"], repo, timeout=600)
+    names = run(["dvc", "exp", "ls", "--name-only"], repo).stdout.split()
+    labels = sorted(name.split("-", 2)[2] for name in names if name.startswith("abl-"))
+    assert labels == ["base", "context-1", "noise-off"]  # micro: K in [1, 2], base K = 2
+    results = (repo / "docs/results.md").read_text()
+    assert "python -m components ablations --groups context,noise" in results
+    assert "| context | PSNR pooled |" in results
+    context_rows = [line for line in results.splitlines() if line.startswith("| 2 |") or line.startswith("| 1 |")]
+    assert len(context_rows) == 2
+    assert "| off |" in results and "| on |" in results
+    assert "### Context length" in result.stdout
+    # the report alone is rebuilt from `dvc exp show` without running anything
+    (repo / "docs/results.md").unlink()
+    run([sys.executable, "-m", "components", "ablations", "--report-only"], repo)
+    assert "| 1 | 22.40 |" in (repo / "docs/results.md").read_text()
+
+
+def _pipeline_ready() -> str | None:
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text()).get("stages", {})
+    missing = [s for s in ("diffusion_checkpoint", "distilled_model", "onnx_export", "evaluation") if s not in stages]
+    return f"dvc.yaml lacks stages {missing} (upstream issues not merged yet)" if missing else None
+
+
+@pytest.mark.skipif(_pipeline_ready() is not None, reason=str(_pipeline_ready()))
+def test_ablations_on_the_micro_pipeline(tmp_path: Path) -> None:
+    """The real thing: two context lengths on the micro profile, full pipeline per experiment."""
+    repo = make_repo_copy(tmp_path / "repo")
+    run([sys.executable, "-m", "components", "ablations", "--groups", "context"], repo, timeout=3000)
+    names = [n for n in run(["dvc", "exp", "ls", "--name-only"], repo).stdout.split() if n.startswith("abl-")]
+    assert len(names) >= 2
+    text = (repo / "docs/results.md").read_text()
+    rows = [line for line in text.splitlines() if line[:4] in ("| 1 ", "| 2 ")]
+    assert len(rows) == 2 and "n/a | n/a | n/a" not in rows[0]
+
+
+def test_params_survive_dvc_set_param_rewrites(tmp_path: Path) -> None:
+    """`dvc exp run -S` rewrites params.yaml as YAML 1.2, where `"no"` becomes a bare `no` (YAML 1.1: False)."""
+    from components.params import load_params
+
+    text = (REPO_ROOT / "params.yaml").read_text()
+    assert 'mixed_precision: "no"' in text
+    (tmp_path / "params.yaml").write_text(text.replace('mixed_precision: "no"', "mixed_precision: no"))
+    params = load_params(tmp_path / "params.yaml")
+    assert params.diffusion_checkpoint.mixed_precision == "no"
+    assert params.evaluation.teacher is True  # true/false are still booleans

@@ -1,0 +1,268 @@
+"""The frame autoencoder: padding and shapes, save/load, local from_pretrained, and the two training stages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from components.autoencoder import (
+    AutoencoderError,
+    FrameAutoencoder,
+    build_vae,
+    load_autoencoder,
+    load_pretrained_vae,
+    padding_for,
+)
+from tests.conftest import REPO_ROOT, run
+from tests.synthetic_trajectories import write_synthetic_trajectories
+
+
+def tiny_vae(blocks: int = 3, latent_channels: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_vae([8] * blocks, latent_channels, 1, 4, False)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_padding_makes_latents_divisible() -> None:
+    # 80x60 with 4x downsampling and multiple 4: 60 rows -> 64 (2 on top, 2 below), latents 16x20
+    assert padding_for((60, 80), 4, 4) == (0, 0, 2, 2)
+    ae = FrameAutoencoder(tiny_vae(3), (60, 80), 0.5, latent_multiple=4)
+    assert ae.padded_size == (64, 80)
+    assert ae.latent_shape == (4, 16, 20)
+    # the paper's 320x240 with SD's 8x downsampling pads 240 -> 256
+    assert padding_for((240, 320), 8, 4) == (0, 0, 8, 8)
+
+
+@pytest.mark.parametrize("pad_mode", ["replicate", "constant"])
+def test_encode_decode_shapes_and_range(pad_mode: str) -> None:
+    ae = FrameAutoencoder(tiny_vae(3), (60, 80), 0.5, latent_multiple=4, pad_mode=pad_mode).eval()
+    frames = torch.rand(2, 3, 60, 80)
+    with torch.no_grad():
+        latents = ae.encode(frames)
+        decoded = ae.decode(latents)
+    assert latents.shape == (2, *ae.latent_shape)
+    assert decoded.shape == frames.shape
+    assert decoded.min() >= 0.0 and decoded.max() <= 1.0
+    with torch.no_grad():  # scaling: encode is the unscaled posterior mean times the factor
+        torch.testing.assert_close(latents, ae.encode_unscaled(frames) * 0.5)
+
+
+def test_replicate_padding_copies_edges() -> None:
+    ae = FrameAutoencoder(tiny_vae(3), (60, 80), 1.0, latent_multiple=4, pad_mode="replicate")
+    frames = torch.rand(1, 3, 60, 80)
+    padded = ae.pad(frames)
+    assert padded.shape == (1, 3, 64, 80)
+    torch.testing.assert_close(padded[:, :, 0], padded[:, :, 2])  # top rows repeat the first frame row
+    torch.testing.assert_close(ae.crop(padded), frames)  # crop undoes pad
+
+
+def test_wrong_frame_size_is_refused() -> None:
+    ae = FrameAutoencoder(tiny_vae(2), (24, 32), 1.0)
+    with pytest.raises(ValueError, match="frames of size"):
+        ae.encode(torch.rand(1, 3, 32, 32))
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    ae = FrameAutoencoder(tiny_vae(3), (60, 80), 0.37, latent_multiple=4).eval()
+    ae.save(tmp_path / "ae")
+    assert (tmp_path / "ae" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = load_autoencoder(tmp_path / "ae")
+    assert loaded.frame_size == (60, 80)
+    assert loaded.latent_shape == ae.latent_shape
+    assert loaded.scaling_factor == pytest.approx(0.37)
+    frames = torch.rand(2, 3, 60, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(frames), ae.encode(frames))
+        torch.testing.assert_close(loaded.decode(ae.encode(frames)), ae.decode(ae.encode(frames)))
+
+
+def test_load_autoencoder_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(AutoencoderError, match="no such autoencoder folder.*Run its DVC stage"):
+        load_autoencoder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AutoencoderError, match="autoencoder.json: missing"):
+        load_autoencoder(tmp_path / "empty")
+    FrameAutoencoder(tiny_vae(2), (24, 32), 1.0).save(tmp_path / "broken")
+    (tmp_path / "broken" / "autoencoder.json").write_text("{not json")
+    with pytest.raises(AutoencoderError, match="malformed"):
+        load_autoencoder(tmp_path / "broken")
+
+
+def test_from_pretrained_local_path(tmp_path: Path) -> None:
+    """An SD-style checkout (root/vae/ written by save_pretrained) loads through the project's code path."""
+    vae = tiny_vae(3)
+    vae.save_pretrained(tmp_path / "sd-v1-4" / "vae", safe_serialization=True)
+    for path in (tmp_path / "sd-v1-4", tmp_path / "sd-v1-4" / "vae"):
+        loaded = load_pretrained_vae(path)
+        for (name, a), (_, b) in zip(vae.state_dict().items(), loaded.state_dict().items()):
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_from_pretrained_wrong_path_is_clear(tmp_path: Path) -> None:
+    with pytest.raises(AutoencoderError, match="does not exist; expected a local folder holding a diffusers AutoencoderKL"):
+        load_pretrained_vae(tmp_path / "nowhere")
+    (tmp_path / "not-a-vae").mkdir()
+    (tmp_path / "not-a-vae" / "weights.txt").write_text("x")
+    with pytest.raises(AutoencoderError, match="has no config.json"):
+        load_pretrained_vae(tmp_path / "not-a-vae")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')  # no weights file
+    with pytest.raises(AutoencoderError, match="cannot load"):
+        load_pretrained_vae(tmp_path / "bad")
+
+
+# --------------------------------------------------------------------------- the stages on a micro set
+
+
+def micro_params(tmp_path: Path, **overrides: dict) -> Path:
+    from components.params import profile_params, read_yaml
+
+    raw = profile_params("micro", read_yaml(REPO_ROOT / "params.yaml"))
+    for section, values in overrides.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def micro_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("micro")
+    episodes = [[(40, "train"), (30, "train"), (20, "heldout")], [(40, "train"), (20, "heldout")]]
+    return write_synthetic_trajectories(root / "raw", episodes, size=(24, 32))
+
+
+def test_pretrained_path_through_the_stage(tmp_path: Path, micro_set: Path) -> None:
+    """base_autoencoder with autoencoder.pretrained: loads the local VAE unchanged and measures its scaling."""
+    from components.stages import base_autoencoder
+
+    vae = tiny_vae(2)
+    vae.save_pretrained(tmp_path / "sd" / "vae", safe_serialization=True)
+    params = micro_params(tmp_path, autoencoder={"pretrained": str(tmp_path / "sd")})
+    args = argparse.Namespace(
+        params=str(params), trajectories=str(micro_set), out=str(tmp_path / "base"),
+        metrics=str(tmp_path / "metrics.json"), curve=str(tmp_path / "curve.json"), cache="",
+    )
+    base_autoencoder.main(args)
+    ae = load_autoencoder(tmp_path / "base")
+    for (name, a), (_, b) in zip(vae.state_dict().items(), ae.vae.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["source"] == "pretrained" and metrics["scaling_factor"] == pytest.approx(ae.scaling_factor)
+    assert ae.scaling_factor > 0
+
+
+def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set: Path) -> None:
+    """base_autoencoder -> validated_latents -> finetuned_vae on a micro set; the fine-tune raises held-out PSNR."""
+    from components.stages import base_autoencoder, finetuned_vae, validated_latents
+
+    params = str(micro_params(tmp_path))
+    base = tmp_path / "data" / "base_autoencoder"
+    base_autoencoder.main(argparse.Namespace(
+        params=params, trajectories=str(micro_set), out=str(base), metrics=str(tmp_path / "m_base.json"),
+        curve=str(tmp_path / "curve.json"), cache=str(tmp_path / ".cache" / "base_autoencoder"),
+    ))
+    ae = load_autoencoder(base)
+    metrics = json.loads((tmp_path / "m_base.json").read_text())
+    assert metrics["steps"] == 60 and metrics["eval_split"] == "heldout"
+    assert ae.latent_shape == (4, 12, 16)
+
+    latents = tmp_path / "data" / "validated_latents"
+    validated_latents.main(argparse.Namespace(
+        params=params, trajectories=str(micro_set), autoencoder=str(base), out=str(latents),
+        report=str(tmp_path / "report.json"),
+    ))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["success"]
+    # the stored latents are what the autoencoder's encode returns, and have roughly unit scale
+    from components.trajectory_store import TrajectoryStore
+
+    store = TrajectoryStore(latents)
+    first = torch.from_numpy(np.array(TrajectoryStore(micro_set).shards[0].array("frames")[:4]))
+    with torch.no_grad():
+        expected = ae.encode(first.permute(0, 3, 1, 2).float() / 255)
+    torch.testing.assert_close(torch.from_numpy(np.array(store.shards[0].array("latents")[:4])).float(), expected,
+                               atol=2e-2, rtol=2e-2)
+    assert 0.5 < float(np.std(np.array(store.shards[0].array("latents"), np.float32))) < 2.0
+
+    out = tmp_path / "data" / "finetuned_vae"
+    finetuned_vae.main(argparse.Namespace(
+        params=params, trajectories=str(micro_set), latents=str(latents), autoencoder=str(base), out=str(out),
+        metrics=str(tmp_path / "m_ft.json"), plots=str(tmp_path / "plots"),
+        cache=str(tmp_path / ".cache" / "finetuned_vae"),
+    ))
+    result = json.loads((tmp_path / "m_ft.json").read_text())
+    assert result["eval_split"] == "heldout"
+    assert result["psnr_after"] > result["psnr_before"], result
+    assert (tmp_path / "plots" / "reconstructions.png").is_file()
+    tuned = load_autoencoder(out)
+    assert tuned.scaling_factor == ae.scaling_factor
+    for name, weight in ae.vae.encoder.state_dict().items():  # the encoder is frozen
+        torch.testing.assert_close(tuned.vae.encoder.state_dict()[name], weight, msg=name)
+    decoder_changed = any(
+        not torch.equal(tuned.vae.decoder.state_dict()[n], w) for n, w in ae.vae.decoder.state_dict().items()
+    )
+    assert decoder_changed
+
+
+@pytest.mark.slow
+def test_micro_dvc_repro_reaches_finetuned_vae(micro_repo: Path) -> None:
+    """The real micro pipeline: rl_agent -> raw_trajectories -> ... -> finetuned_vae, through dvc repro."""
+    run(["dvc", "repro", "finetuned_vae"], micro_repo, timeout=900)
+    ae = load_autoencoder(micro_repo / "data" / "finetuned_vae")
+    assert ae.frame_size == (24, 32)
+    report = json.loads((micro_repo / "reports" / "validated_latents.json").read_text())
+    assert report["success"] is True
+    metrics = json.loads((micro_repo / "metrics" / "finetuned_vae.json").read_text())
+    assert {"psnr_before", "psnr_after", "ssim_before", "ssim_after"} <= set(metrics)
+    assert (micro_repo / "plots" / "finetuned_vae" / "reconstructions.png").is_file()
+    second = run(["dvc", "repro", "finetuned_vae"], micro_repo)  # nothing changed: nothing reruns
+    assert "didn't change" in second.stdout or "is cached" in second.stdout or "up to date" in second.stdout
+
+
+def test_training_resumes_from_saved_state(tmp_path: Path) -> None:
+    """train() saves weights, optimizer and counters; a second call with the same key continues, not restarts."""
+    from components.autoencoder import Budget, ResumableState, train
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    data = torch.randn(32, 4)
+    target = data.sum(dim=1, keepdim=True)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(model(data), target)
+
+    state = ResumableState(tmp_path / "cache", "key")
+    first = train(model, list(model.parameters()), loss_fn, Budget(10.0, 5), 0.05, state)
+    assert (first.steps, first.resumed_from_step) == (5, 0)
+    weights = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()  # a fresh process would start from other weights; the state must restore them
+    second = train(model, list(model.parameters()), loss_fn, Budget(10.0, 8), 0.05, state)
+    assert (second.steps, second.resumed_from_step) == (8, 5)
+    assert not torch.equal(model.weight, torch.zeros_like(model.weight))
+    assert not torch.equal(model.weight, weights)  # and trained on from there
+    other = ResumableState(tmp_path / "cache", "another-key")  # a different key (params, data) never resumes
+    assert other.load(model, torch.optim.AdamW(model.parameters())) is None
+
+
+def test_budget_schedule_ends_with_the_budget() -> None:
+    from components.autoencoder import Budget
+
+    budget = Budget(minutes=1.0, max_steps=1000, warmup_steps=10)
+    assert budget.lr_scale(0, 0.0) == pytest.approx(0.1, rel=0.05)  # warming up
+    assert budget.lr_scale(20, 1.0) > 0.95  # warmed up, early
+    assert budget.lr_scale(500, 30.0) == pytest.approx(0.51, abs=0.02)  # half the budget: half-way down the cosine
+    assert budget.lr_scale(100, 60.0) == pytest.approx(budget.min_lr_fraction)  # time is up: the floor
+    assert budget.progress(1000, 1.0) == 1.0  # or the steps are

@@ -1,0 +1,130 @@
+"""One-step distillation (components/distillation.py) on a tiny real world model, and the stage's metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.distillation import (
+    OneStepStudent,
+    load_student,
+    one_step_coefficients,
+    teacher_sample,
+)
+from components.errors import PipelineError
+from components.params import WorldModelParams
+from components.sampler import sample_next_latent
+from components.world_model import ActionConditionedUNet, make_scheduler
+
+K, C, SIZE, ACTIONS = 2, 4, (8, 8), 5
+
+
+@pytest.fixture(scope="module")
+def teacher() -> ActionConditionedUNet:
+    torch.manual_seed(0)
+    params = WorldModelParams(context=K, block_out_channels=[16, 32], norm_num_groups=8, cross_attention_dim=16,
+                              attention_head_dim=4)
+    net = ActionConditionedUNet.from_params(params, C, SIZE, ACTIONS).eval()
+    return net.requires_grad_(False)
+
+
+def batch(size: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn((size, K, C, *SIZE), generator=generator),
+            torch.randint(0, ACTIONS, (size, K), generator=generator))
+
+
+def test_one_step_coefficients_match_the_scheduler(teacher: ActionConditionedUNet) -> None:
+    scheduler = make_scheduler(teacher.config, "ddim")
+    scheduler.set_timesteps(1)
+    t = int(scheduler.timesteps[0])
+    x, v = torch.randn(2, C, *SIZE), torch.randn(2, C, *SIZE)
+    coef_x, coef_v = one_step_coefficients(scheduler, t)
+    expected = scheduler.step(v, t, x, eta=0.0).prev_sample
+    torch.testing.assert_close(coef_x * x + coef_v * v, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_student_starts_as_the_teachers_one_step_sampler(teacher: ActionConditionedUNet) -> None:
+    student = OneStepStudent.from_teacher(teacher, steps=4, cfg=1.0, context_noise_level=0.1, noise_seed=0)
+    one_step = OneStepStudent(teacher, dataclasses.replace(student.settings, teacher_steps=1),
+                              student.target_noise, student.context_eps)
+    context, actions = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(student(context, actions),
+                                   teacher_sample(teacher, make_scheduler(teacher.config), one_step, context, actions))
+    assert all(p.requires_grad for p in student.net.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())  # the teacher is untouched
+
+
+def test_teacher_target_is_the_samplers_loop(teacher: ActionConditionedUNet) -> None:
+    """With clean context, the fixed-noise teacher equals sample_next_latent fed the same initial noise."""
+    student = OneStepStudent.from_teacher(teacher, steps=3, cfg=1.5, context_noise_level=0.0, noise_seed=0)
+    context, actions = batch(1)
+    scheduler = make_scheduler(teacher.config)
+    # sample_next_latent draws x_T from the generator: give it a generator that yields our frozen noise
+    generator = torch.Generator().manual_seed(7)
+    theirs_noise = torch.randn((1, C, *SIZE), generator=torch.Generator().manual_seed(7))
+    student.target_noise.copy_(theirs_noise[0])
+    ours = teacher_sample(teacher, scheduler, student, context, actions)
+    theirs = sample_next_latent(teacher, scheduler, context, actions, steps=3, cfg=1.5, generator=generator)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_training_moves_the_student_towards_the_teacher(teacher: ActionConditionedUNet) -> None:
+    torch.manual_seed(0)
+    student = OneStepStudent.from_teacher(teacher, steps=4, cfg=1.5, context_noise_level=0.1, noise_seed=0)
+    context, actions = batch(4)
+    target = teacher_sample(teacher, make_scheduler(teacher.config), student, context, actions)
+    optimizer = torch.optim.Adam(student.net.parameters(), lr=1e-3)
+    losses = []
+    student.train()
+    for _ in range(25):
+        loss = torch.mean((student(context, actions) - target) ** 2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_student_is_deterministic_and_batch_independent(teacher: ActionConditionedUNet) -> None:
+    student = OneStepStudent.from_teacher(teacher, steps=4, cfg=1.5, context_noise_level=0.1, noise_seed=3)
+    context, actions = batch(3)
+    with torch.no_grad():
+        whole = student(context, actions)
+        torch.testing.assert_close(student(context, actions), whole)
+        for row in range(3):
+            torch.testing.assert_close(student(context[row : row + 1], actions[row : row + 1])[0], whole[row],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(teacher: ActionConditionedUNet, tmp_path: Path) -> None:
+    student = OneStepStudent.from_teacher(teacher, steps=2, cfg=1.5, context_noise_level=0.2, noise_seed=1)
+    student.save(tmp_path / "student")
+    loaded = load_student(tmp_path / "student")
+    assert loaded.settings == student.settings
+    context, actions = batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(context, actions), student(context, actions))
+    with pytest.raises(PipelineError, match="distilled_model"):
+        load_student(tmp_path / "missing")
+
+
+def test_stage_metrics(tiny_export: Path) -> None:
+    metrics = json.loads((tiny_export / "metrics" / "distilled_model.json").read_text())
+    for key in ("student_psnr", "teacher_psnr", "student_vs_teacher_psnr", "copy_last_psnr",
+                "undistilled_1step_psnr", "undistilled_1step_vs_teacher_psnr"):
+        assert math.isfinite(metrics[key]) and 0 < metrics[key] <= 100, key
+    assert metrics["heldout_split"] == "heldout" and metrics["heldout_windows"] >= 1
+    assert metrics["train_steps"] >= 1
+    student = load_student(tiny_export / "data" / "distilled_model")
+    assert student.settings.teacher_steps == metrics["teacher_steps"]
+    saved = json.loads((tiny_export / "data" / "distilled_model" / "student.json").read_text())
+    assert saved["metrics"] == metrics
+    assert np.isfinite(saved["metrics"]["final_loss"])

@@ -1,0 +1,215 @@
+"""The ``evaluation`` stage and the ``promote`` command on a real (tiny, untrained) ONNX export.
+
+The export is built by the real ``distilled_model`` and ``onnx_export`` stages (tests/export_fixtures.py, about
+a minute); the evaluation runs through the CLI as ``dvc repro`` runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from components import evaluation as ev
+from components.trajectory_store import ShardWriter, TrajectoryStore
+from tests.conftest import pipeline_env
+from tests.export_fixtures import build_tiny_export, write_params
+
+ROLLOUTS = [4, 8]
+
+
+def cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "components", "--params", str(root / "params.yaml"), *args],
+                            cwd=root, env=pipeline_env(), capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def set_evaluation(root: Path, **values: object) -> None:
+    path = root / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["evaluation"] = {**raw.get("evaluation", {}), **values}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def tiny_store(root: Path) -> Path:
+    writer = ShardWriter(root / "raw" / "shard-0", "frames")
+    for index, split in enumerate(["train", "heldout", "train"]):
+        writer.add_episode({"frames": np.full((6, 24, 32, 3), index, np.uint8), "actions": np.zeros(6, np.int64)},
+                           split, episode_id=f"ep{index}")
+    writer.close()
+    return root / "raw"
+
+
+# --------------------------------------------------------------------------- refusing training play
+
+
+def test_heldout_selection_refuses_training_episodes(tmp_path: Path) -> None:
+    store = TrajectoryStore(tiny_store(tmp_path))
+    assert [e.episode_id for e in ev.heldout_episodes(store)] == ["ep1"]
+    assert [e.episode_id for e in ev.heldout_episodes(store, ["ep1"])] == ["ep1"]
+    with pytest.raises(ev.HeldOutError, match=r"not held out: ep0 \(split 'train'\)"):
+        ev.heldout_episodes(store, ["ep1", "ep0"])
+    with pytest.raises(ev.HeldOutError, match="no such episodes"):
+        ev.heldout_episodes(store, ["nope"])
+    with pytest.raises(ev.HeldOutError, match="not held out"):
+        ev.pick_windows(store.split("train"), 3, 4, 0)
+
+
+def test_stage_refuses_a_training_episode(tmp_path: Path) -> None:
+    write_params(tmp_path)
+    raw = tiny_store(tmp_path)
+    set_evaluation(tmp_path, episodes=["ep0"])
+    result = cli(tmp_path, "evaluation", "--raw", str(raw), "--export", str(tmp_path / "missing"), check=False)
+    assert result.returncode == 2
+    assert "refusing to evaluate on episodes that are not held out: ep0 (split 'train')" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "metrics" / "evaluation.json").exists()
+
+
+def test_stage_fails_clearly_without_heldout_episodes(tmp_path: Path) -> None:
+    write_params(tmp_path)
+    writer = ShardWriter(tmp_path / "raw" / "shard-0", "frames")
+    writer.add_episode({"frames": np.zeros((6, 24, 32, 3), np.uint8), "actions": np.zeros(6, np.int64)}, "train")
+    writer.close()
+    result = cli(tmp_path, "evaluation", "--raw", str(tmp_path / "raw"), check=False)
+    assert result.returncode == 2 and "no held-out episodes" in result.stderr
+
+
+# --------------------------------------------------------------------------- the real stage on a tiny export
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = build_tiny_export(tmp_path_factory.mktemp("evaluation"))
+    set_evaluation(root, windows=8, rollout_lengths=ROLLOUTS, rollout_windows=2, batch_size=4, sample_windows=2,
+                   promotion={"champion_dir": str(root / "champion"), "log": str(root / "docs/promotion-log.md"),
+                              "criteria": [{"metric": "onnx.teacher_forced.psnr.model.pooled", "tolerance": 0.1},
+                                           {"metric": "onnx.rollout.8.mean_psnr_over_steps.model", "tolerance": 0.2}]})
+    data = root / "data"
+    cli(root, "evaluation", "--export", str(data / "onnx_export"), "--checkpoint", str(data / "diffusion_checkpoint"),
+        "--vae", str(data / "finetuned_vae"), "--latents", str(data / "validated_latents"),
+        "--raw", str(data / "raw_trajectories"), "--metrics", str(root / "metrics/evaluation.json"),
+        "--plots", str(root / "plots/evaluation"))
+    return root
+
+
+def test_stage_writes_metrics_for_export_and_teacher(evaluated: Path) -> None:
+    metrics = json.loads((evaluated / "metrics/evaluation.json").read_text())
+    assert metrics["heldout_episodes"] == 2  # only the two held-out episodes of the fixture
+    for model in ("onnx", "teacher"):
+        tf = metrics[model]["teacher_forced"]
+        assert tf["windows"] == 8
+        for name in ("model", "copy_last_frame", "copy_last_latent", "autoencoder_ceiling"):
+            assert set(tf["psnr"][name]) == {"pooled", "mean", "median", "count"}
+            assert 0.0 < tf["psnr"][name]["pooled"] <= 50.0
+            assert -1.0 <= tf["ssim"][name] <= 1.0
+        assert set(tf["win_share"]["copy_last_latent"]) == {"all", "turning", "moving", "static"}
+        assert tf["margin_db"]["copy_last_latent"]["pooled"] == pytest.approx(
+            tf["psnr"]["model"]["pooled"] - tf["psnr"]["copy_last_latent"]["pooled"])
+        assert "all" in tf["controllability"]
+        assert sorted(metrics[model]["rollout"], key=int) == [str(n) for n in ROLLOUTS]
+        for steps in ROLLOUTS:
+            curve = metrics[model]["rollout"][str(steps)]["psnr_by_step"]
+            assert all(len(view) == steps for c in curve.values() for view in c.values())
+    # the autoencoder ceiling is the same decoder on the same latents: ONNX and PyTorch agree closely
+    assert metrics["onnx"]["teacher_forced"]["psnr"]["autoencoder_ceiling"]["pooled"] == pytest.approx(
+        metrics["teacher"]["teacher_forced"]["psnr"]["autoencoder_ceiling"]["pooled"], abs=0.1)
+    assert "not set" in metrics["lpips"]["skipped"] and "not set" in metrics["fvd"]["skipped"]
+    headline = metrics["headline"]
+    assert headline["onnx/psnr_pooled"] == metrics["onnx"]["teacher_forced"]["psnr"]["model"]["pooled"]
+    assert {"teacher/psnr_mean", "onnx/rollout8_crosses_copy_last_latent_at", "baseline/copy_last_latent_psnr_pooled",
+            "onnx/controllability_turning"} <= set(headline)
+
+
+def test_stage_draws_plot_and_sample_video(evaluated: Path) -> None:
+    plots = evaluated / "plots/evaluation"
+    with Image.open(plots / "psnr_by_step.png") as png:
+        assert png.format == "PNG" and png.size == (720, 440)
+    with Image.open(plots / "sample.gif") as gif:
+        assert gif.format == "GIF" and gif.n_frames == max(ROLLOUTS)
+    rows = json.loads((plots / "psnr_by_step.json").read_text())
+    assert [r["step"] for r in rows] == list(range(1, max(ROLLOUTS) + 1))
+    assert {"onnx", "teacher", "copy_last_frame", "copy_last_latent"} <= set(rows[0])
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_promote_command_both_ways(evaluated: Path) -> None:
+    data = evaluated / "data"
+    args = ["promote", "--export", str(data / "onnx_export"), "--raw", str(data / "raw_trajectories"),
+            "--latents", str(data / "validated_latents"), "--metrics", str(evaluated / "metrics/evaluation.json")]
+    first = cli(evaluated, *args, "--source", "first")
+    assert "PROMOTED: first champion" in first.stdout
+    champion = evaluated / "champion"
+    assert _tree(champion / "export") == _tree(data / "onnx_export")
+
+    # the same export again, the champion re-scored on the same held-out play: exactly equal, promoted
+    again = cli(evaluated, *args, "--source", "same", "--decision-json", str(evaluated / "decision.json"))
+    assert "PROMOTED" in again.stdout
+    decision = json.loads((evaluated / "decision.json").read_text())
+    assert all(c["delta"] == pytest.approx(0.0, abs=1e-9) for c in decision["comparisons"])
+
+    # a challenger whose metrics are 1 dB worse is rejected and the champion stays byte for byte
+    worse = json.loads((evaluated / "metrics/evaluation.json").read_text())
+    worse["onnx"]["teacher_forced"]["psnr"]["model"]["pooled"] -= 1.0
+    (evaluated / "worse.json").write_text(json.dumps(worse))
+    before = _tree(champion)
+    rejected = cli(evaluated, *args[:-2], "--metrics", str(evaluated / "worse.json"), "--source", "worse")
+    assert "REJECTED" in rejected.stdout and "onnx.teacher_forced.psnr.model.pooled" in rejected.stdout
+    assert _tree(champion) == before
+    log = (evaluated / "docs/promotion-log.md").read_text()
+    assert log.count("PROMOTED") == 2 and log.count("REJECTED") == 1
+
+
+def test_promote_experiment_reads_a_temp_dvc_experiment(evaluated: Path, tmp_path: Path) -> None:
+    """The scheduled-retraining gate: a `dvc exp run --temp` experiment is promoted from the DVC cache, the
+    workspace untouched (the fixture's artifacts stand in for the upstream stages; evaluation is the real stage)."""
+    from components.promotion import promote_experiment
+    from tests.conftest import run
+
+    repo = tmp_path / "project"
+    repo.mkdir()
+    params = yaml.safe_load((evaluated / "params.yaml").read_text())
+    params["raw_trajectories"]["shards"] = [0]
+    params["evaluation"]["promotion"].update(champion_dir="artifacts/champion", log="docs/promotion-log.md")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy = ("import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])")
+    upstream = {"data/onnx_export": "data/onnx_export", "data/raw_trajectories/shard-0": "data/raw_trajectories/shard-0",
+                "data/validated_latents": "data/validated_latents", "data/finetuned_vae": "data/finetuned_vae",
+                "data/diffusion_checkpoint": "data/diffusion_checkpoint"}
+    stages = {
+        f"copy_{i}": {"cmd": f'python -c "{copy}" {evaluated / source} {target}', "params": ["raw_trajectories.seed"],
+                      "outs": [target]}
+        for i, (source, target) in enumerate(upstream.items())
+    }
+    stages["evaluation"] = {"cmd": f"{sys.executable} -m components evaluation", "deps": list(upstream.values()),
+                            "params": ["evaluation"], "metrics": [{"metrics/evaluation.json": {"cache": False}}],
+                            "outs": ["plots/evaluation"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.invalid"],
+                    ["git", "config", "user.name", "ci"], ["dvc", "init", "-q"],
+                    ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
+                    ["git", "commit", "-q", "-m", "toy"]):
+        run(command, repo)
+    run(["dvc", "exp", "run", "--temp", "-n", "retrain-1", "-S", "raw_trajectories.seed=7"], repo)
+    assert not (repo / "data").exists()  # the experiment ran in a temporary copy
+
+    decision = promote_experiment(repo, "retrain-1")
+    assert decision.promoted and decision.reason == "first champion"
+    assert _tree(repo / "artifacts/champion/export") == _tree(evaluated / "data/onnx_export")
+    again = promote_experiment(repo, "retrain-1")  # the champion re-scored on the same held-out play: equal
+    assert again.promoted and all(c.delta == pytest.approx(0.0, abs=1e-9) for c in again.comparisons)
+    assert "DVC experiment retrain-1" in (repo / "docs/promotion-log.md").read_text()
+    assert not (repo / "data").exists() and not list((repo / ".dvc/tmp").glob("promotion-*"))

@@ -1,0 +1,169 @@
+"""The Dagster UI as a user starts it (``python -m orchestration.ui``, what ``make ui`` runs), on the toy project:
+GraphQL lists the assets and their deps, headless Chromium shows them on the asset graph, and a SIGTERM
+stops every process it started."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+from conftest import pipeline_env
+from test_orchestration import asset_graph_edges, make_toy_repo
+
+from orchestration.builder import build_definitions
+from orchestration.ui import prepare_home
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic",
+]  # fmt: skip
+GRAPHQL_ASSETS = "{ assetNodes { assetKey { path } dependencyKeys { path } isPartitioned } }"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the UI exited early ({process.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/server_info", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"no answer from {url} in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def graphql(url: str, query: str) -> dict:
+    request = urllib.request.Request(
+        f"{url}/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(processes: list[psutil.Process]) -> list[str]:
+    left = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+@pytest.mark.timeout(420)
+def test_ui_graphql_browser_and_clean_stop(tmp_path: Path) -> None:
+    repo = make_toy_repo(tmp_path / "toy")
+    defs = build_definitions(repo)
+    nodes, edges = asset_graph_edges(defs)
+    # One materialization in the UI's instance, so the asset page has metadata and an image preview.
+    with dg.DagsterInstance.from_config(str(prepare_home(tmp_path / "home"))) as instance:
+        prepare = [a for a in defs.assets if dg.AssetKey("prepare") in a.keys]
+        assert dg.materialize(prepare, instance=instance, resources={"dvc": defs.resources["dvc"]}).success
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "ui.log"
+    command = [sys.executable, "-m", "orchestration.ui", "--project", str(repo), "--home", str(tmp_path / "home"),
+               "--port", str(port)]  # fmt: skip
+    with log.open("w") as out:
+        launcher = subprocess.Popen(
+            command, cwd=repo, env=pipeline_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    seen: list[psutil.Process] = []
+    try:
+        wait_for_server(url, launcher, log)
+        assert (tmp_path / "home" / "dagster.yaml").is_file()  # the project's instance config was installed
+
+        # GraphQL: the asset nodes and their dependencies are those of the toy dvc.yaml.
+        answer = graphql(url, GRAPHQL_ASSETS)
+        assert "errors" not in answer, answer
+        served = answer["data"]["assetNodes"]
+        assert {"/".join(n["assetKey"]["path"]) for n in served} == nodes
+        key = lambda node: "/".join(node["path"])  # noqa: E731
+        served_edges = {(key(d), key(n["assetKey"])) for n in served for d in n["dependencyKeys"]}
+        assert served_edges == edges
+        assert {"/".join(n["assetKey"]["path"]) for n in served if n["isPartitioned"]} == {"shards"}
+
+        seen = process_tree(launcher.pid)
+        assert len(seen) >= 3, "expected the launcher, dagster dev, its webserver and daemon"
+
+        # The asset graph page in headless Chromium.
+        if not CHROMIUM.exists():
+            pytest.skip(f"{CHROMIUM} is absent (Debian package `chromium`, `make browser`): browser part skipped")
+        from playwright.sync_api import sync_playwright
+
+        screenshot = tmp_path / "asset_graph.png"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(f"{url}/asset-groups", wait_until="domcontentloaded", timeout=120_000)
+                for name in sorted(nodes):
+                    page.get_by_text(name, exact=True).first.wait_for(timeout=120_000)
+                skip = page.get_by_role("button", name="Skip")  # the first-visit newsletter dialog
+                if skip.count():
+                    skip.first.click()
+                page.wait_for_timeout(1500)  # let the graph layout settle for the screenshot
+                # each name is in the sidebar list AND on a node of the graph
+                counts = {name: page.get_by_text(name, exact=True).count() for name in nodes}
+                page.screenshot(path=str(screenshot), full_page=True)
+                text = page.inner_text("body")
+
+                # The asset page shows the stage's metadata, its PNG plot rendered as an image.
+                page.goto(f"{url}/assets/prepare", wait_until="domcontentloaded", timeout=120_000)
+                page.get_by_text("preview", exact=True).first.wait_for(timeout=120_000)
+                page.wait_for_timeout(1000)
+                images = page.eval_on_selector_all(
+                    "img[src^='data:image/png']", "els => els.map(e => e.naturalWidth)"
+                )
+                if skip.count():
+                    skip.first.click()
+                page.get_by_text("preview", exact=True).first.scroll_into_view_if_needed()
+                page.screenshot(path=str(tmp_path / "asset_prepare.png"))
+            finally:
+                browser.close()
+        assert all(name in text for name in nodes), text[:2000]
+        assert all(count >= 2 for count in counts.values()), counts
+        assert screenshot.stat().st_size > 10_000
+        assert images == [16], images  # the 16x16 grid.png preview decoded in the page
+        print(f"screenshot: {screenshot}")
+    finally:
+        seen = seen or process_tree(launcher.pid)
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+    assert launcher.returncode == 0, log.read_text()[-3000:]
+    deadline = time.monotonic() + 10
+    while alive(seen) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive(seen) == [], f"processes left after SIGTERM: {alive(seen)}"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/server_info", timeout=5)

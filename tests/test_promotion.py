@@ -1,0 +1,111 @@
+"""Champion/challenger promotion, both ways, including a challenger exactly equal to the champion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components import promotion as pr
+
+CRITERIA = [
+    pr.Criterion("onnx.teacher_forced.psnr.model.pooled", tolerance=0.1),
+    pr.Criterion("onnx.teacher_forced.controllability.turning.share", tolerance=0.05),
+    pr.Criterion("fvd", tolerance=1.0, higher_is_better=False),
+]
+
+
+def metrics(psnr: float, control: float = 0.8, fvd: float = 100.0) -> dict:
+    return {
+        "onnx": {"teacher_forced": {"psnr": {"model": {"pooled": psnr}}, "controllability": {"turning": {"share": control}}}},
+        "fvd": fvd,
+    }
+
+
+def make_export(folder: Path, content: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "world_model.onnx").write_bytes(content)
+    (folder / "manifest.json").write_text(json.dumps({"K": 4}))
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_decide_both_ways_and_exactly_equal() -> None:
+    champion = metrics(25.0)
+    assert pr.decide(metrics(25.5), champion, CRITERIA).promoted
+    assert pr.decide(metrics(25.0), champion, CRITERIA).promoted  # exactly equal is no worse
+    assert pr.decide(metrics(24.95), champion, CRITERIA).promoted  # within the 0.1 dB tolerance
+    worse = pr.decide(metrics(24.8), champion, CRITERIA)
+    assert not worse.promoted and "onnx.teacher_forced.psnr.model.pooled" in worse.reason
+    assert not pr.decide(metrics(26.0, control=0.7), champion, CRITERIA).promoted  # better PSNR, worse control
+    assert not pr.decide(metrics(25.0, fvd=102.0), champion, CRITERIA).promoted  # lower is better for FVD
+    assert pr.decide(metrics(25.0, fvd=99.0), champion, CRITERIA).promoted
+    missing = pr.decide({"fvd": 1.0}, champion, CRITERIA)
+    assert not missing.promoted and "challenger has no value" in missing.reason
+    nan = pr.decide(metrics(float("nan")), champion, CRITERIA)
+    assert not nan.promoted
+    assert pr.decide(metrics(1.0), None, CRITERIA).reason == "first champion"
+    with pytest.raises(pr.PromotionError):
+        pr.decide(metrics(1.0), champion, [])
+
+
+def test_promotion_installs_then_rejects_without_touching_the_champion(tmp_path: Path) -> None:
+    champion_dir, log = tmp_path / "artifacts" / "champion", tmp_path / "docs" / "promotion-log.md"
+    first = make_export(tmp_path / "run1", b"weights-1")
+    decision = pr.promote(first, metrics(25.0), champion_dir, CRITERIA, log, source="run1")
+    assert decision.promoted and decision.reason == "first champion"
+    assert (champion_dir / "export" / "world_model.onnx").read_bytes() == b"weights-1"
+    assert json.loads((champion_dir / "metrics.json").read_text()) == metrics(25.0)
+    info = json.loads((champion_dir / "champion.json").read_text())
+    assert info["source"] == "run1" and set(info["files"]) == {"world_model.onnx", "manifest.json"}
+
+    before = snapshot(champion_dir)
+    mtimes = {p: p.stat().st_mtime_ns for p in champion_dir.rglob("*")}
+    worse = make_export(tmp_path / "run2", b"weights-2")
+    decision = pr.promote(worse, metrics(24.0), champion_dir, CRITERIA, log, source="run2")
+    assert not decision.promoted
+    assert snapshot(champion_dir) == before  # byte for byte
+    assert {p: p.stat().st_mtime_ns for p in champion_dir.rglob("*")} == mtimes  # not even rewritten
+
+    equal = make_export(tmp_path / "run3", b"weights-3")
+    decision = pr.promote(equal, metrics(25.0), champion_dir, CRITERIA, log, source="run3")
+    assert decision.promoted
+    assert (champion_dir / "export" / "world_model.onnx").read_bytes() == b"weights-3"
+
+    text = log.read_text()
+    assert text.count("PROMOTED") == 2 and text.count("REJECTED") == 1 and "run2" in text
+    records = [json.loads(line) for line in log.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["promoted"] for r in records] == [True, False, True]
+    assert records[1]["champion_metrics"] == metrics(25.0) and records[1]["challenger_metrics"] == metrics(24.0)
+    assert not list(champion_dir.parent.glob(".*tmp")) and not list(champion_dir.parent.glob(".*old"))
+
+
+def test_champion_metrics_override_is_what_gets_compared(tmp_path: Path) -> None:
+    champion_dir = tmp_path / "champion"
+    pr.promote(make_export(tmp_path / "a", b"a"), metrics(20.0), champion_dir, CRITERIA, None)
+    # re-evaluated on the challenger's held-out episodes the champion scores 30 dB: the challenger loses
+    decision = pr.promote(make_export(tmp_path / "b", b"b"), metrics(25.0), champion_dir, CRITERIA, None,
+                          champion_metrics=metrics(30.0))
+    assert not decision.promoted
+    assert decision.metadata()["champion/onnx.teacher_forced.psnr.model.pooled"] == 30.0
+
+
+def test_missing_export_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(pr.PromotionError, match="no challenger export"):
+        pr.promote(tmp_path / "nope", metrics(1.0), tmp_path / "champion", CRITERIA, None)
+
+
+def test_params_refuse_a_criterion_on_a_rollout_that_is_not_measured() -> None:
+    from components.params import ParamsError, parse_params, read_yaml
+    from tests.conftest import REPO_ROOT
+
+    raw = read_yaml(REPO_ROOT / "params.yaml")
+    raw["evaluation"]["rollout_lengths"] = [4, 8]
+    with pytest.raises(ParamsError, match=r"evaluation\.promotion: criteria metric 'onnx\.rollout\.16\.mean_psnr"):
+        parse_params(raw)
+    raw["evaluation"]["promotion"] = {"criteria": [{"metric": "onnx.rollout.8.mean_psnr_over_steps.model"}]}
+    assert parse_params(raw).evaluation.promotion.criteria[0].tolerance == 0.0

@@ -1,0 +1,194 @@
+"""The diffusion world model: conditioning is used, training learns, sampling and loading work.
+
+A short real training run (about 200 steps on synthetic latents whose next frame depends on the action,
+tests/world_model_data.py) is shared by the tests in this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from components.errors import PipelineError
+from components.params import ParamsError, parse_params
+from components.sampler import WorldModel, make_scheduler, rollout, sample_next_latent
+from components.world_model import ActionConditionedUNet, load_world_model, noise_bucket
+from components.world_model_training import WindowStream, open_latents, train
+from world_model_data import LATENT_SHAPE, micro_params_dict, next_latent, tiny_autoencoder, write_synthetic_latents
+
+TRAIN = {"steps": 200, "batch_size": 16, "learning_rate": 0.003, "log_every": 20, "checkpoint_every": 100}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("world_model")
+    params = parse_params(micro_params_dict(diffusion_checkpoint=TRAIN))
+    latents = write_synthetic_latents(root / "latents", len(params.environment.actions))
+    torch.set_num_threads(1)  # the test machine is shared; one thread is the fastest under contention
+    result = train(params, latents, cache_root=root / "cache", live_dir=root / "dvclive")
+    store = open_latents(latents, params.world_model.context, len(params.environment.actions))
+    batch = WindowStream(store, params.world_model.context, "heldout", 0).read(list(range(8)))
+    return {"root": root, "params": params, "result": result, "net": result.net, "batch": batch,
+            "autoencoder": tiny_autoencoder(root / "autoencoder")}
+
+
+def _sample(net: ActionConditionedUNet, batch: Any, action: int | None = None, cfg: float = 1.5,
+            bucket: int | None = None, noise_level: float = 0.0) -> torch.Tensor:
+    actions = batch.context_actions.clone()
+    if action is not None:
+        actions[:, -1] = action
+    return sample_next_latent(net, make_scheduler(net.config), batch.context_latents, actions, steps=4, cfg=cfg,
+                              context_noise_level=noise_level, generator=torch.Generator().manual_seed(0),
+                              noise_bucket_override=bucket)
+
+
+def test_loss_goes_down_and_dvclive_logs(trained: dict[str, Any]) -> None:
+    losses = [loss for _, loss in trained["result"].losses]
+    assert trained["result"].steps == TRAIN["steps"]
+    assert losses[-1] < 0.7 * losses[0], losses
+    metrics = (trained["root"] / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert len(metrics) == 1 + TRAIN["steps"] // TRAIN["log_every"]
+
+
+def test_actions_give_different_next_frames(trained: dict[str, Any]) -> None:
+    """Each action's prediction is nearest to that action's true next latent, and the frames differ."""
+    net, batch = trained["net"], trained["batch"]
+    last = batch.context_latents[:, -1].numpy()
+    truths = {a: torch.from_numpy(np.stack([next_latent(x, a) for x in last])) for a in (0, 1, 2)}
+    predictions = {a: _sample(net, batch, action=a) for a in (0, 1, 2)}
+    for a, predicted in predictions.items():
+        errors = {b: (predicted - truth).pow(2).mean().item() for b, truth in truths.items()}
+        assert min(errors, key=errors.get) == a, (a, errors)
+    assert (predictions[0] - predictions[2]).abs().mean() > 0.2
+
+    wm = WorldModel(net, trained["autoencoder"], steps=4, cfg=1.5, context_noise_level=0.0, seed=0)
+    frames = []
+    for action in (0, 2):
+        wm.reset(batch.context_latents[0], batch.context_actions[0, :-1])
+        wm.generator.manual_seed(0)
+        frames.append(wm.step(action))
+    assert frames[0].shape == (3, 24, 32)
+    assert (frames[0] - frames[1]).abs().mean() > 1e-3
+
+
+def test_cfg_changes_the_output(trained: dict[str, Any]) -> None:
+    net, batch = trained["net"], trained["batch"]
+    plain, guided = _sample(net, batch, cfg=1.0), _sample(net, batch, cfg=1.5)
+    assert (plain - guided).abs().mean() > 1e-3
+    assert torch.equal(guided, _sample(net, batch, cfg=1.5))  # same seed, same draw
+
+
+def test_noise_buckets_change_the_output(trained: dict[str, Any]) -> None:
+    net, batch = trained["net"], trained["batch"]
+    buckets = net.config.noise_buckets
+    x = torch.randn(len(batch.target), *LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
+    t = torch.full((len(x),), 500)
+    with torch.no_grad():
+        low = net(x, t, batch.context_latents, batch.context_actions, torch.zeros(len(x), dtype=torch.long))
+        high = net(x, t, batch.context_latents, batch.context_actions, torch.full((len(x),), buckets - 1))
+    assert (low - high).abs().mean() > 1e-3
+    assert (_sample(net, batch, bucket=0) - _sample(net, batch, bucket=buckets - 1)).abs().mean() > 1e-3
+    assert noise_bucket(torch.tensor([0.0, 0.069, 0.07, 0.69, 0.7, 5.0]), 0.7, 10).tolist() == [0, 0, 1, 9, 9, 9]
+
+
+def test_rollout_is_autoregressive_and_reproducible(trained: dict[str, Any]) -> None:
+    net, batch, ae = trained["net"], trained["batch"], trained["autoencoder"]
+    start = batch.context_latents[0]
+    actions = [2, 2, 0, 1]
+    frames, latents = rollout(net, start, batch.context_actions[0, :-1], actions, autoencoder=ae, steps=2, seed=3)
+    assert frames.shape == (4, 3, 24, 32) and latents.shape == (4, *LATENT_SHAPE)
+    assert 0.0 <= frames.min() and frames.max() <= 1.0
+    again, latents_again = rollout(net, start, batch.context_actions[0, :-1], actions, autoencoder=ae, steps=2,
+                                   seed=3)
+    assert torch.equal(latents, latents_again)
+    # the model moves the bar right twice, then left: its column follows the actions
+    columns = [int(latent[1].mean(0).argmax()) for latent in latents]
+    first = int(start[-1][1].mean(0).argmax())
+    assert columns[:2] == [(first + 1) % 8, (first + 2) % 8], (first, columns)
+
+    wm = WorldModel(net, ae, steps=2, cfg=1.5)
+    wm.reset(ae.decode(start), batch.context_actions[0, :-1])  # frames in, encoded
+    assert wm.latents.shape == (net.config.context, *LATENT_SHAPE)
+    wm.reset(start[-1:], [])  # fewer frames than K: the oldest repeats
+    assert wm.latents.shape == (net.config.context, *LATENT_SHAPE) and wm.actions.tolist() == [0]
+    with pytest.raises(ValueError, match="context actions"):
+        wm.reset(start, [1, 2, 3])
+
+
+def test_save_and_load(trained: dict[str, Any], tmp_path: Path) -> None:
+    net, batch = trained["net"], trained["batch"]
+    net.save(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "config.json", "model.safetensors", "scheduler_config.json"]
+    loaded = load_world_model(tmp_path / "model")
+    assert loaded.config == net.config
+    assert torch.equal(_sample(net, batch), _sample(loaded, batch))
+    with pytest.raises(PipelineError, match="no world model"):
+        load_world_model(tmp_path / "missing")
+
+
+def test_pretrained_unet_folder_widens_conv_in(tmp_path: Path) -> None:
+    """A local UNet saved with save_pretrained: conv_in widened to C*(K+1), the extra weights start at zero."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    pretrained = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8,
+    )
+    pretrained.save_pretrained(tmp_path / "unet")
+    wm = parse_params(micro_params_dict(world_model={"pretrained_unet": str(tmp_path / "unet"), "context": 3})).world_model
+    net = ActionConditionedUNet.from_params(wm, 4, (8, 8), num_actions=5)
+    weight = net.unet.conv_in.weight
+    assert weight.shape[1] == 4 * (3 + 1)
+    assert torch.equal(weight[:, :4], pretrained.conv_in.weight)
+    assert torch.count_nonzero(weight[:, 4:]) == 0
+    assert net.config.cross_attention_dim == 24  # the action tokens take the pretrained width
+
+    # at the start the context is ignored and the model is the pretrained UNet, whatever the bucket
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    actions = torch.tensor([[1, 2, 3], [4, 0, 1]])
+    with torch.no_grad():
+        ours = net(x, t, torch.randn(2, 3, 4, 8, 8), actions, torch.tensor([0, 9]))
+        theirs = pretrained(x, t, encoder_hidden_states=net.action_tokens(actions)).sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+    wm_bad = parse_params(micro_params_dict(world_model={"pretrained_unet": str(tmp_path / "nothing")})).world_model
+    with pytest.raises(PipelineError, match="not a diffusers UNet folder"):
+        ActionConditionedUNet.from_params(wm_bad, 4, (8, 8), num_actions=5)
+
+
+def test_bad_model_params_name_the_key() -> None:
+    wm = parse_params(micro_params_dict(world_model={"block_out_channels": [16, 32, 64]})).world_model
+    with pytest.raises(ParamsError, match="world_model.down_block_types"):
+        ActionConditionedUNet.from_params(wm, 4, (8, 8), num_actions=5)
+    with pytest.raises(ParamsError, match="diffusion_checkpoint.optimizer"):
+        parse_params(micro_params_dict(diffusion_checkpoint={"optimizer": "sgd"}))
+
+
+def test_adafactor_option_trains(tmp_path: Path) -> None:
+    params = parse_params(micro_params_dict(diffusion_checkpoint={"optimizer": "adafactor", "steps": 3,
+                                                                  "log_every": 1, "ema_decay": 0.9}))
+    latents = write_synthetic_latents(tmp_path / "latents", len(params.environment.actions), shards=1, episodes=2)
+    result = train(params, latents, cache_root=tmp_path / "cache", live_dir=None)
+    assert result.steps == 3 and all(np.isfinite(loss) for _, loss in result.losses)
+
+
+def test_time_budget_fixes_the_step_count_once(tmp_path: Path) -> None:
+    """With train_minutes, the step count is planned after timing the first steps and kept on resume."""
+    from components.world_model_training import PLAN_AT, load_checkpoint
+
+    params = parse_params(micro_params_dict(diffusion_checkpoint={"train_minutes": 1e-4, "steps": 500,
+                                                                  "checkpoint_every": 1000}))
+    latents = write_synthetic_latents(tmp_path / "latents", len(params.environment.actions), shards=1, episodes=2)
+    first = train(params, latents, cache_root=tmp_path / "cache", live_dir=None)
+    assert first.planned_steps == first.steps == PLAN_AT  # the budget is spent: stop as soon as it is measured
+    (checkpoint,) = (tmp_path / "cache").glob("*/checkpoint.safetensors")
+    assert load_checkpoint(checkpoint)[0] == PLAN_AT and load_checkpoint(checkpoint)[-1] == PLAN_AT
+    again = train(params, latents, cache_root=tmp_path / "cache", live_dir=None)
+    assert again.resumed_from == again.steps == PLAN_AT
