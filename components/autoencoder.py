@@ -453,7 +453,7 @@ def train(
         took = time.monotonic() - started
         elapsed += took
         bar.update(int(elapsed) - bar.n)
-        bar.set_postfix(step=step, loss=f"{loss_value:.4f}", lr=f"{learning_rate * scale:.2e}")
+        bar.set_postfix(step=step, loss=f"{loss_value:.4f}", lr=f"{learning_rate * scale:.2e}", refresh=False)
         if elapsed >= next_eval:
             module.eval()
             point = {"seconds": round(elapsed, 1), "step": step, **evaluate()}  # type: ignore[misc]

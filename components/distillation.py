@@ -81,19 +81,6 @@ def one_step_coefficients(scheduler: Any, timestep: int) -> tuple[float, float]:
     return a_prev * a + s_prev * s, -a_prev * s + s_prev * a
 
 
-def velocity(net: ActionConditionedUNet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-             actions: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-    """``net(...)`` without its data-dependent action-range check, so ``torch.export`` can trace it.
-
-    Same computation as ``ActionConditionedUNet.forward``: target and context on channels, action plus
-    position embeddings as the cross-attention tokens, the noise bucket as class label.
-    """
-    batch = context.shape[0]
-    stacked = torch.cat([x, context.reshape(batch, -1, *context.shape[-2:])], dim=1)
-    tokens = net.action_embedding(actions) + net.position_embedding
-    return net.unet(stacked, t, encoder_hidden_states=tokens.to(stacked.dtype), class_labels=buckets).sample
-
-
 class OneStepStudent(nn.Module):
     """The distilled 1-step world model: ``(context_latents, context_actions) -> next_latent``.
 
@@ -147,7 +134,7 @@ class OneStepStudent(nn.Module):
         x = self.target_noise.unsqueeze(0).expand(batch, -1, -1, -1)
         t = torch.full_like(context_actions[:, 0], self.settings.timestep)
         buckets = torch.full_like(context_actions[:, 0], self.settings.noise_bucket)
-        v = velocity(self.net, x, t, self.noisy_context(context_latents), context_actions, buckets)
+        v = self.net(x, t, self.noisy_context(context_latents), context_actions, buckets)
         return self.settings.coef_x * x + self.settings.coef_v * v
 
     # ------------------------------------------------------------------ persistence

@@ -74,6 +74,8 @@ def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pa
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     dynamic_shapes = tuple({0: batch} for _ in example_inputs)
     module = module.eval()
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if "registration" not in noisy else logging.ERROR)
     try:
         with torch.no_grad():
             program = torch.onnx.export(

@@ -223,7 +223,7 @@ The full metric sets of both sides are in `promotion-log.jsonl` beside this file
 def append_log(path: Path, decision: Decision) -> None:
     """Append the decision to ``path`` (markdown) and to the ``.jsonl`` beside it (full record)."""
     verdict = "PROMOTED" if decision.promoted else "REJECTED"
-    lines = [f"\n## {decision.decided_at} {verdict}: {decision.source or 'challenger'}\n", "",
+    lines = [f"\n## {decision.decided_at} {verdict}: {decision.source or 'challenger'}", "",
              f"{decision.reason}.", "",
              "| metric | champion | challenger | delta | tolerance | ok |", "| --- | --- | --- | --- | --- | --- |"]
     for c in decision.comparisons:

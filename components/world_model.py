@@ -222,11 +222,17 @@ class ActionConditionedUNet(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def action_tokens(self, context_actions: torch.Tensor) -> torch.Tensor:
-        """[B, K] action ids -> [B, K, D] cross-attention tokens (action embedding + position embedding)."""
-        if context_actions.min() < 0 or context_actions.max() >= self.config.num_actions:
+        """[B, K] action ids -> [B, K, D] cross-attention tokens (action embedding + position embedding).
+
+        The range check is data-dependent, so it is skipped while ``torch.export`` traces the model (ONNX export).
+        """
+        if not torch.compiler.is_exporting() and not self._actions_in_range(context_actions):
             raise ValueError(f"action ids must be in [0, {self.config.num_actions}), got "
                              f"{context_actions.min().item()}..{context_actions.max().item()}")
         return self.action_embedding(context_actions) + self.position_embedding
+
+    def _actions_in_range(self, context_actions: torch.Tensor) -> bool:
+        return bool(context_actions.min() >= 0 and context_actions.max() < self.config.num_actions)
 
     def forward(self, noisy_target: torch.Tensor, timesteps: torch.Tensor, context_latents: torch.Tensor,
                 context_actions: torch.Tensor, noise_buckets: torch.Tensor) -> torch.Tensor:

@@ -166,3 +166,18 @@ def test_load_manifest_rejects_incomplete_folders(export: Path, tmp_path: Path) 
     (copy / contract.MANIFEST_FILE).write_text(json.dumps(data))
     with pytest.raises(ExportNotFoundError, match="missing fields"):
         load_manifest(copy)
+
+
+@pytest.mark.slow
+def test_dvc_pipeline_builds_a_valid_export(micro_pipeline: Path) -> None:
+    """`dvc repro` on the micro profile: the export passes its checks and records the dvc.lock hashes."""
+    export = micro_pipeline / "data" / "onnx_export"
+    manifest = load_manifest(export)
+    for name in ("data/distilled_model", "data/finetuned_vae", "data/validated_latents", "data/raw_trajectories"):
+        assert manifest["inputs"][name], name
+    assert manifest["contexts"]["frames_source"] == "raw_trajectories"
+    assert json.loads((micro_pipeline / "reports" / "onnx_export.json").read_text())["success"] is True
+    metrics = json.loads((micro_pipeline / "metrics" / "distilled_model.json").read_text())
+    assert {"student_psnr", "teacher_psnr", "student_vs_teacher_psnr"} <= set(metrics)
+    lock = yaml.safe_load((micro_pipeline / "dvc.lock").read_text())
+    assert {"distilled_model", "onnx_export"} <= set(lock["stages"])

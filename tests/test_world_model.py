@@ -28,8 +28,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("world_model")
     params = parse_params(micro_params_dict(diffusion_checkpoint=TRAIN))
     latents = write_synthetic_latents(root / "latents", len(params.environment.actions))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the test machine is shared; one thread is the fastest under contention
-    result = train(params, latents, cache_root=root / "cache", live_dir=root / "dvclive")
+    try:
+        result = train(params, latents, cache_root=root / "cache", live_dir=root / "dvclive")
+    finally:
+        torch.set_num_threads(threads)
     store = open_latents(latents, params.world_model.context, len(params.environment.actions))
     batch = WindowStream(store, params.world_model.context, "heldout", 0).read(list(range(8)))
     return {"root": root, "params": params, "result": result, "net": result.net, "batch": batch,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="rollout.gif", help="output GIF path")
 
 
-def recorded_sequence(game, args: argparse.Namespace):  # -> (context_latents, actions, real_frames, context_frames)
-    """Start latents [K,C,h,w], actions [K+T-1] from the first context row, real frames [T,H,W,3]."""
+def recorded_sequence(game: Any, args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(start latents [K,C,h,w], recorded actions from the first context row [K+T-1 or more], the real frames
+    that followed [T,H,W,3], the real context frames [K,H,W,3]) for ``game`` (a ``components.play.OnnxGame``)."""
     import numpy as np
 
     from components.errors import PipelineError
