@@ -233,7 +233,7 @@ def test_micro_dvc_repro_reaches_finetuned_vae(micro_repo: Path) -> None:
 
 def test_training_resumes_from_saved_state(tmp_path: Path) -> None:
     """train() saves weights, optimizer and counters; a second call with the same key continues, not restarts."""
-    from components.autoencoder import Budget, ResumableState, train
+    from components.training import Budget, ResumableState, train
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
@@ -258,7 +258,7 @@ def test_training_resumes_from_saved_state(tmp_path: Path) -> None:
 
 
 def test_budget_schedule_ends_with_the_budget() -> None:
-    from components.autoencoder import Budget
+    from components.training import Budget
 
     budget = Budget(minutes=1.0, max_steps=1000, warmup_steps=10)
     assert budget.lr_scale(0, 0.0) == pytest.approx(0.1, rel=0.05)  # warming up

@@ -32,6 +32,7 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     from components import autoencoder as aem
+    from components import training
     from components.atomic import atomic_write_json
     from components.errors import PipelineError
     from components.trajectory_store import TrajectoryStore
@@ -76,14 +77,14 @@ def main(args: argparse.Namespace) -> None:
             recon = vae.decode(posterior.sample()).sample
             return torch.nn.functional.mse_loss(recon, x) + p.kl_weight * aem.kl_divergence(posterior)
 
-        key = aem.fingerprint(p.model_dump(), frame_size, aem.inputs_fingerprint(store))
-        result = aem.train(
+        key = training.fingerprint(p.model_dump(), frame_size, training.inputs_fingerprint(store))
+        result = training.train(
             vae,
             list(vae.parameters()),
             loss_fn,
-            aem.Budget(p.train_minutes, p.max_steps, p.warmup_steps),
+            training.Budget(p.train_minutes, p.max_steps, p.warmup_steps),
             p.learning_rate,
-            aem.ResumableState(args.cache or None, key),
+            training.ResumableState(args.cache or None, key),
             evaluate=lambda: aem.reconstruction_metrics(ae, eval_frames),
             eval_every_s=p.eval_every_s,
         )

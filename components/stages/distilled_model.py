@@ -31,7 +31,8 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     from components.atomic import atomic_write_json
-    from components.autoencoder import Budget, ResumableState, fingerprint, inputs_fingerprint, load_autoencoder, train
+    from components.autoencoder import load_autoencoder
+    from components.training import Budget, ResumableState, fingerprint, inputs_fingerprint, train
     from components.distillation import (
         LatentWindows,
         OneStepStudent,

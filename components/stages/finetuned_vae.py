@@ -58,6 +58,7 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     from components import autoencoder as aem
+    from components import training
     from components.atomic import atomic_write_json
     from components.errors import PipelineError
     from components.trajectory_store import TrajectoryStore
@@ -104,15 +105,15 @@ def main(args: argparse.Namespace) -> None:
     log.info("base decoder on %s frames: PSNR %.2f dB, SSIM %.4f", eval_split, before["psnr"], before["ssim"])
     weights = Path(args.autoencoder) / aem.VAE_SUBFOLDER / "diffusion_pytorch_model.safetensors"
     weights_hash = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else ""
-    key = aem.fingerprint(p.model_dump(), base.config(), weights_hash, aem.inputs_fingerprint(trajectories),
+    key = training.fingerprint(p.model_dump(), base.config(), weights_hash, training.inputs_fingerprint(trajectories),
                           sorted(validated))
-    result = aem.train(
+    result = training.train(
         vae,
         trainable,
         loss_fn,
-        aem.Budget(p.train_minutes, p.max_steps, p.warmup_steps),
+        training.Budget(p.train_minutes, p.max_steps, p.warmup_steps),
         p.learning_rate,
-        aem.ResumableState(args.cache or None, key),
+        training.ResumableState(args.cache or None, key),
         evaluate=None,
     )
     vae.eval()
