@@ -8,8 +8,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -30,6 +32,22 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> 
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def micro_params_dict(**overrides: Any) -> dict[str, Any]:
+    """This checkout's params.yaml + the micro profile + ``overrides`` (nested sections merge)."""
+    from components.params import deep_merge, profile_params, read_yaml
+
+    return deep_merge(profile_params("micro", read_yaml(REPO_ROOT / "params.yaml")), overrides)
+
+
+def write_params(path: Path, raw: dict[str, Any]) -> Path:
+    """Validate ``raw`` (so a wrong override fails here, not in a subprocess) and write it to ``path``."""
+    from components.params import parse_params
+
+    parse_params(raw)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def project_files() -> list[str]:

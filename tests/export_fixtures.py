@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tests.conftest import REPO_ROOT, pipeline_env
+from tests.conftest import REPO_ROOT, micro_params_dict, pipeline_env
+from tests.conftest import write_params as write_params_file
 
 CONTEXT = 2
 EPISODES = (("train", 14), ("train", 12), ("heldout", 12), ("heldout", 11))
@@ -32,14 +33,7 @@ def synthetic_frames(length: int, height: int, width: int, seed: int) -> np.ndar
 
 def write_params(root: Path) -> Path:
     """The micro profile of this checkout's params.yaml, written to ``root/params.yaml``."""
-    from components.params import parse_params, profile_params, read_yaml
-
-    raw = profile_params("micro", read_yaml(REPO_ROOT / "params.yaml"))
-    raw["world_model"] = {**raw.get("world_model", {}), "context": CONTEXT}
-    parse_params(raw)
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return write_params_file(root / "params.yaml", micro_params_dict(world_model={"context": CONTEXT}))
 
 
 def build_upstream(root: Path) -> dict[str, Path]:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from components.autoencoder import (
     AutoencoderError,
@@ -19,7 +18,7 @@ from components.autoencoder import (
     load_pretrained_vae,
     padding_for,
 )
-from tests.conftest import REPO_ROOT, run
+from tests.conftest import micro_params_dict, run, write_params
 from tests.synthetic_trajectories import write_synthetic_trajectories
 
 
@@ -126,14 +125,7 @@ def test_from_pretrained_wrong_path_is_clear(tmp_path: Path) -> None:
 
 
 def micro_params(tmp_path: Path, **overrides: dict) -> Path:
-    from components.params import profile_params, read_yaml
-
-    raw = profile_params("micro", read_yaml(REPO_ROOT / "params.yaml"))
-    for section, values in overrides.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_params(tmp_path / "params.yaml", micro_params_dict(**overrides))
 
 
 @pytest.fixture(scope="module")

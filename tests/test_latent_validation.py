@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from components.errors import PipelineError
 from components.latent_validation import GateLimits, latent_statistics, validate_latents
 from components.trajectory_store import ShardWriter, TrajectoryStore
-from tests.conftest import REPO_ROOT
+from tests.conftest import micro_params_dict, write_params
 from tests.synthetic_trajectories import write_synthetic_trajectories
 
 K = 2
@@ -130,14 +129,7 @@ def test_too_short_episode_fails(tmp_path: Path) -> None:
 
 
 def _micro_params(tmp_path: Path, **overrides: dict) -> Path:
-    from components.params import profile_params, read_yaml
-
-    raw = profile_params("micro", read_yaml(REPO_ROOT / "params.yaml"))
-    for section, values in overrides.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_params(tmp_path / "params.yaml", micro_params_dict(**overrides))
 
 
 def _tiny_autoencoder(folder: Path, frame_size: tuple[int, int]) -> None:

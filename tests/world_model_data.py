@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from components.params import deep_merge, parse_params, profile_params, read_yaml
 from components.trajectory_store import ShardWriter
+from tests.conftest import micro_params_dict, write_params  # noqa: F401  (used by the world-model tests)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LATENT_SHAPE = (4, 8, 8)
 
 
@@ -69,18 +67,6 @@ def write_synthetic_latents(root: Path, num_actions: int, shards: int = 2, episo
                 split = "heldout" if episode >= episodes - heldout else "train"
                 writer.add_episode(synthetic_episode(rng, length, num_actions), split=split)
     return root
-
-
-def micro_params_dict(**overrides: Any) -> dict[str, Any]:
-    """params.yaml + the micro profile + ``overrides`` (nested sections merge)."""
-    merged = profile_params("micro", read_yaml(REPO_ROOT / "params.yaml"))
-    return deep_merge(merged, overrides)
-
-
-def write_params(path: Path, raw: dict[str, Any]) -> Path:
-    parse_params(raw)  # fail here, not in a subprocess, when a test's overrides are wrong
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def tiny_autoencoder(folder: Path, frame_size: tuple[int, int] = (24, 32)) -> Any:
