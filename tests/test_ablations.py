@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -126,14 +125,9 @@ def _pipeline_ready() -> str | None:
 
 
 @pytest.mark.skipif(_pipeline_ready() is not None, reason=str(_pipeline_ready()))
-def test_ablations_on_the_micro_pipeline(micro_pipeline: Path, tmp_path: Path) -> None:
-    """The real thing: two context lengths on the micro profile, as real DVC experiments.
-
-    It starts from a copy of the already-run micro pipeline, DVC cache included, so the baseline experiment is
-    restored from DVC's run-cache and only the context-length experiment recomputes its stages.
-    """
-    repo = tmp_path / "repo"
-    shutil.copytree(micro_pipeline, repo, symlinks=True)
+def test_ablations_on_the_micro_pipeline(tmp_path: Path) -> None:
+    """The real thing: two context lengths on the micro profile, full pipeline per experiment."""
+    repo = make_repo_copy(tmp_path / "repo")
     run([sys.executable, "-m", "components", "ablations", "--groups", "context"], repo, timeout=3000)
     names = [n for n in run(["dvc", "exp", "ls", "--name-only"], repo).stdout.split() if n.startswith("abl-")]
     assert len(names) >= 2
