@@ -5,8 +5,9 @@
 Builds the autoencoder from ``params.yaml`` (weights do not change the speed), pads as the pipeline does, and
 prints one JSON object:
 
-* ``encode_frames_per_s``: frames/s of ``FrameAutoencoder.encode`` at ``validated_latents.batch_size``
-  (what bounds the ``validated_latents`` stage);
+* ``encode_frames_per_s``: frames/s of ``FrameAutoencoder.encode`` (PyTorch) at ``validated_latents.batch_size``;
+* ``encode_onnxruntime_frames_per_s``: the same with the exported encoder run by ONNX Runtime, what the
+  ``validated_latents`` stage uses by default (``validated_latents.engine``), and the export time;
 * ``decode_frames_per_s``: the same for ``decode``;
 * ``finetune_step_ms``: one decoder fine-tune step (frozen encoder forward, decoder forward + backward,
   AdamW) at ``finetuned_vae.batch_size``; ``finetune_samples_per_s`` follows;
@@ -71,6 +72,19 @@ def main() -> None:
         encode_s = median_seconds(lambda: ae.encode(frames), args.repeats)
         decode_s = median_seconds(lambda: ae.decode(latents), args.repeats)
 
+    import tempfile
+
+    import numpy as np
+
+    from components.export import onnx_encoder
+
+    with tempfile.TemporaryDirectory() as scratch:
+        export_started = time.perf_counter()
+        ort_encode = onnx_encoder(ae, scratch, encode_batch, args.threads)
+        export_s = time.perf_counter() - export_started
+        pixels = np.ascontiguousarray(frames.numpy())
+        ort_encode_s = median_seconds(lambda: ort_encode(pixels), args.repeats)
+
     f = params.finetuned_vae
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
@@ -114,6 +128,9 @@ def main() -> None:
         "encode_batch": encode_batch,
         "encode_frames_per_s": round(encode_batch / encode_s[0], 1),
         "encode_frames_per_cpu_s": round(encode_batch / encode_s[1], 1),
+        "encode_onnxruntime_frames_per_s": round(encode_batch / ort_encode_s[0], 1),
+        "encode_onnxruntime_frames_per_cpu_s": round(encode_batch / ort_encode_s[1], 1),
+        "encoder_export_s": round(export_s, 1),
         "decode_frames_per_s": round(encode_batch / decode_s[0], 1),
         "finetune_batch": f.batch_size,
         "finetune_step_ms": round(1000 * finetune_s[0], 1),

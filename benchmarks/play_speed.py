@@ -6,9 +6,23 @@ and >= 2x the PyTorch 4-step teacher.
 
     python benchmarks/play_speed.py                 # the pipeline's own artifacts under data/
     python benchmarks/play_speed.py --untrained     # random weights with params.yaml's architecture (same speed)
+    python benchmarks/play_speed.py --export E --student S --teacher T --autoencoder A --params P
+
+The ONNX figures run the player's own code (``components.play``: same session options, uint8 conversion):
+
+* ``onnx_1step_sequential``: ``GameState.step``, world model then decoder, ``--threads`` intra-op threads each.
+* ``onnx_1step_pipelined``: ``GameState.advance`` as ``make play`` runs it: the world model predicts frame t+1
+  on the calling thread while frame t is decoded on another, each session with ``--threads // 2`` intra-op
+  threads (at least 1), and the decoder split so that both threads have about the same work
+  (``components/decoder_split.py``; ``decoder_split`` says where). Throughput is max(the two threads);
+  ``latency_ms_mean`` is from reading an action to the end of the decode of the frame it leads to.
+* ``onnx_1step_pipelined_whole_decoder``: the same without the split: max(world model, decoder).
 
 Speed depends on the architecture only, so ``--untrained`` measures the default profile without running the
-pipeline. On a shared machine the figures are inflated by other processes: compare them within one run.
+pipeline. The machine may be shared: every figure has its process CPU time beside the wall time, and
+``other_processes_cores`` is how many cores other processes used meanwhile (from /proc/stat). For the
+pipelined loop, the CPU time of each thread gives ``fps_if_idle_estimate`` = 1000 / max(thread CPU ms): the
+throughput if each thread had a core of its own.
 """
 
 from __future__ import annotations
@@ -26,22 +40,43 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def timed(step: Callable[[], None], frames: int, warmup: int) -> dict[str, float]:
+def busy_seconds() -> float | None:
+    """CPU seconds all processes have used (Linux /proc/stat), or None where there is no /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields[:8]]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def timed(step: Callable[[], Any], frames: int, warmup: int) -> dict[str, Any]:
+    """Wall and CPU time per call of ``step`` over ``frames`` calls, after ``warmup`` calls."""
     for _ in range(warmup):
         step()
     times = []
-    cpu_start = time.process_time()
+    busy_start, wall_start = busy_seconds(), time.perf_counter()
+    cpu_start, thread_start = time.process_time(), time.thread_time()
     for _ in range(frames):
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1000.0)
+    thread_cpu = (time.thread_time() - thread_start) * 1000.0 / frames
     cpu = (time.process_time() - cpu_start) * 1000.0 / frames
+    wall, busy_end = time.perf_counter() - wall_start, busy_seconds()
     mean = statistics.fmean(times)
-    # CPU time per frame: with --threads 1 it is what the wall time would be on an idle core, so it shows
-    # how much other processes on a shared machine inflated the wall-clock figures.
-    return {"ms_per_frame_mean": round(mean, 3), "ms_per_frame_median": round(statistics.median(times), 3),
-            "fps": round(1000.0 / mean, 1), "cpu_ms_per_frame": round(cpu, 3),
-            "fps_from_cpu_time": round(1000.0 / cpu, 1), "frames": frames}
+    result: dict[str, Any] = {
+        "ms_per_frame_mean": round(mean, 3), "ms_per_frame_median": round(statistics.median(times), 3),
+        "fps": round(1000.0 / mean, 1),
+        # CPU time of this process per frame: on one thread it is what the wall time would be on an idle core.
+        "cpu_ms_per_frame": round(cpu, 3), "fps_from_cpu_time": round(1000.0 / cpu, 1),
+        "cpu_ms_per_frame_calling_thread": round(thread_cpu, 3), "frames": frames,
+    }
+    if busy_start is not None and busy_end is not None:
+        others = (busy_end - busy_start) - cpu * frames / 1000.0
+        result["other_processes_cores"] = round(max(0.0, others) / wall, 2)
+    return result
 
 
 def build_untrained(params: Any, folder: Path) -> dict[str, Path]:
@@ -78,9 +113,49 @@ def build_untrained(params: Any, folder: Path) -> dict[str, Path]:
     return paths
 
 
+def start_context(export: Path, K: int, C: int, h: int, w: int, H: int, W: int) -> tuple[Any, Any, Any]:
+    """(latents [K,C,h,w], actions [K], last frame [H,W,3]): the export's first held-out context if it ships
+    one, else random latents (speed does not depend on the values)."""
+    import numpy as np
+
+    contexts = export / "contexts.npz"
+    if contexts.is_file():
+        with np.load(contexts) as data:
+            return data["context_latents"][0], data["context_actions"][0], data["context_frames"][0][-1]
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((K, C, h, w)).astype(np.float32), np.zeros(K, np.int64),
+            np.zeros((H, W, 3), np.uint8))
+
+
+def pipelined_result(models: Any, latents: Any, context_actions: Any, frame: Any, actions: list[int],
+                     args: argparse.Namespace) -> dict[str, Any]:
+    """``timed`` figures of the player's pipelined loop (``GameState.advance``) on ``models``, with the
+    latency of each frame and the CPU time of each of its two threads."""
+    from components.play import GameState
+
+    state = GameState(models, latents, context_actions, frame)
+    decodings: list[Any] = []
+    counter = iter(actions * 4)
+    result = timed(lambda: decodings.append(state.advance(next(counter))), args.frames, args.warmup)
+    state.finish()
+    models.close()
+    # A frame's model_ms runs from reading its action to the end of its decode.
+    latency = [decoding.result().model_ms for decoding in decodings[args.warmup:]]
+    world_cpu = result["cpu_ms_per_frame_calling_thread"]  # world model (+ decoder head) on the calling thread
+    decode_cpu = result["cpu_ms_per_frame"] - world_cpu  # the rest: the decode thread
+    result.update(
+        threads_per_session=models.threads, latency_ms_mean=round(statistics.fmean(latency), 3),
+        cpu_ms_per_frame_world_model_thread=round(world_cpu, 3), cpu_ms_per_frame_decode_thread=round(decode_cpu, 3),
+        decoder_split=models.split,
+    )
+    if models.threads == 1:  # each session runs on its own thread only, so thread CPU time is its work
+        result["fps_if_idle_estimate"] = round(1000.0 / max(world_cpu, decode_cpu), 1)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="for the teacher's sampler settings and --untrained")
     parser.add_argument("--export", default="data/onnx_export")
     parser.add_argument("--student", default="data/distilled_model")
     parser.add_argument("--teacher", default="data/diffusion_checkpoint")
@@ -88,23 +163,20 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true", help="random weights with params.yaml's architecture")
     parser.add_argument("--frames", type=int, default=200, help="timed frames per model")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2, help="threads for ONNX Runtime and torch")
-    parser.add_argument("--spin", action="store_true", help="let ONNX Runtime threads busy-wait (the player does not)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="cores to use: intra-op threads per session (sequential) and for torch; the "
+                             "pipelined loop runs two sessions at once with threads // 2 (at least 1) each")
+    parser.add_argument("--onnx-only", action="store_true", help="skip the PyTorch models (quick, less CPU)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
 
     import numpy as np
     import onnxruntime as ort
-    import torch
 
-    from components.autoencoder import load_autoencoder
-    from components.distillation import load_student
     from components.params import load_params
-    from components.sampler import sample_next_latent
-    from components.world_model import load_world_model, make_scheduler
+    from components.play import GameState, OnnxModels, pipelined_threads
 
     params = load_params(args.params)
-    torch.set_num_threads(args.threads)
     scratch = tempfile.TemporaryDirectory()
     if args.untrained:
         paths = build_untrained(params, Path(scratch.name))
@@ -112,104 +184,108 @@ def main() -> None:
     else:
         paths = {"autoencoder": Path(args.autoencoder), "teacher": Path(args.teacher),
                  "student": Path(args.student), "export": Path(args.export)}
-        source = "pipeline artifacts under data/"
+        source = f"trained: {paths['export']}"
+    world_path, decoder_path = paths["export"] / "world_model.onnx", paths["export"] / "decoder.onnx"
+
+    sequential = OnnxModels(world_path, decoder_path, threads=args.threads)
+    inputs = sequential.world_model.get_inputs()[0].shape  # [B, K, C, h, w]
+    K, C, h, w = (int(d) for d in inputs[1:])
+    H, W = (int(d) for d in sequential.decoder.get_outputs()[0].shape[2:])
+    latents, context_actions, frame = start_context(paths["export"], K, C, h, w, H, W)
+    manifest = paths["export"] / "manifest.json"
+    num_actions = len(json.loads(manifest.read_text())["actions"] if manifest.is_file() else params.environment.actions)
+    actions = [i % num_actions for i in range(args.frames + args.warmup + 1)]
+
+    state = GameState(sequential, latents, context_actions, frame)
+    counter = iter(actions * 4)
+    latency: list[float] = []
+    results: dict[str, Any] = {"onnx_1step_sequential": timed(
+        lambda: (state.step(next(counter)), latency.append(state.model_ms)), args.frames, args.warmup)}
+    results["onnx_1step_sequential"].update(threads_per_session=args.threads,
+                                            latency_ms_mean=round(statistics.fmean(latency[args.warmup:]), 3))
+    sequential.close()
+
+    per_session = pipelined_threads(args.threads)
+    for name, balance in (("onnx_1step_pipelined", True), ("onnx_1step_pipelined_whole_decoder", False)):
+        results[name] = pipelined_result(OnnxModels(world_path, decoder_path, per_session, balance),
+                                         latents, context_actions, frame, actions, args)
+
+    report: dict[str, Any] = {
+        "models": source,
+        "frame_size_hw": [H, W],
+        "latent_shape": [C, h, w],
+        "context": K,
+        "threads": args.threads,
+        "results": results,
+    }
+    best = max(results[name]["fps"] for name in results)
+    targets = {"onnx_1step_fps_at_least_60": best >= 60.0}
+    if not args.onnx_only:
+        results.update(torch_results(params, paths, args, latents, context_actions))
+        teacher_fps = results["pytorch_teacher"]["fps"]
+        report["onnx_vs_teacher_speedup"] = {
+            "sequential": round(results["onnx_1step_sequential"]["fps"] / teacher_fps, 2),
+            "pipelined": round(results["onnx_1step_pipelined"]["fps"] / teacher_fps, 2),
+        }
+        targets["onnx_at_least_2x_teacher"] = best / teacher_fps >= 2.0
+        report["unet_parameters"] = results.pop("unet_parameters")
+    others = [r["other_processes_cores"] for r in results.values() if "other_processes_cores" in r]
+    report.update(
+        targets=targets,
+        # Wall-clock figures hold for an idle machine only if other processes used (almost) no CPU meanwhile.
+        machine_was_idle=bool(others) and max(others) < 0.1,
+        load_average_1min=round(os.getloadavg()[0], 2),
+        cpu_count=os.cpu_count(),
+        onnxruntime=ort.__version__,
+    )
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    scratch.cleanup()
+
+
+def torch_results(params: Any, paths: dict[str, Path], args: argparse.Namespace, latents: Any,
+                  context_actions: Any) -> dict[str, Any]:
+    """The PyTorch 1-step student and the 4-step teacher, each with its decode, at batch 1, autoregressive."""
+    import torch
+
+    from components.autoencoder import load_autoencoder
+    from components.distillation import load_student
+    from components.sampler import sample_next_latent
+    from components.world_model import load_world_model, make_scheduler
+
+    torch.set_num_threads(args.threads)
     autoencoder = load_autoencoder(paths["autoencoder"])
     teacher = load_world_model(paths["teacher"])
     student = load_student(paths["student"])
-    K, (C, h, w) = teacher.config.context, autoencoder.latent_shape
+    start = torch.tensor(latents, dtype=torch.float32)[None]
+    torch_actions = torch.tensor(context_actions, dtype=torch.long)[None]
+    state = {"ctx": start.clone()}
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if args.spin else "0")  # as the player
-    world = ort.InferenceSession(str(paths["export"] / "world_model.onnx"), options, providers=["CPUExecutionProvider"])
-    decoder = ort.InferenceSession(str(paths["export"] / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
-
-    rng = np.random.default_rng(0)
-    start_context = rng.standard_normal((1, K, C, h, w)).astype(np.float32)
-    actions = np.zeros((1, K), np.int64)
-    state = {"ctx": start_context.copy()}
-
-    def onnx_step() -> None:
-        nxt = world.run(["next_latent"], {"context_latents": state["ctx"], "context_actions": actions})[0]
-        decoder.run(["frames"], {"latents": nxt})
-        state["ctx"] = np.concatenate([state["ctx"][:, 1:], nxt[:, None]], axis=1)
-
-    # Pipelined: the decoder turns frame t into pixels on one thread while the world model predicts frame
-    # t+1 on another (it needs only latents). Throughput is max(world model, decoder) instead of their sum,
-    # at the cost of one frame of latency. Each session then gets one intra-op thread.
-    from concurrent.futures import ThreadPoolExecutor
-
-    single = ort.SessionOptions()
-    single.intra_op_num_threads = 1
-    single.inter_op_num_threads = 1
-    single.add_session_config_entry("session.intra_op.allow_spinning", "1" if args.spin else "0")
-    world_1 = ort.InferenceSession(str(paths["export"] / "world_model.onnx"), single, providers=["CPUExecutionProvider"])
-    decoder_1 = ort.InferenceSession(str(paths["export"] / "decoder.onnx"), single, providers=["CPUExecutionProvider"])
-    pool = ThreadPoolExecutor(1)
-    pending: dict[str, Any] = {"future": None}
-
-    def onnx_pipelined_step() -> None:
-        nxt = world_1.run(["next_latent"], {"context_latents": state["ctx"], "context_actions": actions})[0]
-        if pending["future"] is not None:
-            pending["future"].result()  # frame t is ready to show
-        pending["future"] = pool.submit(decoder_1.run, ["frames"], {"latents": nxt})
-        state["ctx"] = np.concatenate([state["ctx"][:, 1:], nxt[:, None]], axis=1)
-
-    torch_state = {"ctx": torch.from_numpy(start_context.copy())}
-    torch_actions = torch.from_numpy(actions)
-
-    def torch_student_step() -> None:
+    def student_step() -> None:
         with torch.no_grad():
-            nxt = student(torch_state["ctx"], torch_actions)
+            nxt = student(state["ctx"], torch_actions)
             autoencoder.decode(nxt)
-            torch_state["ctx"] = torch.cat([torch_state["ctx"][:, 1:], nxt[:, None]], dim=1)
+            state["ctx"] = torch.cat([state["ctx"][:, 1:], nxt[:, None]], dim=1)
 
     scheduler = make_scheduler(teacher.config, "ddim")
     generator = torch.Generator().manual_seed(0)
     s = params.sampler
 
     def teacher_step() -> None:
-        nxt = sample_next_latent(teacher, scheduler, torch_state["ctx"], torch_actions, steps=s.steps, cfg=s.cfg,
+        nxt = sample_next_latent(teacher, scheduler, state["ctx"], torch_actions, steps=s.steps, cfg=s.cfg,
                                  context_noise_level=s.context_noise_level, generator=generator)
         with torch.no_grad():
             autoencoder.decode(nxt)
-        torch_state["ctx"] = torch.cat([torch_state["ctx"][:, 1:], nxt[:, None]], dim=1)
+        state["ctx"] = torch.cat([state["ctx"][:, 1:], nxt[:, None]], dim=1)
 
-    results = {"onnx_1step": timed(onnx_step, args.frames, args.warmup)}
-    state["ctx"] = start_context.copy()
-    if args.threads > 1:
-        results["onnx_1step_pipelined"] = timed(onnx_pipelined_step, args.frames, args.warmup)
-        pending["future"].result()
-    pool.shutdown()
-    torch_state["ctx"] = torch.from_numpy(start_context.copy())
-    results["pytorch_1step"] = timed(torch_student_step, args.frames, args.warmup)
-    torch_state["ctx"] = torch.from_numpy(start_context.copy())
+    results: dict[str, Any] = {"pytorch_1step": timed(student_step, args.frames, args.warmup)}
+    state["ctx"] = start.clone()
     results["pytorch_teacher"] = timed(teacher_step, max(args.frames // 4, 10), max(args.warmup // 4, 2))
-    results["pytorch_teacher"].update(steps=s.steps, cfg=s.cfg)
-    speedup = results["onnx_1step"]["fps"] / results["pytorch_teacher"]["fps"]
-    report = {
-        "models": source,
-        "frame_size_hw": list(autoencoder.frame_size),
-        "latent_shape": [C, h, w],
-        "context": K,
-        "threads": args.threads,
-        "ort_spinning": args.spin,
-        "unet_parameters": sum(p.numel() for p in teacher.parameters()),
-        "results": results,
-        "onnx_vs_teacher_speedup": round(speedup, 2),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "cpu_count": os.cpu_count(),
-        "targets": {"onnx_1step_fps_at_least_60": results["onnx_1step"]["fps"] >= 60.0,
-                    "onnx_at_least_2x_teacher": speedup >= 2.0},
-        "onnxruntime": ort.__version__,
-        "torch": torch.__version__,
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    scratch.cleanup()
+    results["pytorch_teacher"].update(steps=s.steps, cfg=s.cfg, torch=torch.__version__)
+    results["unet_parameters"] = sum(p.numel() for p in teacher.parameters())
+    return results
 
 
 if __name__ == "__main__":

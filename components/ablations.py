@@ -63,6 +63,14 @@ def _yaml_scalar(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "c.d=text"]`` -> ``{"a.b": 1, "c.d": "text"}`` (values read as YAML, as ``dvc exp run -S`` does)."""
+    import yaml
+
+    pairs = (item.split("=", 1) for item in items)
+    return {key.strip(): yaml.safe_load(value) for key, value in pairs}
+
+
 def plan(ablations: Any, baseline: Mapping[str, Any], groups: Iterable[str] = ("context", "noise", "data")) -> list[Experiment]:
     """The experiments to run. ``ablations`` is ``params.evaluation.ablations``; ``baseline`` the params dict
     (to know the current K and policy, which the baseline experiment already covers)."""
@@ -70,7 +78,7 @@ def plan(ablations: Any, baseline: Mapping[str, Any], groups: Iterable[str] = ("
     unknown = groups - {"context", "noise", "data"}
     if unknown:
         raise AblationError(f"unknown ablation groups {sorted(unknown)}; choose from context, noise, data")
-    common = dict(ablations.overrides)
+    common = parse_overrides(ablations.overrides)
     base_k = metric_value(baseline, ablations.context_key)
     base_policy = _lookup(baseline, ablations.data_key)
     experiments = [Experiment("base", common)]
@@ -251,8 +259,18 @@ def _rollout_steps(metrics: Mapping[str, Any], model: str) -> list[int]:
     return sorted(int(s) for s in shown)
 
 
-def write_results(path: Path, body: str, command: str, tag: str, profile: str) -> None:
-    """Write ``docs/results.md``: the command that made the tables, the date, and the tables."""
+def scale_note(overrides: Sequence[str]) -> str:
+    """The line that says at which scale the experiments ran (``evaluation.ablations.overrides``)."""
+    if not overrides:
+        return "Every experiment ran at the profile's own scale.\n\n"
+    values = ", ".join(f"`{item}`" for item in overrides)
+    return (f"**Scale**: every experiment ran with {values} (`evaluation.ablations.overrides`), far below the "
+            "profile's own training budgets, so differences of a few tenths of a dB are within noise.\n\n")
+
+
+def write_results(path: Path, body: str, command: str, tag: str, profile: str,
+                  overrides: Sequence[str] = ()) -> None:
+    """Write ``docs/results.md``: the command that made the tables, the date, the scale and the tables."""
     from components.atomic import atomic_write_text
 
     today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -263,6 +281,7 @@ def write_results(path: Path, body: str, command: str, tag: str, profile: str) -
         "`pooled` is the PSNR of the mean squared error over all windows, `mean` the mean per-frame PSNR with "
         "identical frames capped at 50 dB. Rerun with `make ablations`.\n\n"
     )
+    header += scale_note(overrides)
     if profile == "micro":
         header += MICRO_CAVEAT
     atomic_write_text(path, header + body)

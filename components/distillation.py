@@ -10,8 +10,12 @@ the simplest form of consistency/progressive distillation.
 * Two noise tensors are drawn once from ``distilled_model.noise_seed`` and frozen into the student as
   buffers: the initial target noise ``z`` ``[C, h, w]`` and the context noise ``e`` ``[K, C, h, w]``. Every
   sample of every batch uses the same ``z`` and ``e``, so the export is deterministic and parity-testable.
-* Target: ``y = teacher(ctx + level * e, actions, x_T = z)``: the teacher's full multi-step CFG sampling,
-  exactly as ``components.sampler.sample_next_latent`` computes it, but from the fixed noise.
+* Target: ``y = teacher(ctx + level * e', actions, x_T = z')``: the teacher's full multi-step CFG sampling,
+  exactly as ``components.sampler.sample_next_latent`` computes it. With ``teacher_noise: fresh`` (default)
+  ``z'`` and ``e'`` are new for every window, so the MSE-trained student learns ``E[y]``, the mean of the
+  teacher's samples: the best point prediction of them, and what PSNR scores. With ``teacher_noise: frozen``
+  ``z' = z`` and ``e' = e``: the student copies one sharp sample. Measured at the default profile (README
+  "Distillation"), the single sample scored below copy-last-latent on held-out PSNR and the mean above it.
 * Student: a copy of the teacher's network (same architecture, initialised from its weights) called once,
   at the first DDIM timestep ``T`` on ``z``, with the same noisy context and bucket, and *without* guidance
   (one UNet call); its velocity is turned into the one-step DDIM result ``c_x * z + c_v * v``.
@@ -195,17 +199,25 @@ def load_student(folder: str | Path) -> OneStepStudent:
 
 @torch.no_grad()
 def teacher_sample(teacher: ActionConditionedUNet, scheduler: Any, student: OneStepStudent,
-                   context_latents: torch.Tensor, context_actions: torch.Tensor) -> torch.Tensor:
-    """The teacher's multi-step CFG sample from the student's frozen noise: the distillation target.
+                   context_latents: torch.Tensor, context_actions: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The teacher's multi-step CFG sample: the distillation target.
 
-    Same loop as ``components.sampler.sample_next_latent`` (eta 0), with ``x_T = z`` and context noise ``e``.
+    Same loop as ``components.sampler.sample_next_latent`` (eta 0). Without ``generator`` it starts from the
+    student's frozen noise (``x_T = z``, context noise ``e``); with one, from new noise for every window.
     """
     s = student.settings
     batch = context_latents.shape[0]
-    context = student.noisy_context(context_latents)
+    if generator is None:
+        x = student.target_noise.unsqueeze(0).expand(batch, -1, -1, -1)
+        context = student.noisy_context(context_latents)
+    else:
+        x = torch.randn((batch, *student.target_noise.shape), generator=generator)
+        eps = torch.randn(context_latents.shape, generator=generator)
+        context = context_latents + s.context_noise_level * eps if s.context_noise_level > 0 else context_latents
     buckets = torch.full((batch,), s.noise_bucket, dtype=torch.long)
     scheduler.set_timesteps(s.teacher_steps)
-    x = student.target_noise.unsqueeze(0).expand(batch, -1, -1, -1) * scheduler.init_noise_sigma
+    x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         timesteps = torch.full((batch,), int(t), dtype=torch.long)
         v = guided_velocity(teacher, x, timesteps, context, context_actions, buckets, s.cfg)
@@ -287,8 +299,10 @@ def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet
 
 
 def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, scheduler: Any,
-                      windows: LatentWindows, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
-    """MSE between the student's one-step latent and the teacher's multi-step CFG latent on a random batch."""
+                      windows: LatentWindows, batch_size: int, rng: np.random.Generator,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """MSE between the student's one-step latent and the teacher's multi-step CFG latent on a random batch;
+    ``generator`` draws fresh teacher noise (``teacher_noise: fresh``), None uses the student's frozen noise."""
     context, actions, _ = windows.random_batch(batch_size, rng)
-    target = teacher_sample(teacher, scheduler, student, context, actions)
+    target = teacher_sample(teacher, scheduler, student, context, actions, generator)
     return torch.mean((student(context, actions) - target) ** 2)

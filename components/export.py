@@ -109,6 +109,34 @@ def ort_session(path: str | Path, threads: int = 2) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def onnx_encoder(autoencoder: Any, folder: str | Path, max_batch: int, threads: int = 0,
+                 check_frames: np.ndarray | None = None, tolerance: float = 1e-3) -> Any:
+    """Export ``autoencoder``'s encoder (the graph ``onnx_export`` ships) into ``folder`` and return a function
+    frames float32 [B,3,H,W] in [0,1] -> scaled latents [B,C,h,w] run by ONNX Runtime (``threads`` 0 = one per core).
+
+    With ``check_frames`` the graph is first compared with PyTorch on them; a max abs difference above
+    ``tolerance`` raises ``ExportError``.
+    """
+    from components.export_contract import ENCODER_FILE
+
+    frame_size = tuple(autoencoder.frame_size)
+    example = torch.rand(min(2, max_batch), 3, *frame_size)
+    path = export_graph(EncoderGraph(autoencoder), (example,), Path(folder) / ENCODER_FILE, ENCODER_FILE,
+                        max_batch=max(max_batch, 2))
+    session = ort_session(path, threads)
+    if check_frames is not None:
+        report = parity(EncoderGraph(autoencoder), session, {"frames": np.ascontiguousarray(check_frames, np.float32)})
+        if report["max_abs_diff"] > tolerance:
+            raise ExportError(f"encoder: ONNX Runtime differs from PyTorch by {report['max_abs_diff']:.2e} "
+                              f"(tolerance {tolerance:g}); use validated_latents.engine: torch")
+        log.info("ONNX encoder matches PyTorch: max abs diff %.2e", report["max_abs_diff"])
+
+    def encode(frames: np.ndarray) -> np.ndarray:
+        return session.run(["latents"], {"frames": np.ascontiguousarray(frames, np.float32)})[0]
+
+    return encode
+
+
 @torch.no_grad()
 def parity(module: nn.Module, session: Any, inputs: dict[str, np.ndarray], batch_size: int = 8) -> dict[str, float]:
     """Max and mean absolute difference between ONNX Runtime and PyTorch on ``inputs`` (same names as the graph)."""

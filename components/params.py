@@ -230,6 +230,13 @@ class ValidatedLatentsParams(Section):
     """
 
     batch_size: int = Field(64, gt=0, description="frames encoded per forward pass")
+    engine: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime",
+        description="onnxruntime: export the encoder once (the graph onnx_export ships) and encode with ONNX Runtime "
+        "(about 1.5x PyTorch on 2 CPU cores), checked against PyTorch first; torch: encode with PyTorch",
+    )
+    parity_tolerance: float = Field(1e-3, gt=0.0, description="max abs diff allowed between ONNX Runtime and PyTorch")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
     dtype: Literal["float16", "float32"] = Field("float16", description="stored dtype of the scaled latents")
     drop_short_episodes: bool = Field(
         True, description="leave out episodes shorter than K + 1 frames (counted in the report) instead of failing"
@@ -331,7 +338,7 @@ class SamplerParams(Section):
 
 class DistilledModelParams(Section):
     """Stage ``distilled_model`` (components/distillation.py): a 1-step student regressed onto the teacher's
-    multi-step CFG sample (``params.sampler``) from frozen noise. See README "Distillation"."""
+    multi-step CFG sample (``params.sampler``). See README "Distillation"."""
 
     minutes: float = Field(4.0, gt=0.0, description="training-time budget (the run also stops at max_steps)")
     max_steps: int = Field(5000, gt=0)  # paper (DMD): 1000 steps at batch 128
@@ -339,6 +346,12 @@ class DistilledModelParams(Section):
     learning_rate: float = Field(1e-4, gt=0.0)
     warmup_steps: int = Field(20, ge=0)
     noise_seed: int = Field(0, description="seed of the frozen target and context noise built into the student")
+    teacher_noise: Literal["fresh", "frozen"] = Field(
+        "fresh",
+        description="fresh: the teacher samples from new noise for every window, so the student learns the mean of "
+        "the teacher's samples (the MSE-optimal point prediction); frozen: the teacher samples from the student's "
+        "own noise, so the student copies one sample",
+    )
     eval_windows: int = Field(64, gt=0, description="held-out windows for the PSNR metrics")
     eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between held-out checks")
     seed: int = 0
@@ -364,7 +377,10 @@ class PlayParams(Section):
     fps: float = Field(
         20.0, ge=0.0, description="frame-rate cap (0 = as fast as the model runs); the paper plays at 20"
     )
-    threads: int = Field(2, gt=0, description="ONNX Runtime intra-op threads")
+    threads: int = Field(
+        2, gt=0, description="cores for the player: the world model and the decoder sessions get threads // 2 "
+        "intra-op threads each (at least 1)"
+    )
 
 
 class PromotionCriterionParams(Section):
@@ -404,10 +420,20 @@ class AblationsParams(Section):
     )
     data_key: str = "raw_trajectories.policy"
     data_policies: list[str] = Field(["agent", "random"], min_length=1)
-    overrides: dict[str, float | int | str | bool] = Field(
-        default_factory=dict, description="-S values applied to every ablation experiment (a smaller scale)"
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="'key=value' (dvc exp run -S syntax) applied to every ablation experiment: the smaller scale. A "
+        "list, so that a profile replaces it whole",
     )
     jobs: int = Field(1, gt=0, description="experiments run at once (dvc exp run --run-all -j)")
+
+    @field_validator("overrides")
+    @classmethod
+    def _key_value_pairs(cls, value: list[str]) -> list[str]:
+        bad = [item for item in value if "=" not in item or "." not in item.split("=", 1)[0]]
+        if bad:
+            raise ValueError("must be 'section.key=value' strings (as for dvc exp run -S)")
+        return value
 
     @field_validator("context_lengths")
     @classmethod

@@ -2,8 +2,14 @@
 
 ``gamengen play`` (or ``make play``) serves one page on 127.0.0.1 (``components/play_page/index.html``).
 The page sends the keys held down over a WebSocket; the server maps them to an action id, runs
-``world_model.onnx`` then ``decoder.onnx`` with ONNX Runtime, and pushes each new frame back as a binary
+``world_model.onnx`` and ``decoder.onnx`` with ONNX Runtime, and pushes each new frame back as a binary
 message. See README "Play".
+
+The server plays pipelined (``GameState.advance``): while frame t is decoded on one core, the world model
+predicts frame t+1 on the other, from the action read when that prediction starts, and each frame is sent as
+soon as it is decoded. A frame costs max(world model, decoder) instead of their sum. Its latency (action read
+to frame sent) stays world model + decoder under a frame-rate cap, and is up to one frame longer when the
+server runs as fast as it can (``--fps 0``). Sequential ``GameState.step`` gives the same frames.
 
 Wire protocol (``/ws``):
 
@@ -12,9 +18,11 @@ Wire protocol (``/ws``):
 * server -> page, JSON text once on connect: ``{"type": "hello", "width", "height", "actions", "fps"}``.
 * server -> page, binary per frame: a 16-byte little-endian header ``uint32 frame_index, uint16 width,
   uint16 height, float32 model_ms, uint16 action_id, uint16 context_index`` followed by ``height*width*3``
-  RGB bytes.
+  RGB bytes. ``action_id`` is the action that led to this frame (the first frame of a context: no-op);
+  ``model_ms`` the time from reading that action to the end of the frame's decode.
 
-Only numpy, onnxruntime and websockets are imported here.
+Only numpy, onnxruntime and websockets are imported here (and onnx, if installed, to split the decoder:
+``components/decoder_split.py``).
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ import struct
 import time
 from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -91,52 +100,129 @@ def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-class OnnxGame:
-    """The learned game, run from an export folder with ONNX Runtime.
+def session_options(threads: int) -> Any:
+    """ONNX Runtime options of the player's sessions, with ``threads`` intra-op threads each.
 
-    Stateless apart from the loaded sessions; per-player state lives in ``GameState`` so several
-    browser tabs can play at once.
+    Full graph optimisation (ORT's default, stated here: on the default export it makes the decoder about 20%
+    faster than basic, through NCHWc convolutions). No busy-waiting: on a CPU shared with the browser, spinning
+    threads slow every frame down (measured 5x with 2 threads on a loaded 2-core machine); when idle, it costs
+    little, and with one thread per session, as the pipelined player runs, there is no pool to spin.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def pipelined_threads(threads: int) -> int:
+    """Intra-op threads per session when ``threads`` cores are shared by the two sessions of the pipeline."""
+    return max(1, threads // 2)
+
+
+def load_session(source: Path | bytes, threads: int, name: str = "") -> Any:
+    """An ONNX Runtime CPU session for a file or a serialized model; ``ExportNotFoundError`` if it cannot load."""
+    import onnxruntime as ort
+
+    try:
+        model = str(source) if isinstance(source, Path) else source
+        return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise ExportNotFoundError(f"{name or source}: ONNX Runtime cannot load it ({error})") from None
+
+
+def cpu_ms(run: Any, repeats: int = 7) -> float:
+    """Least CPU time of ``run()`` on this thread over ``repeats`` calls, in ms, after one warm-up call. With
+    one intra-op thread ONNX Runtime computes on the calling thread, so this is the work itself, and the least
+    of several is the least disturbed by other processes."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.thread_time()
+        run()
+        times.append(time.thread_time() - start)
+    return min(times) * 1000.0
+
+
+class OnnxModels:
+    """``world_model.onnx`` and ``decoder.onnx`` with ONNX Runtime, and a thread for pipelined decoding.
+
+    ONNX Runtime releases the GIL while it runs, so a decode on ``decode_pool`` and a prediction on the
+    calling thread use two cores at once (``GameState.advance``). Sessions are safe to run concurrently, so
+    several players (browser tabs) share one ``OnnxModels``.
+
+    ``balance=True`` (the pipelined player) splits the decoder into a head, run on the calling thread right
+    after the world model, and a tail, run on the decode thread, so that world model + head is about the
+    tail: see ``components/decoder_split.py``. ``split`` says what was done and why. Decoding is head then
+    tail on every path, so sequential and pipelined play give the same frames.
     """
 
-    def __init__(self, folder: str | Path, threads: int = 2) -> None:
-        import onnxruntime as ort
+    def __init__(self, world_model_path: str | Path, decoder_path: str | Path, threads: int = 2,
+                 balance: bool = False) -> None:
+        self.threads = threads
+        self.world_model = load_session(Path(world_model_path), threads)
+        self.decoder = load_session(Path(decoder_path), threads)
+        self.decoder_head: Any = None  # the split decoder's two sessions (balance=True), else None
+        self.decoder_tail: Any = None
+        self._cut = ""
+        self.split: dict[str, Any] = {"cut": None, "reason": "not asked (balance=False)"}
+        if balance:
+            self.split = self._balance(Path(decoder_path))
+        self._decode_pool: ThreadPoolExecutor | None = None
 
-        self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # No busy-waiting: on a CPU shared with the browser, spinning threads slow every frame down (measured
-        # 5x with 2 threads on a loaded 2-core machine); when idle, it costs little.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    def _balance(self, decoder_path: Path) -> dict[str, Any]:
+        """Split the decoder so that world model + head takes about as long as the tail; return what was done."""
+        batch_of_one = [1 if not isinstance(d, int) else d for d in self.world_model.get_inputs()[0].shape]
+        context = np.random.default_rng(0).standard_normal(batch_of_one).astype(np.float32)
+        actions = np.zeros(batch_of_one[:2], np.int64)
+        latents = self.predict(context, actions)
+        world_ms = cpu_ms(lambda: self.predict(context, actions))
+        decoder_ms = cpu_ms(lambda: self.decoder.run(["frames"], {"latents": latents}))
+        timing = {"world_model_cpu_ms": round(world_ms, 2), "decoder_cpu_ms": round(decoder_ms, 2)}
+        if decoder_ms <= world_ms:
+            return {"cut": None, "reason": "the world model is the slower stage", **timing}
+        return {**self.split_decoder(decoder_path, (decoder_ms - world_ms) / (2 * decoder_ms)), **timing}
 
-        def session(name: str) -> Any:
-            try:
-                return ort.InferenceSession(str(self.folder / name), options, providers=["CPUExecutionProvider"])
-            except Exception as error:  # onnxruntime raises its own exception types
-                raise ExportNotFoundError(f"{self.folder / name}: ONNX Runtime cannot load it ({error})") from None
+    def split_decoder(self, decoder_path: str | Path, head_share: float) -> dict[str, Any]:
+        """Run the decoder as head then tail from now on, the head holding about ``head_share`` of its work
+        (``components/decoder_split.py``), if a cut exists and gives the whole decoder's output."""
+        try:
+            from components import decoder_split
 
-        self.world_model = session(WORLD_MODEL_FILE)
-        self.decoder = session(DECODER_FILE)
-        self._session = session
-        self._encoder: Any = None
-        with np.load(self.folder / CONTEXTS_FILE) as data:
-            self.contexts = {name: data[name] for name in data.files}
-        self.K = int(self.manifest["K"])
-        self.actions: list[dict[str, Any]] = self.manifest["actions"]
-        if len(self.contexts["context_latents"]) == 0:
-            raise ExportNotFoundError(f"{self.folder / CONTEXTS_FILE}: holds no held-out contexts")
+            graph = decoder_split.load_graph(decoder_path)
+        except ImportError:
+            return {"cut": None, "reason": "the onnx package is not installed"}
+        choice = decoder_split.choose_cut(graph, head_share)
+        if choice is None:
+            return {"cut": None, "reason": "the decoder graph has no single-tensor cut"}
+        cut, share = choice
+        shape = [1 if not isinstance(d, int) else d for d in self.decoder.get_inputs()[0].shape]
+        latents = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        try:
+            head_model, tail_model = decoder_split.split(graph, cut)
+            head = load_session(head_model, self.threads, f"{decoder_path} (head)")
+            tail = load_session(tail_model, self.threads, f"{decoder_path} (tail)")
+            parts = tail.run(["frames"], {cut: head.run([cut], {"latents": latents})[0]})[0]
+        except Exception as error:  # an optimisation only: play the whole graph rather than fail
+            return {"cut": None, "reason": f"splitting at {cut} failed: {error}"}
+        whole = self.decoder.run(["frames"], {"latents": latents})[0]
+        difference = float(np.abs(whole - parts).max())
+        if difference > 1e-4:  # never expected: the parts hold the same nodes; then play the whole graph
+            return {"cut": None, "reason": f"head then tail differs from the decoder by {difference:g}"}
+        self.decoder_head, self.decoder_tail, self._cut = head, tail, cut
+        return {"cut": cut, "head_share_of_decoder_flops": round(share, 3), "max_abs_diff": difference}
 
     @property
-    def encoder(self) -> Any:
-        if self._encoder is None:
-            self._encoder = self._session(ENCODER_FILE)
-        return self._encoder
-
-    @property
-    def num_contexts(self) -> int:
-        return len(self.contexts["context_latents"])
+    def decode_pool(self) -> ThreadPoolExecutor:
+        """One thread that runs decodes in the order they were queued (so each player's frames stay in order)."""
+        if self._decode_pool is None:
+            self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-decode")
+        return self._decode_pool
 
     def predict(self, context_latents: np.ndarray, context_actions: np.ndarray) -> np.ndarray:
         """world_model.onnx: [B, K, C, h, w], [B, K] -> next latent [B, C, h, w]."""
@@ -148,10 +234,58 @@ class OnnxGame:
             },
         )[0]
 
+    def decode_head(self, latents: np.ndarray) -> np.ndarray:
+        """The first part of the split decoder (the latents themselves when it is not split)."""
+        latents = np.ascontiguousarray(latents, np.float32)
+        if self.decoder_head is None:
+            return latents
+        return self.decoder_head.run([self._cut], {"latents": latents})[0]
+
+    def decode_tail(self, hidden: np.ndarray) -> np.ndarray:
+        """The rest of the decoder (all of it when it is not split), then uint8 [B, H, W, 3]."""
+        if self.decoder_tail is None:
+            return to_uint8_frames(self.decoder.run(["frames"], {"latents": hidden})[0])
+        return to_uint8_frames(self.decoder_tail.run(["frames"], {self._cut: hidden})[0])
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """decoder.onnx, then uint8: [B, C, h, w] -> [B, H, W, 3]."""
-        frames = self.decoder.run(["frames"], {"latents": np.ascontiguousarray(latents, np.float32)})[0]
-        return to_uint8_frames(frames)
+        return self.decode_tail(self.decode_head(latents))
+
+    def close(self) -> None:
+        """Stop the decode thread (sessions are freed with the object)."""
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=True)
+            self._decode_pool = None
+
+
+class OnnxGame(OnnxModels):
+    """The learned game, run from an export folder with ONNX Runtime.
+
+    Stateless apart from the loaded sessions; per-player state lives in ``GameState`` so several
+    browser tabs can play at once. ``threads`` is the intra-op thread count of each session.
+    """
+
+    def __init__(self, folder: str | Path, threads: int = 2, balance: bool = False) -> None:
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder)
+        super().__init__(self.folder / WORLD_MODEL_FILE, self.folder / DECODER_FILE, threads, balance)
+        self._encoder: Any = None
+        with np.load(self.folder / CONTEXTS_FILE) as data:
+            self.contexts = {name: data[name] for name in data.files}
+        self.K = int(self.manifest["K"])
+        self.actions: list[dict[str, Any]] = self.manifest["actions"]
+        if len(self.contexts["context_latents"]) == 0:
+            raise ExportNotFoundError(f"{self.folder / CONTEXTS_FILE}: holds no held-out contexts")
+
+    @property
+    def encoder(self) -> Any:
+        if self._encoder is None:
+            self._encoder = load_session(self.folder / ENCODER_FILE, self.threads)
+        return self._encoder
+
+    @property
+    def num_contexts(self) -> int:
+        return len(self.contexts["context_latents"])
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """encoder.onnx on uint8 frames [B, H, W, 3] -> latents [B, C, h, w]."""
@@ -159,42 +293,129 @@ class OnnxGame:
         return self.encoder.run(["latents"], {"frames": pixels})[0]
 
     def new_state(self, context_index: int = 0) -> "GameState":
-        return GameState(self, context_index % self.num_contexts)
+        """A player starting from held-out context ``context_index`` (modulo the number shipped)."""
+        index = context_index % self.num_contexts
+        return GameState(
+            self,
+            self.contexts["context_latents"][index],
+            self.contexts["context_actions"][index],
+            self.contexts["context_frames"][index][-1],
+            index,
+        )
+
+
+class Prediction(NamedTuple):
+    """A latent predicted by the world model, not decoded yet."""
+
+    latent: np.ndarray  # [C, h, w]
+    action: int  # the action it was predicted from
+    started: float  # time.perf_counter() when that action was read and the prediction started
+
+
+class Frame(NamedTuple):
+    """A frame shown to the player, with what the wire protocol's header says about it."""
+
+    pixels: np.ndarray  # uint8 [H, W, 3]
+    index: int  # frames generated since the context (its last real frame is 0)
+    action: int  # the action that led to it
+    model_ms: float  # from reading that action to the end of the decode: the frame's latency
+    context_index: int
+
+
+def frame_message(frame: Frame) -> bytes:
+    """The binary frame message of the wire protocol (module docstring)."""
+    height, width = frame.pixels.shape[:2]
+    header = FRAME_HEADER.pack(frame.index, width, height, frame.model_ms, frame.action, frame.context_index)
+    return header + np.ascontiguousarray(frame.pixels).tobytes()
 
 
 class GameState:
-    """One player's rolling context: the last K latents and the K-1 actions before the current one."""
+    """One player's rolling context: the last K latents and the K-1 actions before the current one.
 
-    def __init__(self, game: OnnxGame, context_index: int) -> None:
-        self.game = game
+    Two ways to play, giving the same frames for the same actions:
+
+    * ``step(action)``: sequential. Predict the next latent from ``action``, decode it, return the frame
+      (uint8 [H, W, 3]). Time per frame: world model + decoder.
+    * ``advance(action)``: pipelined. Predict from ``action`` on this thread while the previous call's latent
+      decodes on ``models.decode_pool``; queue the new latent's decode, wait for the previous frame, and return
+      the new frame's future (a ``Frame``). Time per frame: max(world model, decoder) on two cores, or
+      max(world model + decoder head, decoder tail) with a split decoder (``OnnxModels``). A frame's
+      latency (``Frame.model_ms``) is world model + decoder when the caller waits between calls (a frame-rate
+      cap), and up to two frame times when it does not: one frame more than ``step``. ``finish()`` waits for
+      the last decode.
+
+    ``frame``, ``frame_index``, ``frame_action`` and ``model_ms`` describe the last frame decoded (``current``).
+    """
+
+    def __init__(self, models: OnnxModels, latents: np.ndarray, actions: np.ndarray, frame: np.ndarray,
+                 context_index: int = 0) -> None:
+        K = len(latents)
+        if len(actions) != K or K < 1:
+            raise ValueError(f"need K >= 1 context latents and K actions, got {len(latents)} and {len(actions)}")
+        self.models = models
         self.context_index = context_index
-        latents = game.contexts["context_latents"][context_index]
-        actions = game.contexts["context_actions"][context_index]
-        self.latents: deque[np.ndarray] = deque(latents, maxlen=game.K)
+        self.latents: deque[np.ndarray] = deque(np.asarray(latents, np.float32), maxlen=K)
         # The context's last action is the one being applied now: the player's replaces it.
-        self.actions: deque[int] = deque((int(a) for a in actions[:-1]), maxlen=game.K - 1)
-        self.frame = game.contexts["context_frames"][context_index][-1]
+        self.actions: deque[int] = deque((int(a) for a in actions[:-1]), maxlen=K - 1)
+        self.frame = frame
+        self.frame_action = int(actions[-2]) if K > 1 else 0  # the recorded action that led to the frame shown
         self.frame_index = 0
         self.model_ms = 0.0
+        self._decoding: Future[Frame] | None = None  # the decode started by the last advance()
+
+    @property
+    def current(self) -> Frame:
+        return Frame(self.frame, self.frame_index, self.frame_action, self.model_ms, self.context_index)
+
+    def predict(self, action: int) -> Prediction:
+        """Predict the latent that ``action`` leads to and push it (and the action) into the context."""
+        started = time.perf_counter()
+        context_latents = np.stack(self.latents)[None]
+        context_actions = np.array([[*self.actions, action]], np.int64)
+        latent = self.models.predict(context_latents, context_actions)[0]
+        self.latents.append(latent)
+        self.actions.append(int(action))
+        return Prediction(latent, int(action), started)
+
+    def show(self, prediction: Prediction, hidden: np.ndarray | None = None) -> Frame:
+        """Decode ``prediction`` (from ``hidden``, the decoder head's output, if given); it becomes the
+        current frame."""
+        if hidden is None:
+            hidden = self.models.decode_head(prediction.latent[None])
+        pixels = self.models.decode_tail(hidden)[0]
+        self.frame, self.frame_action = pixels, prediction.action
+        self.frame_index += 1
+        self.model_ms = (time.perf_counter() - prediction.started) * 1000.0
+        return self.current
 
     def step(self, action: int) -> np.ndarray:
         """Apply ``action`` to the current frame; return the next frame, uint8 [H, W, 3]."""
-        start = time.perf_counter()
-        context_latents = np.stack(self.latents)[None]
-        context_actions = np.array([[*self.actions, action]], np.int64)
-        latent = self.game.predict(context_latents, context_actions)[0]
-        self.frame = self.game.decode(latent[None])[0]
-        self.latents.append(latent)
-        self.actions.append(int(action))
-        self.frame_index += 1
-        self.model_ms = (time.perf_counter() - start) * 1000.0
-        return self.frame
+        self.finish()
+        return self.show(self.predict(action)).pixels
 
-    def message(self, action: int) -> bytes:
+    def advance(self, action: int) -> Future[Frame]:
+        """Pipelined step: predict from ``action`` (read now) while the previous frame decodes; queue this
+        prediction's decode and return its future once the previous frame is done. Frames complete in call
+        order (one decode thread), and a player is never more than one prediction ahead of its frames."""
+        previous = self._decoding
+        try:
+            prediction = self.predict(action)
+            hidden = self.models.decode_head(prediction.latent[None])  # this core, if the decoder is split
+            # Queued behind the previous decode, so the decode thread goes on without waiting for this one.
+            self._decoding = self.models.decode_pool.submit(self.show, prediction, hidden)
+        finally:
+            if previous is not None:
+                previous.result()
+        return self._decoding
+
+    def finish(self) -> Frame | None:
+        """Wait for the decode that the last ``advance`` started, if any; return its frame."""
+        decoding, self._decoding = self._decoding, None
+        return decoding.result() if decoding is not None else None
+
+    def message(self) -> bytes:
         """The binary frame message of the wire protocol for the current frame."""
-        height, width = self.frame.shape[:2]
-        header = FRAME_HEADER.pack(self.frame_index, width, height, self.model_ms, action, self.context_index)
-        return header + np.ascontiguousarray(self.frame).tobytes()
+        return frame_message(self.current)
 
 
 # --------------------------------------------------------------------------- server
@@ -250,7 +471,7 @@ class PlayServer:
             )
         )
         noop = action_for_buttons(set(), self.game.actions)
-        await websocket.send(state.message(noop))
+        await websocket.send(frame_message(state.current._replace(action=noop)))
 
         async def receive() -> None:
             try:
@@ -277,19 +498,30 @@ class PlayServer:
         receiver = asyncio.create_task(receive())
         period = 1.0 / self.fps if self.fps > 0 else 0.0
         deadline = time.perf_counter()
+        sending: asyncio.Task[None] | None = None
+
+        async def send_when_decoded(decoding: Future[Frame]) -> None:
+            await websocket.send(frame_message(await asyncio.wrap_future(decoding)))
+
         try:
             while not receiver.done():
+                # Pipelined (GameState.advance): the action read now starts the prediction of the next frame
+                # while the previous frame is decoded and sent; each frame is sent as soon as it is decoded.
                 action = action_for_keys(held | tapped, self.game.actions)
                 tapped.clear()
-                current = state
-                await asyncio.to_thread(current.step, action)
-                await websocket.send(current.message(action))
+                decoding = await asyncio.to_thread(state.advance, action)
+                if sending is not None:
+                    await sending  # frames go out in order; raises ConnectionClosed if the tab went away
+                sending = asyncio.create_task(send_when_decoded(decoding))
+                sending.add_done_callback(lambda task: task.cancelled() or task.exception())  # seen, not logged
                 deadline = max(deadline + period, time.perf_counter() - period)
                 await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
         except ConnectionClosed:  # the tab went away: this player's game ends, the server goes on
             pass
         finally:
             receiver.cancel()
+            if sending is not None:
+                sending.cancel()
 
     async def serve(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
         from websockets.asyncio.server import serve
@@ -318,10 +550,11 @@ def main(args: argparse.Namespace) -> None:
     from components.params import load_params
 
     settings = load_params(args.params).play
-    game = OnnxGame(args.export or settings.export_dir, threads=settings.threads)
+    # The pipelined loop runs two sessions at once: play.threads cores are split between them.
+    game = OnnxGame(args.export or settings.export_dir, threads=pipelined_threads(settings.threads), balance=True)
     server = PlayServer(game, settings.fps if args.fps is None else args.fps)
-    log.info("loaded %s: %d actions, K=%d, %d held-out contexts", game.folder, len(game.actions), game.K,
-             game.num_contexts)
+    log.info("loaded %s: %d actions, K=%d, %d held-out contexts; decoder split: %s", game.folder,
+             len(game.actions), game.K, game.num_contexts, game.split)
     try:
         asyncio.run(server.serve(args.host or settings.host, settings.port if args.port is None else args.port))
     except OSError as error:

@@ -125,7 +125,9 @@ def train(
     next_eval = (math.floor(elapsed / eval_every_s) + 1) * eval_every_s if evaluate else math.inf
     last_save = time.monotonic()
     loss_value = float("nan")
-    bar = tqdm(total=int(60 * budget.minutes), initial=int(elapsed), unit="s", desc="training", mininterval=2.0)
+    # The bar shows the share of the budget used, whichever of minutes and steps ends it.
+    bar = tqdm(total=100, initial=int(100 * min(1.0, budget.progress(step, elapsed))), unit="%", desc="training",
+               mininterval=2.0, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     module.train()
     while budget.progress(step, elapsed) < 1.0:
         started = time.monotonic()
@@ -142,7 +144,7 @@ def train(
         step += 1
         took = time.monotonic() - started
         elapsed += took
-        bar.update(int(elapsed) - bar.n)
+        bar.update(int(100 * min(1.0, budget.progress(step, elapsed))) - bar.n)
         bar.set_postfix(step=step, loss=f"{loss_value:.4f}", lr=f"{learning_rate * scale:.2e}", refresh=False)
         if elapsed >= next_eval:
             module.eval()

@@ -39,7 +39,7 @@ def test_plan_runs_each_distinct_setting_once() -> None:
     assert experiments[1].set_params() == ["world_model.context=1"]
     assert experiments[3].overrides == {"world_model.max_noise_level": 0.0, "sampler.context_noise_level": 0.0}
     assert experiments[1].name("20260101") == "abl-20260101-context-1"
-    only = ab.plan(SETTINGS.model_copy(update={"overrides": {"diffusion_checkpoint.steps": 10}}), baseline, ["context"])
+    only = ab.plan(SETTINGS.model_copy(update={"overrides": ["diffusion_checkpoint.steps=10"]}), baseline, ["context"])
     assert [e.label for e in only] == ["base", "context-1", "context-4"]
     assert all(e.overrides["diffusion_checkpoint.steps"] == 10 for e in only)
     with pytest.raises(ab.AblationError, match="unknown ablation groups"):

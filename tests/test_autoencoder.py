@@ -86,6 +86,20 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.decode(ae.encode(frames)), ae.decode(ae.encode(frames)))
 
 
+def test_onnx_encoder_matches_pytorch_and_refuses_a_mismatch(tmp_path: Path) -> None:
+    """validated_latents' onnxruntime engine: the exported encoder gives PyTorch's latents, checked before use."""
+    from components.export import ExportError, onnx_encoder
+
+    ae = FrameAutoencoder(tiny_vae(3), (60, 80), 0.37, latent_multiple=4).eval()
+    frames = torch.rand(5, 3, 60, 80, generator=torch.Generator().manual_seed(0)).numpy()
+    encode = onnx_encoder(ae, tmp_path / "ok", max_batch=8, threads=1, check_frames=frames[:2])
+    with torch.no_grad():
+        expected = ae.encode(torch.from_numpy(frames)).numpy()
+    np.testing.assert_allclose(encode(frames), expected, atol=1e-4)
+    with pytest.raises(ExportError, match="engine: torch"):
+        onnx_encoder(ae, tmp_path / "strict", max_batch=8, threads=1, check_frames=frames[:2], tolerance=1e-12)
+
+
 def test_load_autoencoder_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(AutoencoderError, match="no such autoencoder folder.*Run its DVC stage"):
         load_autoencoder(tmp_path / "missing")

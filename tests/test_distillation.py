@@ -93,6 +93,33 @@ def test_training_moves_the_student_towards_the_teacher(teacher: ActionCondition
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_fresh_teacher_noise_draws_new_samples_around_the_frozen_one(teacher: ActionConditionedUNet) -> None:
+    """teacher_noise: fresh gives a new, reproducible sample per window; frozen always gives the same one."""
+    student = OneStepStudent.from_teacher(teacher, steps=2, cfg=1.5, context_noise_level=0.1, noise_seed=0)
+    scheduler = make_scheduler(teacher.config)
+    context, actions = batch(1)
+    frozen = teacher_sample(teacher, scheduler, student, context, actions)
+    first = teacher_sample(teacher, scheduler, student, context, actions, torch.Generator().manual_seed(1))
+    again = teacher_sample(teacher, scheduler, student, context, actions, torch.Generator().manual_seed(1))
+    other = teacher_sample(teacher, scheduler, student, context, actions, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first, other) and not torch.allclose(first, frozen)
+    torch.testing.assert_close(teacher_sample(teacher, scheduler, student, context, actions), frozen)
+
+
+def test_fresh_noise_teaches_the_mean_of_the_teachers_samples(teacher: ActionConditionedUNet) -> None:
+    """The MSE-optimal constant for fresh-noise targets is their mean, not the frozen-noise sample."""
+    student = OneStepStudent.from_teacher(teacher, steps=2, cfg=1.0, context_noise_level=0.0, noise_seed=0)
+    scheduler = make_scheduler(teacher.config)
+    context, actions = batch(1)
+    draws = torch.stack([teacher_sample(teacher, scheduler, student, context, actions,
+                                        torch.Generator().manual_seed(seed)) for seed in range(32)])
+    mean = draws.mean(0)
+    frozen = teacher_sample(teacher, scheduler, student, context, actions)
+    loss_of = lambda prediction: torch.mean((draws - prediction) ** 2).item()  # noqa: E731
+    assert loss_of(mean) < loss_of(frozen)
+
+
 def test_student_is_deterministic_and_batch_independent(teacher: ActionConditionedUNet) -> None:
     student = OneStepStudent.from_teacher(teacher, steps=4, cfg=1.5, context_noise_level=0.1, noise_seed=3)
     context, actions = batch(3)

@@ -49,6 +49,10 @@ def test_default_params_load() -> None:
         ("raw_trajectories.shards", [0, 0], "raw_trajectories.shards: must be distinct"),
         ("environment.resolution", [8, 6], "environment.resolution: must be (width, height)"),
         ("environment.typo_key", 1, "environment.typo_key: unknown key"),
+        ("evaluation.ablations.overrides", ["steps=5"], "evaluation.ablations.overrides: must be "
+         "'section.key=value' strings"),
+        ("distilled_model.teacher_noise", "random", "distilled_model.teacher_noise: must be one of 'fresh' or 'frozen'"),
+        ("validated_latents.engine", "tensorrt", "validated_latents.engine: must be one of 'onnxruntime' or 'torch'"),
     ],
 )
 def test_bad_value_names_key_and_rule(path: str, value: object, message: str) -> None:
@@ -83,6 +87,13 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_every_profile_validates(profile: str) -> None:
     params = parse_params(profile_params(profile, DEFAULT))
     assert params.profile == profile
+
+
+def test_profiles_replace_the_ablation_scale_whole() -> None:
+    """The default's small-scale ablation overrides must not leak into the micro or paper profile."""
+    assert parse_params(DEFAULT).evaluation.ablations.overrides
+    for profile in ("micro", "paper"):
+        assert parse_params(profile_params(profile, DEFAULT)).evaluation.ablations.overrides == []
 
 
 def test_paper_profile_is_paper_scale() -> None:

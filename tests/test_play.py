@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.play import action_for_keys
+from components.play import FRAME_HEADER, OnnxGame, action_for_keys, frame_message
 from tests.conftest import REPO_ROOT, pipeline_env
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -67,13 +67,16 @@ def test_player_runs_without_torch(export: Path) -> None:
     code = (
         "import sys, numpy as np\n"
         "from components.play import OnnxGame\n"
-        f"game = OnnxGame({str(export)!r})\n"
+        f"game = OnnxGame({str(export)!r}, threads=1, balance=True)\n"
         "state = game.new_state(0)\n"
         "frames = [state.frame] + [state.step(a) for a in (1, 1, 3, 9)]\n"
         "H, W = game.manifest['H'], game.manifest['W']\n"
         "assert all(f.shape == (H, W, 3) and f.dtype == np.uint8 for f in frames)\n"
         "assert all((a != b).any() for a, b in zip(frames, frames[1:]))\n"
         "assert len(state.latents) == game.K and state.frame_index == 4\n"
+        "piped = game.new_state(0)\n"
+        "last = [piped.advance(a) for a in (1, 1, 3, 9)][-1].result()\n"
+        "assert (last.pixels == state.frame).all() and last.index == 4\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'vizdoom'))\n"
         "assert not bad, bad\n"
         "print('ok')\n"
@@ -81,6 +84,74 @@ def test_player_runs_without_torch(export: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=pipeline_env(), capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+ROLLOUT_ACTIONS = [1, 1, 3, 9, 0, 4, 6, 2, 10, 5]
+
+
+def test_pipelined_play_gives_the_sequential_frames(export: Path) -> None:
+    """advance() (decode frame t while predicting t+1, on two threads) gives exactly the frames of step()."""
+    game = OnnxGame(export, threads=1)
+    try:
+        sequential, pipelined = game.new_state(0), game.new_state(0)
+        expected = [sequential.step(a) for a in ROLLOUT_ACTIONS]
+        decodings = [pipelined.advance(a) for a in ROLLOUT_ACTIONS]
+        frames = [decoding.result() for decoding in decodings]
+        assert pipelined.finish() is frames[-1] and pipelined.finish() is None
+    finally:
+        game.close()
+    assert all((a != b).any() for a, b in zip(expected, expected[1:])), "frames must change, or this proves nothing"
+    for index, (want, got) in enumerate(zip(expected, frames, strict=True)):
+        np.testing.assert_array_equal(got.pixels, want, err_msg=f"frame {index + 1}")
+        assert got.index == index + 1 and got.context_index == 0 and got.model_ms > 0
+    np.testing.assert_array_equal(np.stack(pipelined.latents), np.stack(sequential.latents))
+    assert list(pipelined.actions) == list(sequential.actions)
+    assert pipelined.frame_index == sequential.frame_index == len(ROLLOUT_ACTIONS)
+    np.testing.assert_array_equal(pipelined.frame, sequential.frame)
+
+
+def test_pipelined_prediction_uses_the_action_read_when_it_starts(export: Path) -> None:
+    """advance(a) predicts from a and the context before the call, before it returns; the frame it leads to
+    is labelled with a, in the frame and in the wire header."""
+    game = OnnxGame(export, threads=1)
+    try:
+        state = game.new_state(1)
+        context, previous = list(state.latents), list(state.actions)
+        for n, action in enumerate(ROLLOUT_ACTIONS):
+            decoding = state.advance(action)
+            # What the world model gives for the context before this call and the action passed to it.
+            latent = game.predict(np.stack(context)[None], np.array([[*previous, action]], np.int64))[0]
+            np.testing.assert_array_equal(state.latents[-1], latent)
+            assert state.actions[-1] == action
+            frame = decoding.result()
+            np.testing.assert_array_equal(frame.pixels, game.decode(latent[None])[0])
+            assert frame.action == action and frame.index == n + 1
+            header = FRAME_HEADER.unpack(frame_message(frame)[: FRAME_HEADER.size])
+            assert (header[0], header[4], header[5]) == (n + 1, action, 1)
+            context, previous = [*context[1:], latent], [*previous, action][1:]
+    finally:
+        game.close()
+
+
+def test_split_decoder_plays_the_same_game(export: Path) -> None:
+    """A decoder split into head (on the world model's thread) and tail gives the whole decoder's frames."""
+    whole, split = OnnxGame(export, threads=1), OnnxGame(export, threads=1)
+    try:
+        info = split.split_decoder(export / "decoder.onnx", 0.3)
+        assert info["cut"] and 0 < info["head_share_of_decoder_flops"] <= 0.5, info
+        assert split.decoder_head is not None and info["max_abs_diff"] <= 1e-4
+        reference, sequential, pipelined = whole.new_state(0), split.new_state(0), split.new_state(0)
+        expected = [reference.step(a) for a in ROLLOUT_ACTIONS]
+        stepped = [sequential.step(a) for a in ROLLOUT_ACTIONS]
+        advanced = [decoding.result().pixels for decoding in [pipelined.advance(a) for a in ROLLOUT_ACTIONS]]
+    finally:
+        whole.close()
+        split.close()
+    for want, got, piped in zip(expected, stepped, advanced, strict=True):
+        np.testing.assert_array_equal(piped, got)  # one split decoder: the same bits either way
+        assert np.abs(got.astype(np.int16) - want).max() <= 1  # float rounding may move a pixel by one level
+    # The decoder never feeds back: the world model's latents are exactly those of the whole-decoder game.
+    np.testing.assert_array_equal(np.stack(pipelined.latents), np.stack(reference.latents))
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty"])

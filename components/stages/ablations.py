@@ -50,5 +50,6 @@ def main(args: argparse.Namespace) -> None:
         raise ab.AblationError(f"no ablation experiments with metrics in {repo} (tag {tag}); run without --report-only")
     command = "python -m components " + " ".join(sys.argv[1:]) if "ablations" in sys.argv else "make ablations"
     body = ab.tables(chosen, settings)
-    ab.write_results(repo / args.output, body, command.strip(), tag, params.profile)
+    ab.write_results(repo / args.output, body, command.strip(), tag, params.profile,
+                     params.evaluation.ablations.overrides)
     print(body)

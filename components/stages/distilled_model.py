@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="data/distilled_model", help="output folder")
     parser.add_argument("--metrics", default="metrics/distilled_model.json", help="metrics file")
     parser.add_argument("--cache", default=".cache/distilled_model", help="resumable training state ('' = none)")
+
+
+def teacher_generator(settings: Any, step: int) -> Any:
+    """The teacher's noise for one step (``teacher_noise: fresh``): a function of (seed, step), so a resumed run
+    draws what an uninterrupted one would; None for ``frozen`` (the student's own noise)."""
+    import torch
+
+    if settings.teacher_noise == "frozen":
+        return None
+    return torch.Generator().manual_seed(settings.seed * 1_000_003 + step + 1)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -88,7 +99,8 @@ def main(args: argparse.Namespace) -> None:
     result = train(
         student,
         list(student.net.parameters()),
-        lambda step: distillation_loss(student, teacher, scheduler, training, settings.batch_size, rng),
+        lambda step: distillation_loss(student, teacher, scheduler, training, settings.batch_size, rng,
+                                       teacher_generator(settings, step)),
         Budget(settings.minutes, settings.max_steps, settings.warmup_steps),
         settings.learning_rate,
         state,
@@ -115,6 +127,7 @@ def main(args: argparse.Namespace) -> None:
         "teacher_steps": sampler.steps,
         "cfg": sampler.cfg,
         "context_noise_level": sampler.context_noise_level,
+        "teacher_noise": settings.teacher_noise,
     }
     student.save(args.out, extra={"metrics": metrics, "curve": result.curve})
     atomic_write_json(args.metrics, metrics)

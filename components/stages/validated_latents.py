@@ -4,6 +4,8 @@ For each trajectory shard ``data/raw_trajectories/shard-N`` it writes ``data/val
 (``ShardWriter(kind="latents")``) with arrays ``latents`` [N, C, h, w] (scaled, ``validated_latents.dtype``),
 ``actions`` int64 [N] and ``dones`` bool [N], and the same episodes (ids, split, metadata) in the same order.
 Episodes shorter than K + 1 frames are left out when ``drop_short_episodes`` is on (counted in the report).
+With ``engine: onnxruntime`` (default) the encoder is exported once, exactly as ``onnx_export`` ships it, checked
+against PyTorch on the first frames, and run by ONNX Runtime (about 1.5x PyTorch's speed on 2 CPU cores).
 
 Everything is written into a staging folder first. The Great Expectations suite then runs over the staged
 latents; only if every expectation passes is the folder moved to ``data/validated_latents``. The report
@@ -15,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
+from collections.abc import Callable
+from typing import Any
 
 from components.params import load_params
 
@@ -32,9 +37,35 @@ class LatentValidationError(Exception):
     """Raised inside the stage so the staged latents are discarded; re-raised as a PipelineError."""
 
 
+def to_unit_chw(frames: Any) -> Any:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1]."""
+    import numpy as np
+
+    return np.ascontiguousarray(frames.transpose(0, 3, 1, 2), np.float32) / np.float32(255.0)
+
+
+def make_encoder(ae: Any, settings: Any, trajectories: Any, scratch: str) -> Callable[[Any], Any]:
+    """frames float32 [B, 3, H, W] -> scaled latents, by ``settings.engine`` (ONNX Runtime checked against PyTorch
+    on the first frames, or PyTorch itself)."""
+    import torch
+
+    if settings.engine == "torch":
+        torch.set_num_threads(settings.threads or torch.get_num_threads())
+
+        def encode(frames: Any) -> Any:
+            with torch.no_grad():
+                return ae.encode(torch.from_numpy(frames)).numpy()
+
+        return encode
+    from components.export import onnx_encoder
+
+    first = trajectories.shards[0].array("frames")[: min(8, settings.batch_size)]
+    return onnx_encoder(ae, scratch, settings.batch_size, settings.threads, to_unit_chw(first),
+                        settings.parity_tolerance)
+
+
 def main(args: argparse.Namespace) -> None:
     import numpy as np
-    import torch
     from tqdm import tqdm
 
     from components.atomic import atomic_directory, atomic_write_json
@@ -59,10 +90,11 @@ def main(args: argparse.Namespace) -> None:
     dropped: list[str] = []
     limits = GateLimits(context, len(params.environment.actions), p.channel_mean_limit, p.channel_std_min,
                         p.channel_std_max)
-    log.info("encoding %d frames of %d episodes to latents %s (%s)", total, len(trajectories.episodes),
-             ae.latent_shape, p.dtype)
+    log.info("encoding %d frames of %d episodes to latents %s (%s) with %s", total, len(trajectories.episodes),
+             ae.latent_shape, p.dtype, p.engine)
     try:
-        with atomic_directory(args.out) as staging:
+        with atomic_directory(args.out) as staging, tempfile.TemporaryDirectory(prefix="encoder-") as scratch:
+            encode = make_encoder(ae, p, trajectories, scratch)
             with tqdm(total=total, unit="frame", desc="encoding", mininterval=2.0) as bar:
                 for shard_index, path in enumerate(shard_paths(args.trajectories)):
                     attributes = {
@@ -85,9 +117,7 @@ def main(args: argparse.Namespace) -> None:
                             latents = np.empty((episode.length, *ae.latent_shape), dtype)
                             for start in range(0, episode.length, p.batch_size):
                                 chunk = np.array(arrays["frames"][start : start + p.batch_size])
-                                frames = torch.from_numpy(chunk).permute(0, 3, 1, 2).float().div_(255.0)
-                                with torch.no_grad():
-                                    latents[start : start + len(chunk)] = ae.encode(frames).numpy().astype(dtype)
+                                latents[start : start + len(chunk)] = encode(to_unit_chw(chunk)).astype(dtype)
                                 bar.update(len(chunk))
                             metadata = {k: v for k, v in episode.metadata.items() if k not in ("start", "length", "split")}
                             writer.add_episode(
