@@ -332,4 +332,5 @@ def measure_scaling_factor(ae: FrameAutoencoder, frames: torch.Tensor, batch_siz
 
 def kl_divergence(posterior: Any) -> torch.Tensor:
     """Mean KL of a diagonal Gaussian posterior to N(0, 1), per latent element."""
-    return 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+    mean, var, logvar = posterior.mean.float(), posterior.var.float(), posterior.logvar.float()
+    return 0.5 * (mean.pow(2) + var - 1.0 - logvar).mean()

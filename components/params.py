@@ -203,6 +203,9 @@ class AutoencoderParams(Section):
     learning_rate: float = Field(2e-3, gt=0.0)
     warmup_steps: int = Field(100, ge=0)
     kl_weight: float = Field(1e-6, ge=0.0)
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16 autocast for the training forward pass (weights and evaluation stay float32)"
+    )
     scaling_frames: int = Field(1024, gt=0, description="training frames used to measure the latent scaling factor")
     eval_frames: int = Field(256, gt=0, description="held-out frames for the PSNR curve and metrics")
     eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between PSNR-curve points")

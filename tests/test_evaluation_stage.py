@@ -19,7 +19,8 @@ from PIL import Image
 
 from components import evaluation as ev
 from components.trajectory_store import ShardWriter, TrajectoryStore
-from tests.conftest import pipeline_env
+from components.params import EvaluationParams
+from tests.conftest import REPO_ROOT, pipeline_env
 from tests.export_fixtures import build_tiny_export, write_params
 
 ROLLOUTS = [4, 8]
@@ -213,3 +214,14 @@ def test_promote_experiment_reads_a_temp_dvc_experiment(evaluated: Path, tmp_pat
     assert again.promoted and all(c.delta == pytest.approx(0.0, abs=1e-9) for c in again.comparisons)
     assert "DVC experiment retrain-1" in (repo / "docs/promotion-log.md").read_text()
     assert not (repo / "data").exists() and not list((repo / ".dvc/tmp").glob("promotion-*"))
+
+
+# --------------------------------------------------------------------------- what reruns the stage
+
+
+def test_stage_params_are_exactly_the_evaluation_fields_it_reads() -> None:
+    """Every evaluation field but promotion and ablations reruns the stage; editing those two does not."""
+    listed = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["evaluation"]["params"]
+    keys = {key.split(".", 1)[1] for key in listed if isinstance(key, str) and key.startswith("evaluation.")}
+    assert "evaluation" not in listed, "the whole section would rerun the stage on an ablation or promotion edit"
+    assert keys == set(EvaluationParams.model_fields) - {"promotion", "ablations"}

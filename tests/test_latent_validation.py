@@ -183,3 +183,23 @@ def test_stage_success_mirrors_episodes(tmp_path: Path) -> None:
     assert z.dtype == np.float16 and z.shape[1:] == (4, 12, 16)
     assert latents.shards[0].manifest["kind"] == "latents"
     np.testing.assert_array_equal(latents.shards[0].array("actions")[:8], source.shards[0].array("actions")[:8])
+
+
+def test_both_engines_publish_the_same_latents(tmp_path: Path) -> None:
+    """``validated_latents.engine``: ONNX Runtime (default) and PyTorch encode every frame alike."""
+    from components.stages import validated_latents
+
+    traj = write_synthetic_trajectories(tmp_path / "raw", [[(8, "train"), (6, "heldout")]], seed=3)
+    _tiny_autoencoder(tmp_path / "ae", (24, 32))
+    published = {}
+    for engine in ("onnxruntime", "torch"):
+        root = tmp_path / engine
+        root.mkdir()
+        params = _micro_params(root, validated_latents={"engine": engine})
+        args = _stage_args(root, params, traj)
+        args.autoencoder = str(tmp_path / "ae")
+        validated_latents.main(args)
+        published[engine] = TrajectoryStore(args.out).shards[0].array("latents").astype(np.float32)
+    assert published["torch"].shape == published["onnxruntime"].shape == (14, 4, 12, 16)
+    assert np.abs(published["torch"]).max() > 0.01  # real latents, not zeros
+    np.testing.assert_allclose(published["torch"], published["onnxruntime"], atol=2e-3, rtol=2e-3)

@@ -52,6 +52,7 @@ def test_default_params_load() -> None:
         ("evaluation.ablations.overrides", ["steps=5"], "evaluation.ablations.overrides: must be "
          "'section.key=value' strings"),
         ("distilled_model.teacher_noise", "random", "distilled_model.teacher_noise: must be one of 'fresh' or 'frozen'"),
+        ("autoencoder.mixed_precision", "fp16", "autoencoder.mixed_precision: must be one of 'no' or 'bf16'"),
         ("validated_latents.engine", "tensorrt", "validated_latents.engine: must be one of 'onnxruntime' or 'torch'"),
     ],
 )

@@ -70,12 +70,14 @@ def main(args: argparse.Namespace) -> None:
     result = None
     if not p.pretrained:
         rng = np.random.default_rng(p.seed)
+        autocast = torch.autocast(ae.device.type, dtype=torch.bfloat16, enabled=p.mixed_precision == "bf16")
 
         def loss_fn(step: int) -> torch.Tensor:
             x = ae.pad(train_frames.random_batch(p.batch_size, rng)).contiguous(memory_format=torch.channels_last)
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample()).sample
-            return torch.nn.functional.mse_loss(recon, x) + p.kl_weight * aem.kl_divergence(posterior)
+            with autocast:
+                posterior = vae.encode(x).latent_dist
+                recon = vae.decode(posterior.sample()).sample
+            return torch.nn.functional.mse_loss(recon.float(), x) + p.kl_weight * aem.kl_divergence(posterior)
 
         key = training.fingerprint(p.model_dump(), frame_size, training.inputs_fingerprint(store))
         result = training.train(
