@@ -11,7 +11,8 @@ prints one JSON object:
 * ``decode_frames_per_s``: the same for ``decode``;
 * ``finetune_step_ms``: one decoder fine-tune step (frozen encoder forward, decoder forward + backward,
   AdamW) at ``finetuned_vae.batch_size``; ``finetune_samples_per_s`` follows;
-* ``base_train_step_ms``: one ``base_autoencoder`` training step (MSE + KL) at ``autoencoder.batch_size``.
+* ``base_train_step_ms``: one ``base_autoencoder`` training step (MSE + KL) at ``autoencoder.batch_size`` with
+  ``autoencoder.mixed_precision``; ``base_train_step_ms_float32`` / ``_bf16`` give both settings.
 
 Medians over ``--repeats`` runs after one warm-up. Timings on a shared machine are inflated by contention;
 the ``*_per_cpu_s`` / ``*_cpu_ms`` figures use process CPU time instead, which contention inflates less (with
@@ -52,7 +53,7 @@ def main() -> None:
 
     import torch
 
-    from components.autoencoder import FrameAutoencoder, build_vae, kl_divergence, load_pretrained_vae
+    from components.autoencoder import FrameAutoencoder, build_vae, load_pretrained_vae, training_loss
     from components.params import load_params
 
     torch.set_num_threads(args.threads)
@@ -106,18 +107,15 @@ def main() -> None:
 
     vae.requires_grad_(True)
     base_optimizer = torch.optim.AdamW(vae.parameters(), lr=a.learning_rate)
-    base_batch = torch.rand(a.batch_size, 3, *frame_size)
+    base_x = ae.pad(torch.rand(a.batch_size, 3, *frame_size)).contiguous(memory_format=torch.channels_last)
 
-    def base_step() -> None:
-        x = ae.pad(base_batch).contiguous(memory_format=torch.channels_last)
-        posterior = vae.encode(x).latent_dist
-        loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample()).sample, x) + a.kl_weight * kl_divergence(
-            posterior)
+    def base_step(mixed_precision: str) -> None:
+        loss = training_loss(vae, base_x, a.kl_weight, mixed_precision)
         base_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         base_optimizer.step()
 
-    base_s = median_seconds(base_step, args.repeats)
+    base_s = {mode: median_seconds(lambda: base_step(mode), args.repeats) for mode in ("no", "bf16")}
     print(json.dumps({
         "profile": params.profile,
         "frame_size_hw": list(frame_size),
@@ -137,9 +135,12 @@ def main() -> None:
         "finetune_step_cpu_ms": round(1000 * finetune_s[1], 1),
         "finetune_samples_per_s": round(f.batch_size / finetune_s[0], 1),
         "base_train_batch": a.batch_size,
-        "base_train_step_ms": round(1000 * base_s[0], 1),
-        "base_train_step_cpu_ms": round(1000 * base_s[1], 1),
-        "base_train_samples_per_s": round(a.batch_size / base_s[0], 1),
+        "base_train_mixed_precision": a.mixed_precision,
+        "base_train_step_ms": round(1000 * base_s[a.mixed_precision][0], 1),
+        "base_train_step_cpu_ms": round(1000 * base_s[a.mixed_precision][1], 1),
+        "base_train_samples_per_s": round(a.batch_size / base_s[a.mixed_precision][0], 1),
+        "base_train_step_ms_float32": round(1000 * base_s["no"][0], 1),
+        "base_train_step_ms_bf16": round(1000 * base_s["bf16"][0], 1),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }, indent=2))
 

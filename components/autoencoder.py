@@ -330,6 +330,17 @@ def measure_scaling_factor(ae: FrameAutoencoder, frames: torch.Tensor, batch_siz
     return 1.0 / std
 
 
+def training_loss(vae: Any, x: torch.Tensor, kl_weight: float, mixed_precision: str = "no") -> torch.Tensor:
+    """``base_autoencoder``'s loss on a padded batch ``x`` in ``[-1, 1]``: MSE + ``kl_weight`` * KL.
+
+    ``mixed_precision="bf16"`` runs the forward pass under bf16 autocast; the loss itself is float32.
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+    return F.mse_loss(recon.float(), x) + kl_weight * kl_divergence(posterior)
+
+
 def kl_divergence(posterior: Any) -> torch.Tensor:
     """Mean KL of a diagonal Gaussian posterior to N(0, 1), per latent element."""
     mean, var, logvar = posterior.mean.float(), posterior.var.float(), posterior.logvar.float()

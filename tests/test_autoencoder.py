@@ -17,6 +17,7 @@ from components.autoencoder import (
     load_autoencoder,
     load_pretrained_vae,
     padding_for,
+    training_loss,
 )
 from tests.conftest import micro_params_dict, run, write_params
 from tests.synthetic_trajectories import write_synthetic_trajectories
@@ -67,6 +68,21 @@ def test_wrong_frame_size_is_refused() -> None:
     ae = FrameAutoencoder(tiny_vae(2), (24, 32), 1.0)
     with pytest.raises(ValueError, match="frames of size"):
         ae.encode(torch.rand(1, 3, 32, 32))
+
+
+def test_bf16_training_loss_matches_float32_and_trains() -> None:
+    """``autoencoder.mixed_precision: bf16``: the same loss to bf16 precision, float32 gradients on every weight."""
+    vae = tiny_vae(2)
+    x = torch.rand(4, 3, 24, 32) * 2 - 1
+    torch.manual_seed(1)
+    full = training_loss(vae, x, 1e-6, "no")
+    torch.manual_seed(1)
+    half = training_loss(vae, x, 1e-6, "bf16")
+    assert full.dtype == half.dtype == torch.float32
+    assert half.item() == pytest.approx(full.item(), rel=0.05) and half.item() != full.item()
+    half.backward()
+    grads = [p.grad for p in vae.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
 # --------------------------------------------------------------------------- save / load

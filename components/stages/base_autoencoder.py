@@ -2,7 +2,7 @@
 
 With ``autoencoder.pretrained`` (a local SD-style VAE folder) it loads that VAE and only measures the latent
 scaling factor. Otherwise (the default: no model hub here) it trains a small ``AutoencoderKL`` from config on
-training-split frames, MSE + KL, for ``autoencoder.train_minutes``, measuring held-out PSNR as it goes.
+training-split frames, MSE + KL (bf16 autocast with ``autoencoder.mixed_precision``), for ``autoencoder.train_minutes``, measuring held-out PSNR as it goes.
 
 Writes ``data/base_autoencoder/`` (a ``FrameAutoencoder`` folder), ``metrics/base_autoencoder.json`` and the
 PSNR-against-training-time curve ``plots/base_autoencoder/psnr_curve.json``. Resumable training state lives in
@@ -70,14 +70,10 @@ def main(args: argparse.Namespace) -> None:
     result = None
     if not p.pretrained:
         rng = np.random.default_rng(p.seed)
-        autocast = torch.autocast(ae.device.type, dtype=torch.bfloat16, enabled=p.mixed_precision == "bf16")
 
         def loss_fn(step: int) -> torch.Tensor:
             x = ae.pad(train_frames.random_batch(p.batch_size, rng)).contiguous(memory_format=torch.channels_last)
-            with autocast:
-                posterior = vae.encode(x).latent_dist
-                recon = vae.decode(posterior.sample()).sample
-            return torch.nn.functional.mse_loss(recon.float(), x) + p.kl_weight * aem.kl_divergence(posterior)
+            return aem.training_loss(vae, x, p.kl_weight, p.mixed_precision)
 
         key = training.fingerprint(p.model_dump(), frame_size, training.inputs_fingerprint(store))
         result = training.train(
