@@ -2,7 +2,8 @@
 
 With ``autoencoder.pretrained`` (a local SD-style VAE folder) it loads that VAE and only measures the latent
 scaling factor. Otherwise (the default: no model hub here) it trains a small ``AutoencoderKL`` from config on
-training-split frames, MSE + KL (bf16 autocast with ``autoencoder.mixed_precision``), for ``autoencoder.train_minutes``, measuring held-out PSNR as it goes.
+training-split frames, MSE + KL (bf16 autocast with ``autoencoder.mixed_precision``), for
+``autoencoder.train_minutes``, measuring held-out PSNR as it goes.
 
 Writes ``data/base_autoencoder/`` (a ``FrameAutoencoder`` folder), ``metrics/base_autoencoder.json`` and the
 PSNR-against-training-time curve ``plots/base_autoencoder/psnr_curve.json``. Resumable training state lives in
