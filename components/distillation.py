@@ -127,10 +127,10 @@ class OneStepStudent(nn.Module):
         student.net.requires_grad_(True)  # the teacher is usually frozen; its copy is what gets trained
         return student.train(False)
 
-    def noisy_context(self, context_latents: torch.Tensor) -> torch.Tensor:
-        """The context as the model sees it: ``ctx + level * e`` with the frozen ``e``."""
+    def noisy_context(self, context_latents: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """The context as the model sees it: ``ctx + level * e`` with the frozen ``e``, or with ``eps`` if given."""
         if self.settings.context_noise_level > 0:
-            return context_latents + self.settings.context_noise_level * self.context_eps
+            return context_latents + self.settings.context_noise_level * (self.context_eps if eps is None else eps)
         return context_latents
 
     def forward(self, context_latents: torch.Tensor, context_actions: torch.Tensor) -> torch.Tensor:
@@ -213,8 +213,7 @@ def teacher_sample(teacher: ActionConditionedUNet, scheduler: Any, student: OneS
         context = student.noisy_context(context_latents)
     else:
         x = torch.randn((batch, *student.target_noise.shape), generator=generator)
-        eps = torch.randn(context_latents.shape, generator=generator)
-        context = context_latents + s.context_noise_level * eps if s.context_noise_level > 0 else context_latents
+        context = student.noisy_context(context_latents, torch.randn(context_latents.shape, generator=generator))
     buckets = torch.full((batch,), s.noise_bucket, dtype=torch.long)
     scheduler.set_timesteps(s.teacher_steps)
     x = x * scheduler.init_noise_sigma
