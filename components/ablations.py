@@ -9,7 +9,9 @@ experiments already in the repo. The settings (``evaluation.ablations`` in param
 * noise augmentation on and off: on is the baseline, off applies ``noise_off`` (no context noise in
   training nor at inference);
 * agent versus random-policy data: ``raw_trajectories.policy`` in ``data_policies``;
-* ``overrides`` are applied to every experiment (e.g. fewer training steps, for "a small scale").
+* the action warp on and off (not in the paper): off applies ``warp_off``;
+* ``overrides`` are applied to every experiment (e.g. fewer training steps, for "a small scale");
+* with several ``seeds``, every setting runs once per seed, and the tables show the spread.
 
 Experiments that would be identical (K equal to the baseline's, noise on, the baseline's policy) are run once,
 as ``base``. The tables select experiments by the params they actually ran with, not by their names, and use
@@ -71,26 +73,42 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return {key.strip(): yaml.safe_load(value) for key, value in pairs}
 
 
-def plan(ablations: Any, baseline: Mapping[str, Any], groups: Iterable[str] = ("context", "noise", "data")) -> list[Experiment]:
+GROUPS = ("context", "noise", "data", "warp")
+SEED_MARK = "-seed"
+
+
+def plan(ablations: Any, baseline: Mapping[str, Any], groups: Iterable[str] = GROUPS) -> list[Experiment]:
     """The experiments to run. ``ablations`` is ``params.evaluation.ablations``; ``baseline`` the params dict
-    (to know the current K and policy, which the baseline experiment already covers)."""
+    (to know the current K and policy, which the baseline experiment already covers). With several
+    ``ablations.seeds``, every setting runs once per seed (``<label>-seed<N>``, each of ``seed_keys`` set to N)."""
     groups = set(groups)
-    unknown = groups - {"context", "noise", "data"}
+    unknown = groups - set(GROUPS)
     if unknown:
-        raise AblationError(f"unknown ablation groups {sorted(unknown)}; choose from context, noise, data")
+        raise AblationError(f"unknown ablation groups {sorted(unknown)}; choose from {', '.join(GROUPS)}")
     common = parse_overrides(ablations.overrides)
     base_k = metric_value(baseline, ablations.context_key)
     base_policy = _lookup(baseline, ablations.data_key)
-    experiments = [Experiment("base", common)]
+    settings = [("base", common)]
     if "context" in groups:
-        experiments += [Experiment(f"context-{k}", {**common, ablations.context_key: k})
-                        for k in ablations.context_lengths if k != base_k]
+        settings += [(f"context-{k}", {**common, ablations.context_key: k})
+                     for k in ablations.context_lengths if k != base_k]
     if "noise" in groups:
-        experiments.append(Experiment("noise-off", {**common, **ablations.noise_off}))
+        settings.append(("noise-off", {**common, **ablations.noise_off}))
     if "data" in groups:
-        experiments += [Experiment(f"data-{p}", {**common, ablations.data_key: p})
-                        for p in ablations.data_policies if p != base_policy]
-    return experiments
+        settings += [(f"data-{p}", {**common, ablations.data_key: p})
+                     for p in ablations.data_policies if p != base_policy]
+    if "warp" in groups:
+        settings.append(("warp-off", {**common, **ablations.warp_off}))
+    if len(ablations.seeds) == 1:
+        return [Experiment(label, overrides) for label, overrides in settings]
+    return [Experiment(f"{label}{SEED_MARK}{seed}", {**overrides, **{key: seed for key in ablations.seed_keys}})
+            for label, overrides in settings for seed in ablations.seeds]
+
+
+def setting_of(label: str) -> str:
+    """The setting an experiment label belongs to: ``context-2-seed1`` -> ``context-2``."""
+    head, mark, seed = label.rpartition(SEED_MARK)
+    return head if mark and seed.isdigit() else label
 
 
 def _lookup(tree: Mapping[str, Any], path: str) -> Any:
@@ -180,72 +198,125 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _stat(results: Sequence[Result], path: str, digits: int = 2) -> str:
+    """The value of ``path`` over the seeds of one setting: ``mean`` alone, or ``mean ± half the range``."""
+    values = [float(v) for v in (metric_value(r.metrics, path) for r in results) if isinstance(v, (int, float))]
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return _num(mean, digits)
+    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
 def _same(a: Any, b: Any) -> bool:
     return a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
 
 
 def tables(results: Sequence[Result], ablations: Any, model: str = "onnx") -> str:
-    """Markdown tables shaped like the paper's, from one tag's results.
+    """Markdown tables shaped like the paper's, from one tag's results; with several seeds per setting each cell
+    is the mean ± half the spread between seeds.
 
     * context length against next-frame PSNR (three views), the teacher's pooled PSNR, and LPIPS when measured;
     * rollout PSNR by step (pooled, dB), noise augmentation on and off;
-    * agent versus random-policy data: single-frame PSNR and PSNR at the end of each rollout.
+    * agent versus random-policy data: single-frame PSNR and PSNR at the end of each rollout;
+    * the action warp and residual targets on and off: PSNR, controllability and the rollout crossing.
     """
-    by_label = {r.label: r for r in results}
-    base = by_label.get("base")
-    if base is None:
+    settings: dict[str, list[Result]] = {}
+    for r in results:
+        settings.setdefault(setting_of(r.label), []).append(r)
+    base = settings.get("base")
+    if not base:
         raise AblationError("no 'base' ablation experiment among the results; run the ablations first")
-    key_k, key_data = ablations.context_key, ablations.data_key
-    noise_keys = list(ablations.noise_off)
+    varied = [ablations.context_key, ablations.data_key, *ablations.noise_off, *ablations.warp_off]
 
-    def varies_only(r: Result, key: str | None) -> bool:
-        keys = {key_k, key_data, *noise_keys} - ({key} if key else set())
-        return all(_same(_lookup(r.params, k), _lookup(base.params, k)) for k in keys)
+    def varying_only(key: str) -> list[list[Result]]:
+        return [g for g in settings.values()
+                if all(_same(_lookup(g[0].params, k), _lookup(base[0].params, k)) for k in varied if k != key)]
 
+    seeds = max(len(group) for group in settings.values())
     out: list[str] = []
-    tf = f"{model}.teacher_forced"
-    # context length
-    rows = sorted((r for r in results if varies_only(r, key_k)), key=lambda r: -(_lookup(r.params, key_k) or 0))
-    out += ["### Context length", "",
-            f"Next-frame PSNR (dB) on held-out play, {model} model; paper Table (context): 64 -> 22.36 ... 1 -> 20.94.", "",
-            "| context | PSNR pooled | PSNR mean (cap 50) | PSNR median | margin vs copy-last-latent | teacher PSNR pooled | LPIPS |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        m = r.metrics
-        out.append(
-            f"| {_lookup(r.params, key_k)} | {_num(metric_value(m, f'{tf}.psnr.model.pooled'))} | "
-            f"{_num(metric_value(m, f'{tf}.psnr.model.mean'))} | {_num(metric_value(m, f'{tf}.psnr.model.median'))} | "
-            f"{_num(metric_value(m, f'{tf}.margin_db.copy_last_latent.pooled'), 2)} | "
-            f"{_num(metric_value(m, 'teacher.teacher_forced.psnr.model.pooled'))} | "
-            f"{_num(metric_value(m, f'lpips.{model}'), 3)} |")
-    # noise augmentation
-    noise_rows = [r for r in results if varies_only(r, None) or r.label == "noise-off"]
-    noise_rows = [r for r in noise_rows if r.label in ("base", "noise-off")]
-    steps = _rollout_steps(base.metrics, model)
-    out += ["", "### Noise augmentation", "",
-            f"Autoregressive rollout PSNR (pooled, dB) by step, {model} model, driven by the recorded actions. "
-            "The paper shows this only as a plot: without noise augmentation quality drops after 10 to 20 frames.", "",
-            "| noise augmentation | " + " | ".join(f"step {s}" for s in steps) + " | crosses copy-last-latent at |",
-            "| --- | " + " | ".join("---" for _ in steps) + " | --- |"]
-    for r in sorted(noise_rows, key=lambda r: r.label != "base"):
-        longest = _longest_rollout(r.metrics, model)
-        values = [_num(metric_value(r.metrics, f"{model}.rollout.{longest}.psnr_at_step.{s}")) for s in steps]
-        cross = _lookup(r.metrics, f"{model}.rollout.{longest}.crossing_step.copy_last_latent")
-        out.append(f"| {'on' if r.label == 'base' else 'off'} | " + " | ".join(values) +
-                   f" | {cross if cross is not None else 'never'} |")
-    # data
-    data_rows = [r for r in results if varies_only(r, key_data)]
-    lengths = sorted(int(k) for k in (_lookup(base.metrics, f"{model}.rollout") or {}))
-    out += ["", "### Agent versus random-policy data", "",
-            "Paper: single frame 25.06 vs 24.42 dB; after 3 s of generation 19.02 vs 16.84 dB. Here each row is "
-            "scored on the held-out episodes of its own recording, so the two rows see different play.", "",
-            "| data | single-frame PSNR | " + " | ".join(f"PSNR at step {n}" for n in lengths) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in lengths) + " |"]
-    for r in sorted(data_rows, key=lambda r: str(_lookup(r.params, key_data))):
-        finals = [_num(metric_value(r.metrics, f"{model}.rollout.{n}.final_step_psnr.model")) for n in lengths]
-        out.append(f"| {_lookup(r.params, key_data)} | {_num(metric_value(r.metrics, f'{tf}.psnr.model.pooled'))} | "
-                   + " | ".join(finals) + " |")
+    if seeds > 1:
+        out += [f"Each setting ran with {seeds} seeds (`evaluation.ablations.seed_keys`); a cell is the mean ± half "
+                "the spread between them.", ""]
+    out += _context_table(varying_only(ablations.context_key), ablations.context_key, model)
+    out += _noise_table(settings, base, model)
+    out += _data_table(varying_only(ablations.data_key), ablations.data_key, base, model)
+    if settings.get("warp-off"):
+        out += _warp_table(settings, base, model)
     return "\n".join(out) + "\n"
+
+
+def _context_table(groups: list[list[Result]], key: str, model: str) -> list[str]:
+    tf = f"{model}.teacher_forced"
+    out = ["### Context length", "",
+           f"Next-frame PSNR (dB) on held-out play, {model} model; paper Table (context): 64 -> 22.36 ... 1 -> 20.94.",
+           "",
+           "| context | PSNR pooled | PSNR mean (cap 50) | PSNR median | margin vs copy-last-latent | teacher PSNR "
+           "pooled | LPIPS |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for g in sorted(groups, key=lambda g: -(_lookup(g[0].params, key) or 0)):
+        out.append(
+            f"| {_lookup(g[0].params, key)} | {_stat(g, f'{tf}.psnr.model.pooled')} | "
+            f"{_stat(g, f'{tf}.psnr.model.mean')} | {_stat(g, f'{tf}.psnr.model.median')} | "
+            f"{_stat(g, f'{tf}.margin_db.copy_last_latent.pooled')} | "
+            f"{_stat(g, 'teacher.teacher_forced.psnr.model.pooled')} | {_stat(g, f'lpips.{model}', 3)} |")
+    return out
+
+
+def _noise_table(settings: Mapping[str, list[Result]], base: list[Result], model: str) -> list[str]:
+    steps = _rollout_steps(base[0].metrics, model)
+    out = ["", "### Noise augmentation", "",
+           f"Autoregressive rollout PSNR (pooled, dB) by step, {model} model, driven by the recorded actions. "
+           "The paper shows this only as a plot: without noise augmentation quality drops after 10 to 20 frames.", "",
+           "| noise augmentation | " + " | ".join(f"step {s}" for s in steps) + " | crosses copy-last-latent at |",
+           "| --- | " + " | ".join("---" for _ in steps) + " | --- |"]
+    for label, on in (("base", "on"), ("noise-off", "off")):
+        group = settings.get(label)
+        if group:
+            longest = _longest_rollout(group[0].metrics, model)
+            values = [_stat(group, f"{model}.rollout.{longest}.psnr_at_step.{s}") for s in steps]
+            out.append(f"| {on} | " + " | ".join(values) + f" | {_crossings(group, model, longest)} |")
+    return out
+
+
+def _data_table(groups: list[list[Result]], key: str, base: list[Result], model: str) -> list[str]:
+    lengths = sorted(int(k) for k in (_lookup(base[0].metrics, f"{model}.rollout") or {}))
+    out = ["", "### Agent versus random-policy data", "",
+           "Paper: single frame 25.06 vs 24.42 dB; after 3 s of generation 19.02 vs 16.84 dB. Here each row is "
+           "scored on the held-out episodes of its own recording, so the two rows see different play.", "",
+           "| data | single-frame PSNR | " + " | ".join(f"PSNR at step {n}" for n in lengths) + " |",
+           "| --- | --- | " + " | ".join("---" for _ in lengths) + " |"]
+    for g in sorted(groups, key=lambda g: str(_lookup(g[0].params, key))):
+        finals = [_stat(g, f"{model}.rollout.{n}.final_step_psnr.model") for n in lengths]
+        out.append(f"| {_lookup(g[0].params, key)} | {_stat(g, f'{model}.teacher_forced.psnr.model.pooled')} | "
+                   + " | ".join(finals) + " |")
+    return out
+
+
+def _warp_table(settings: Mapping[str, list[Result]], base: list[Result], model: str) -> list[str]:
+    tf = f"{model}.teacher_forced"
+    longest = _longest_rollout(base[0].metrics, model)
+    out = ["", "### The action warp and residual targets", "",
+           "Not in the paper: `world_model.action_warp` feeds the UNet the last latent moved by the measured motion "
+           "of its action, and `predict_residual` diffuses the difference to it (README \"World model\"); off is the "
+           "paper's plain UNet.", "",
+           "| warp and residual | PSNR pooled | margin vs copy-last-latent | controllability turning | "
+           f"controllability moving | {longest}-step rollout crosses copy-last-latent at |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for label, on in (("base", "on"), ("warp-off", "off")):
+        g = settings[label]
+        out.append(f"| {on} | {_stat(g, f'{tf}.psnr.model.pooled')} | "
+                   f"{_stat(g, f'{tf}.margin_db.copy_last_latent.pooled')} | "
+                   f"{_stat(g, f'{tf}.controllability.turning.share')} | "
+                   f"{_stat(g, f'{tf}.controllability.moving.share')} | {_crossings(g, model, longest)} |")
+    return out
+
+
+def _crossings(group: Sequence[Result], model: str, steps: str) -> str:
+    """The crossing step of each seed's ``steps``-step rollout ("never" where it stays above copy-last-latent)."""
+    values = [_lookup(r.metrics, f"{model}.rollout.{steps}.crossing_step.copy_last_latent") for r in group]
+    return ", ".join("never" if v is None else str(v) for v in values)
 
 
 def _longest_rollout(metrics: Mapping[str, Any], model: str) -> str:

@@ -1,31 +1,33 @@
-"""One-step distillation of the diffusion world model (stage ``distilled_model``).
+"""The 1-step model (stage ``distilled_model``): the teacher's one-step sampler, then trained further.
 
-The teacher is the world model of ``diffusion_checkpoint`` sampled as the player would sample it
-(``params.sampler``): DDIM with ``steps`` steps, classifier-free guidance ``cfg`` on the past frames
-(``components.sampler.guided_velocity``) and context noise of std ``context_noise_level``.
+The teacher is the world model of ``diffusion_checkpoint`` sampled as ``params.sampler`` says: DDIM with
+``steps`` steps, classifier-free guidance ``cfg`` on the past frames (``components.sampler.guided_velocity``)
+and context noise of std ``context_noise_level``.
 
-Method (documented in README "Distillation"): *fixed-noise regression onto the teacher's sampler output*,
-the simplest form of consistency/progressive distillation.
+* Student: a copy of the teacher's network (same architecture, initialised from its weights) called once, at the
+  first DDIM timestep ``T``, on a noise tensor ``z`` [C,h,w] and with a context noise ``e`` [K,C,h,w] that are
+  drawn once from ``distilled_model.noise_seed`` and frozen into it as buffers, and *without* guidance (one UNet
+  call); its velocity becomes the one-step DDIM result ``c_x * z + c_v * v`` (plus the residual base, with
+  ``world_model.predict_residual``). At initialisation it is exactly the teacher's 1-step, guidance-free sample.
+  Every sample of every batch uses the same ``z`` and ``e``, so the export is deterministic and parity-testable.
+* Training (``distilled_model.target``), MSE on latents over training windows:
 
-* Two noise tensors are drawn once from ``distilled_model.noise_seed`` and frozen into the student as
-  buffers: the initial target noise ``z`` ``[C, h, w]`` and the context noise ``e`` ``[K, C, h, w]``. Every
-  sample of every batch uses the same ``z`` and ``e``, so the export is deterministic and parity-testable.
-* Target: ``y = teacher(ctx + level * e', actions, x_T = z')``: the teacher's full multi-step CFG sampling,
-  exactly as ``components.sampler.sample_next_latent`` computes it. With ``teacher_noise: fresh`` (default)
-  ``z'`` and ``e'`` are new for every window, so the MSE-trained student learns ``E[y]``, the mean of the
-  teacher's samples: the best point prediction of them, and what PSNR scores. With ``teacher_noise: frozen``
-  ``z' = z`` and ``e' = e``: the student copies one sharp sample. Measured at the default profile (README
-  "Distillation"), the single sample scored below copy-last-latent on held-out PSNR and the mean above it.
-* Student: a copy of the teacher's network (same architecture, initialised from its weights) called once,
-  at the first DDIM timestep ``T`` on ``z``, with the same noisy context and bucket, and *without* guidance
-  (one UNet call); its velocity is turned into the one-step DDIM result ``c_x * z + c_v * v``.
-  At initialisation this is exactly the teacher's 1-step, guidance-free sample; training teaches it the
-  4-step guided answer. Loss: MSE between student and teacher latents over training windows.
+  - ``data`` (default): the recorded next latent. At ``T`` the teacher's one-step answer is already its estimate
+    of the mean next latent; this regression keeps training exactly that, on ``rollout_steps`` steps of the
+    student's own rollout: after the first step its context ends with its own (detached) predictions, so it
+    learns to continue from what it made (DIAMOND trains on several autoregressive steps for the same reason).
+  - ``teacher``: *fixed-noise regression onto the teacher's sampler output*, the simplest form of
+    consistency/progressive distillation: ``y = teacher(ctx + level * e', actions, x_T = z')``, the teacher's
+    full multi-step CFG sampling as ``components.sampler.sample_next_latent`` computes it. With
+    ``teacher_noise: fresh`` ``z'`` and ``e'`` are new for every window, so the student learns ``E[y]``, the mean
+    of the teacher's samples; with ``frozen`` ``z' = z`` and ``e' = e``: it copies one sample.
+
+  README "Distillation" gives the measurements behind the default.
 * Guidance and the context noise are thereby baked into the student: it needs one UNet call per frame,
   against ``steps * 2`` for the teacher (two per step with guidance).
 
 The paper uses DMD/VSD (a fake-score network and a distribution-matching loss), which keeps sample
-diversity; this regression gives a deterministic model per context, which the metrics below measure.
+diversity; both regressions give a deterministic model per context, which the metrics below measure.
 
 Interface::
 
@@ -70,6 +72,8 @@ class StudentSettings:
     coef_x: float  # one-step DDIM: next = coef_x * z + coef_v * v
     coef_v: float
     noise_seed: int
+    target: str = "teacher"  # what the student was trained to match: the teacher's samples, or the data
+    rollout_steps: int = 1  # steps of its own rollout it trained on
 
 
 def one_step_coefficients(scheduler: Any, timestep: int) -> tuple[float, float]:
@@ -106,7 +110,7 @@ class OneStepStudent(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: ActionConditionedUNet, steps: int, cfg: float, context_noise_level: float,
-                     noise_seed: int) -> "OneStepStudent":
+                     noise_seed: int, target: str = "teacher", rollout_steps: int = 1) -> "OneStepStudent":
         """A student initialised from (a deep copy of) ``teacher``; the teacher itself is left untouched."""
         config = teacher.config
         scheduler = make_scheduler(config, "ddim")
@@ -121,7 +125,7 @@ class OneStepStudent(nn.Module):
         coef_x, coef_v = one_step_coefficients(scheduler, timestep)
         bucket = int(noise_bucket(context_noise_level, config.max_noise_level, config.noise_buckets).item())
         settings = StudentSettings(steps, float(cfg), float(context_noise_level), bucket, timestep, coef_x, coef_v,
-                                   int(noise_seed))
+                                   int(noise_seed), target, int(rollout_steps))
         target_noise, context_eps = fixed_noise(config, noise_seed)
         student = cls(copy.deepcopy(teacher), settings, target_noise, context_eps)
         student.net.requires_grad_(True)  # the teacher is usually frozen; its copy is what gets trained
@@ -138,8 +142,10 @@ class OneStepStudent(nn.Module):
         x = self.target_noise.unsqueeze(0).expand(batch, -1, -1, -1)
         t = torch.full_like(context_actions[:, 0], self.settings.timestep)
         buckets = torch.full_like(context_actions[:, 0], self.settings.noise_bucket)
-        v = self.net(x, t, self.noisy_context(context_latents), context_actions, buckets)
-        return self.settings.coef_x * x + self.settings.coef_v * v
+        context = self.noisy_context(context_latents)
+        v = self.net(x, t, context, context_actions, buckets)
+        residual = self.settings.coef_x * x + self.settings.coef_v * v
+        return self.net.from_residual(residual, self.net.residual_base(context, context_actions))
 
     # ------------------------------------------------------------------ persistence
 
@@ -221,7 +227,7 @@ def teacher_sample(teacher: ActionConditionedUNet, scheduler: Any, student: OneS
         timesteps = torch.full((batch,), int(t), dtype=torch.long)
         v = guided_velocity(teacher, x, timesteps, context, context_actions, buckets, s.cfg)
         x = scheduler.step(v, t, x, eta=0.0).prev_sample
-    return x
+    return teacher.from_residual(x, teacher.residual_base(context, context_actions))
 
 
 # --------------------------------------------------------------------------- windows
@@ -247,6 +253,20 @@ class LatentWindows:
 
     def random_batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
         return self.batch(rng.integers(0, len(self.index), size))
+
+    def rollout_batch(self, size: int, rng: np.random.Generator, steps: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``size`` random windows of ``K + steps`` rows: (context latents [B,K,C,h,w], actions [B,K+steps-1],
+        the ``steps`` latents that follow [B,steps,C,h,w]). Windows of episodes shorter than that are skipped."""
+        index = self.store.window_index(self.context + steps, self.split) if steps > 1 else self.index
+        if len(index) == 0:
+            raise PipelineError(f"no {self.split} episode has the {self.context + steps} rows a {steps}-step "
+                                "rollout needs; lower distilled_model.rollout_steps")
+        windows = [self.store.read_window(int(s), int(r), self.context + steps, ("latents", "actions"))
+                   for s, r in index[rng.integers(0, len(index), size)]]
+        latents = torch.from_numpy(np.stack([w["latents"] for w in windows])).float()
+        actions = torch.from_numpy(np.stack([w["actions"] for w in windows]).astype(np.int64))
+        return latents[:, : self.context], actions[:, :-1], latents[:, self.context :]
 
     def evenly_spaced(self, count: int) -> np.ndarray:
         count = min(count, len(self.index))
@@ -299,9 +319,26 @@ def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet
 
 def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, scheduler: Any,
                       windows: LatentWindows, batch_size: int, rng: np.random.Generator,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """MSE between the student's one-step latent and the teacher's multi-step CFG latent on a random batch;
-    ``generator`` draws fresh teacher noise (``teacher_noise: fresh``), None uses the student's frozen noise."""
-    context, actions, _ = windows.random_batch(batch_size, rng)
-    target = teacher_sample(teacher, scheduler, student, context, actions, generator)
-    return torch.mean((student(context, actions) - target) ** 2)
+                      generator: torch.Generator | None = None, target: str = "teacher",
+                      rollout_steps: int = 1) -> torch.Tensor:
+    """The student's loss on a random batch, over ``rollout_steps`` steps of its own rollout.
+
+    Step 1 starts from real context latents; each later step's context ends with the student's own (detached)
+    predictions, so it learns to continue from what it made. At every step the student's latent is compared
+    (MSE) with ``target``: ``teacher``, the teacher's multi-step CFG sample from the same context (``generator``
+    draws fresh noise, ``teacher_noise: fresh``; None uses the student's frozen noise), or ``data``, the real
+    latent that followed (regression onto the recorded play).
+    """
+    context, actions, future = windows.rollout_batch(batch_size, rng, rollout_steps)
+    k = context.shape[1]
+    total = torch.zeros(())
+    for step in range(rollout_steps):
+        step_actions = actions[:, step : step + k]
+        predicted = student(context, step_actions)
+        if target == "data":
+            goal = future[:, step]
+        else:
+            goal = teacher_sample(teacher, scheduler, student, context, step_actions, generator)
+        total = total + torch.mean((predicted - goal) ** 2)
+        context = torch.cat([context[:, 1:], predicted.detach()[:, None]], dim=1)
+    return total / rollout_steps

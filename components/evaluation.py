@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from components import view_motion
 from components.errors import PipelineError
 
 PSNR_CAP_DB = 50.0
@@ -228,6 +229,11 @@ class Windows:
     def __len__(self) -> int:
         return len(self.actions)
 
+    def first(self, count: int) -> "Windows":
+        """The first ``count`` windows."""
+        latents = None if self.latents is None else self.latents[:count]
+        return Windows(self.frames[:count], latents, self.actions[:count], self.episode_ids[:count])
+
     def frames_chw(self, rows: slice | int) -> np.ndarray:
         """Frames of ``rows`` as float32 ``[N, (T,) 3, H, W]`` in 0..1."""
         return to_chw(self.frames[:, rows])
@@ -304,6 +310,38 @@ def context_latents(model: ModelUnderTest, windows: Windows, rows: slice, batch_
     return latents.reshape(n, t, *latents.shape[1:]).astype(np.float32)
 
 
+def measure_view_motion(raw: Any, environment: Any, settings: Any) -> "ViewMotion":
+    """The real game's displacement per action on the training split of ``raw`` (``params.environment``,
+    ``params.evaluation``)."""
+    measured = view_motion.action_displacements(raw, len(environment.actions), environment.view_rows,
+                                                settings.displacement_pairs, settings.seed)
+    return ViewMotion(measured["median_px"], environment.view_rows, measured["pairs"])
+
+
+@dataclass(frozen=True)
+class ViewMotion:
+    """What the real game does with each action: the median horizontal displacement of the view in pixels per
+    action id (``components.view_motion.action_displacements`` on the training split), and the share of rows
+    above the HUD. It drives the controllable baseline, ``shift_last_frame``."""
+
+    displacement_px: Sequence[float]
+    view_rows: float = 0.8
+    pairs: Sequence[int] = ()  # frame pairs each median was measured on
+
+    def describe(self, actions: Sequence[Any]) -> dict[str, Any]:
+        """For the metrics file: the displacement per action name, what it was measured on."""
+        return {"split": "train", "view_rows": self.view_rows,
+                "displacement_px": {_field(a, "name"): float(d) for a, d in zip(actions, self.displacement_px)},
+                "pairs": {_field(a, "name"): int(n) for a, n in zip(actions, self.pairs)}}
+
+    def shift(self, frames: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """The controllable baseline: ``frames`` with the view shifted by each action's displacement."""
+        return view_motion.shift_view(frames, np.asarray(self.displacement_px)[np.asarray(actions)], self.view_rows)
+
+
+BASELINES = ("copy_last_frame", "copy_last_latent", "shift_last_frame")
+
+
 def teacher_forced(
     model: ModelUnderTest,
     windows: Windows,
@@ -312,13 +350,16 @@ def teacher_forced(
     opposite: dict[int, int],
     batch_size: int,
     cap_db: float = PSNR_CAP_DB,
+    motion: ViewMotion | None = None,
 ) -> dict[str, Any]:
     """Next-frame metrics of ``model`` on windows of ``context + 1`` rows, with the baselines beside them.
 
-    Returns PSNR (three views) and SSIM of the model, of copy-last-frame, of copy-last-latent
-    (decode(last context latent)) and of the autoencoder ceiling (decode(latent of the real next frame));
-    the model's margins over the baselines in dB; the share of windows it wins against each baseline by
-    action kind; and controllability (true action vs its counterfactual, on windows whose action has one).
+    Returns PSNR (three views), SSIM and sharpness of the model, of copy-last-frame, of copy-last-latent
+    (decode(last context latent)), of the controllable baseline shift-last-frame (the last frame with its view
+    shifted by the action's median displacement; with ``motion``) and of the autoencoder ceiling (decode(latent
+    of the real next frame)); the model's margins over the baselines in dB; the share of windows it wins against
+    each baseline by action kind; and controllability (true action vs its counterfactual, on windows whose action
+    has one) of the model and of the controllable baseline.
     """
     k = context
     latents = context_latents(model, windows, slice(0, k + 1), batch_size)
@@ -333,55 +374,52 @@ def teacher_forced(
     _check_frames(model.name, predicted, target)
 
     kinds = [kinds_of_actions[a] for a in windows.actions[:, k - 1]]
-    mse = {
-        "model": mse_per_frame(predicted, target),
-        "copy_last_frame": mse_per_frame(last_frame, target),
-        "copy_last_latent": mse_per_frame(copy_latent, target),
-        "autoencoder_ceiling": mse_per_frame(ceiling, target),
-    }
-    ssims = {
-        "model": ssim(torch.from_numpy(predicted), torch.from_numpy(target)),
-        "copy_last_frame": ssim(torch.from_numpy(last_frame), torch.from_numpy(target)),
-        "copy_last_latent": ssim(torch.from_numpy(copy_latent), torch.from_numpy(target)),
-        "autoencoder_ceiling": ssim(torch.from_numpy(ceiling), torch.from_numpy(target)),
-    }
+    frames = {"model": predicted, "copy_last_frame": last_frame, "copy_last_latent": copy_latent,
+              "autoencoder_ceiling": ceiling}
+    if motion is not None:
+        frames["shift_last_frame"] = motion.shift(last_frame, ctx_actions[:, -1])
+    mse = {name: mse_per_frame(value, target) for name, value in frames.items()}
+    baselines = [b for b in BASELINES if b in frames]
     result: dict[str, Any] = {
         "windows": len(windows),
         "identical_frame_share": float((mse["copy_last_frame"] == 0).mean()),
         "action_kind_counts": {kind: kinds.count(kind) for kind in ACTION_KINDS},
         "psnr": {name: psnr_summary(values, cap_db) for name, values in mse.items()},
-        "ssim": {name: float(values.mean()) for name, values in ssims.items()},
+        "ssim": {name: float(ssim(torch.from_numpy(value), torch.from_numpy(target)).mean())
+                 for name, value in frames.items()},
+        "sharpness": {name: view_motion.sharpness(value, target) for name, value in frames.items()},
     }
-    result["margin_db"] = {
-        baseline: margins_db(result["psnr"]["model"], result["psnr"][baseline])
-        for baseline in ("copy_last_frame", "copy_last_latent")
-    }
-    result["win_share"] = {
-        baseline: win_shares(mse["model"], mse[baseline], kinds) for baseline in ("copy_last_frame", "copy_last_latent")
-    }
-    result["controllability"] = _controllability(
-        model, ctx, ctx_actions, target, mse["model"], kinds, opposite, batch_size
-    )
+    result["margin_db"] = {b: margins_db(result["psnr"]["model"], result["psnr"][b]) for b in baselines}
+    result["win_share"] = {b: win_shares(mse["model"], mse[b], kinds) for b in baselines}
+
+    def model_frames(actions: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return batched(model.decode, batch_size, batched(model.predict, batch_size, ctx[rows], actions))
+
+    result["controllability"] = _controllability(model_frames, ctx_actions, target, mse["model"], kinds, opposite)
+    if motion is not None:
+        result["baseline_controllability"] = {"shift_last_frame": _controllability(
+            lambda actions, rows: motion.shift(last_frame[rows], actions[:, -1]), ctx_actions, target,
+            mse["shift_last_frame"], kinds, opposite)}
     return result
 
 
 def _controllability(
-    model: ModelUnderTest,
-    ctx: np.ndarray,
+    predict_frames: Callable[[np.ndarray, np.ndarray], np.ndarray],
     ctx_actions: np.ndarray,
     target: np.ndarray,
     true_mse: np.ndarray,
     kinds: Sequence[str],
     opposite: dict[int, int],
-    batch_size: int,
 ) -> dict[str, Any]:
+    """``predict_frames(context actions [n, K], window mask)``: the frames predicted for the masked windows
+    with their last action swapped for its counterfactual."""
     last = ctx_actions[:, -1]
     has_opposite = np.array([int(a) in opposite for a in last], bool)
     if not has_opposite.any():
         return {"all": {"share": None, "count": 0}, "reason": "no window's action has a counterfactual"}
     swapped = ctx_actions[has_opposite].copy()
     swapped[:, -1] = [opposite[int(a)] for a in swapped[:, -1]]
-    counter = batched(model.decode, batch_size, batched(model.predict, batch_size, ctx[has_opposite], swapped))
+    counter = predict_frames(swapped, has_opposite)
     cf_mse = mse_per_frame(counter, target[has_opposite])
     selected_kinds = [k for k, keep in zip(kinds, has_opposite) if keep]
     return controllability(true_mse[has_opposite], cf_mse, selected_kinds)
@@ -402,10 +440,12 @@ def rollout(
     steps: int,
     batch_size: int,
     cap_db: float = PSNR_CAP_DB,
+    motion: ViewMotion | None = None,
 ) -> dict[str, Any]:
     """A ``steps``-long autoregressive rollout on windows of ``context + steps`` rows, driven by the recorded
-    actions: per-step PSNR curves (three views) of the model and of the frozen baselines (copy-last-frame,
-    copy-last-latent), the step where the model's pooled curve crosses each baseline, and ``frames``
+    actions: per-step PSNR curves (three views) and sharpness of the model and of the baselines (copy-last-frame
+    and copy-last-latent, frozen; with ``motion``, shift-last-frame, the last frame shifted by the displacement
+    of every action so far), the step where the model's pooled curve crosses each baseline, and ``frames``
     (the decoded predictions, uint8 ``[N, steps, H, W, 3]``, for the sample video; not JSON)."""
     k = context
     ctx = context_latents(model, windows, slice(0, k), batch_size)
@@ -417,26 +457,113 @@ def rollout(
     _check_frames(model.name, frames[:, 0], target[:, 0])
     last_frame = windows.frames_chw(k - 1)
     last_latent_frame = batched(model.decode, batch_size, ctx[:, -1])
-
-    def step_mse(prediction_at: Callable[[int], np.ndarray]) -> np.ndarray:
-        return np.stack([mse_per_frame(prediction_at(s), target[:, s]) for s in range(steps)], axis=1)
-
-    curves = {
-        "model": psnr_curve(step_mse(lambda s: frames[:, s]), cap_db),
-        "copy_last_frame": psnr_curve(step_mse(lambda s: last_frame), cap_db),
-        "copy_last_latent": psnr_curve(step_mse(lambda s: last_latent_frame), cap_db),
+    predictions: dict[str, Callable[[int], np.ndarray]] = {
+        "model": lambda s: frames[:, s],
+        "copy_last_frame": lambda s: last_frame,
+        "copy_last_latent": lambda s: last_latent_frame,
     }
+    if motion is not None:
+        travelled = np.cumsum(np.asarray(motion.displacement_px)[windows.actions[:, k - 1 : k - 1 + steps]], axis=1)
+        predictions["shift_last_frame"] = lambda s: view_motion.shift_view(last_frame, travelled[:, s], motion.view_rows)
+
+    curves, sharpness = {}, {}
+    for name, prediction_at in predictions.items():
+        predicted_steps = [prediction_at(s) for s in range(steps)]
+        curves[name] = psnr_curve(np.stack([mse_per_frame(p, target[:, s]) for s, p in enumerate(predicted_steps)],
+                                           axis=1), cap_db)
+        sharpness[name] = [view_motion.sharpness(p, target[:, s]) for s, p in enumerate(predicted_steps)]
     return {
         "steps": steps,
         "windows": n,
         "psnr_by_step": curves,
+        "sharpness_by_step": sharpness,
         "crossing_step": {
             baseline: crossing_step(curves["model"]["pooled"], curves[baseline]["pooled"])
-            for baseline in ("copy_last_frame", "copy_last_latent")
+            for baseline in BASELINES if baseline in curves
         },
         "final_step_psnr": {name: curve["pooled"][-1] for name, curve in curves.items()},
         "frames": to_uint8_hwc(frames),
     }
+
+
+# --------------------------------------------------------------------------- turning the view
+
+
+def single_button_actions(actions: Sequence[Any], buttons: Sequence[str]) -> dict[str, int]:
+    """``{button: action id}`` for each of ``buttons`` that some action presses alone (e.g. ``TURN_LEFT`` ->
+    ``turn_left``), plus ``"NOOP"`` for the action that presses nothing, when the action set has one."""
+    found: dict[str, int] = {}
+    for index, spec in enumerate(actions):
+        pressed = list(_field(spec, "buttons"))
+        if not pressed:
+            found.setdefault("NOOP", index)
+        elif len(pressed) == 1 and pressed[0] in buttons:
+            found.setdefault(pressed[0], index)
+    return found
+
+
+def hold_action(model: ModelUnderTest, windows: Windows, context: int, action: int, steps: int,
+                batch_size: int) -> np.ndarray:
+    """Frames float ``[N, steps, 3, H, W]`` generated from each window's context while ``action`` is held."""
+    ctx = context_latents(model, windows, slice(0, context), batch_size)
+    held = np.concatenate([windows.actions[:, : context - 1], np.full((len(windows), steps), action, np.int64)], 1)
+    latents = batched(lambda c, a: rollout_latents(model.predict, c, a, steps), batch_size, ctx, held)
+    flat = latents.reshape(-1, *latents.shape[2:])
+    return batched(model.decode, batch_size, flat).reshape(len(windows), steps, 3, *windows.frames.shape[2:4])
+
+
+MAX_STEP_SHIFT = 0.3  # of the width: a held turn pans about an eighth of the view a step
+
+
+def turn_response(model: ModelUnderTest, windows: Windows, context: int, actions: Sequence[Any],
+                  motion: ViewMotion, steps: int, batch_size: int) -> dict[str, Any]:
+    """Hold each turn (``TURN_LEFT``, ``TURN_RIGHT`` alone) for ``steps`` steps from every window's context and
+    measure the horizontal shift of the last generated frame against the last real context frame.
+
+    The shift is measured step by step (each generated frame against the one before, the first against the last
+    real context frame, at most ``MAX_STEP_SHIFT`` of the width a step) and summed: four held steps pan the 80x60
+    view by about 30 px, and a single alignment over so small an overlap is unreliable. Per turn: the model's
+    mean and median shift in pixels, the share of contexts where it has the sign of the real game's (the action's
+    median displacement on the training split), the real game's shift over the same steps, and the model's mean
+    shift as a fraction of it.
+    """
+    turns = {b: i for b, i in single_button_actions(actions, ("TURN_LEFT", "TURN_RIGHT")).items() if b != "NOOP"}
+    if not turns:
+        return {"skipped": "no action presses TURN_LEFT or TURN_RIGHT alone"}
+    last = windows.frames_chw(context - 1)
+    result: dict[str, Any] = {"contexts": len(windows), "steps": steps}
+    for action in (turns[b] for b in sorted(turns)):
+        frames = np.concatenate([last[:, None], hold_action(model, windows, context, action, steps, batch_size)], 1)
+        limit = int(MAX_STEP_SHIFT * last.shape[-1])
+        shifts = sum(view_motion.horizontal_shift(frames[:, s], frames[:, s + 1], motion.view_rows, max_shift=limit)
+                     for s in range(steps))
+        real = steps * float(motion.displacement_px[action])
+        sign = np.sign(real) if real else 1.0
+        name = _field(actions[action], "name")
+        result[name] = {
+            "model_mean_px": float(shifts.mean()),
+            "model_median_px": float(np.median(shifts)),
+            "right_sign_share": float((np.sign(shifts) == sign).mean()),
+            "real_px": real,
+            "fraction_of_real": float(shifts.mean() / real) if real else None,
+        }
+    return result
+
+
+def turn_test(model: ModelUnderTest, windows: Windows, context: int, actions: Sequence[Any], steps: int,
+              batch_size: int) -> dict[str, np.ndarray]:
+    """For the turn-test picture: ``steps`` frames generated while holding ``turn_left``, ``turn_right``,
+    ``forward`` and the no-op (those of them the action set has alone), uint8 ``[N, steps, H, W, 3]`` each,
+    beside ``real`` (the recorded continuation) and ``context`` (the last context frame, ``[N, H, W, 3]``)."""
+    held = single_button_actions(actions, ("TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"))
+    shown: dict[str, np.ndarray] = {}
+    for button in ("TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD", "NOOP"):
+        if button in held:
+            name = _field(actions[held[button]], "name")
+            shown[name] = to_uint8_hwc(hold_action(model, windows, context, held[button], steps, batch_size))
+    shown["real"] = windows.frames[:, context : context + steps]
+    shown["context"] = windows.frames[:, context - 1]
+    return shown
 
 
 def to_uint8_hwc(frames: np.ndarray) -> np.ndarray:
@@ -541,11 +668,14 @@ def evaluate_model(
     episodes: Sequence[Any],
     settings: Any,
     actions: Sequence[Any],
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Teacher-forced metrics and every rollout length for one model. ``settings`` is ``params.evaluation``.
+    motion: ViewMotion | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Teacher-forced metrics, every rollout length and (with ``motion``) the turn response for one model.
+    ``settings`` is ``params.evaluation``.
 
     Returns ``(metrics, extras)``; extras holds arrays for the plots and the sample video (not JSON):
-    ``rollout_<L>`` predicted frames and ``real_<L>`` the real ones, uint8 ``[N, L, H, W, 3]``.
+    ``rollout_<L>`` predicted frames and ``real_<L>`` the real ones, uint8 ``[N, L, H, W, 3]``, and
+    ``turn_test`` (see :func:`turn_test`).
     """
     kinds, opposite = action_kinds(actions), counterfactual_actions(actions)
     picks = pick_windows(episodes, context + 1, settings.windows, settings.seed)
@@ -555,10 +685,10 @@ def evaluate_model(
     metrics: dict[str, Any] = {
         "context": context,
         "teacher_forced": teacher_forced(model, windows, context, kinds, opposite, settings.batch_size,
-                                         settings.psnr_cap_db),
+                                         settings.psnr_cap_db, motion),
         "rollout": {},
     }
-    extras: dict[str, np.ndarray] = {}
+    extras: dict[str, Any] = {}
     skipped = {}
     for steps in settings.rollout_lengths:
         picks = pick_windows(episodes, context + steps, settings.rollout_windows, settings.seed)
@@ -566,7 +696,7 @@ def evaluate_model(
             skipped[str(steps)] = f"no held-out episode has {context + steps} frames"
             continue
         windows = load_windows(raw, latents, picks, context + steps)
-        result = rollout(model, windows, context, steps, settings.batch_size, settings.psnr_cap_db)
+        result = rollout(model, windows, context, steps, settings.batch_size, settings.psnr_cap_db, motion)
         extras[f"rollout_{steps}"] = result.pop("frames")
         extras[f"real_{steps}"] = windows.frames[:, context:]
         extras[f"context_{steps}"] = windows.frames[:, context - 1]
@@ -576,9 +706,23 @@ def evaluate_model(
         result["mean_psnr_over_steps"] = {
             name: float(np.mean(curve["pooled"])) for name, curve in result["psnr_by_step"].items()
         }
+        result["sharpness_at_step"] = {
+            str(s): result["sharpness_by_step"]["model"][s - 1] for s in _shown_steps(steps)
+        }
         metrics["rollout"][str(steps)] = result
     if skipped:
         metrics["rollout_skipped"] = skipped
+    if motion is not None:
+        length = context + max(settings.turn_steps, settings.turn_test_steps)
+        picks = pick_windows(episodes, length, settings.turn_contexts, settings.seed + 1)
+        if picks:
+            windows = load_windows(raw, latents, picks, length)
+            metrics["turn_response"] = turn_response(model, windows, context, actions, motion, settings.turn_steps,
+                                                     settings.batch_size)
+            extras["turn_test"] = turn_test(model, windows.first(settings.turn_test_rows), context, actions,
+                                            settings.turn_test_steps, settings.batch_size)
+        else:
+            metrics["turn_response"] = {"skipped": f"no held-out episode has {length} frames"}
     return metrics, extras
 
 
@@ -704,12 +848,27 @@ def headline(metrics: Mapping[str, Any]) -> dict[str, float | int | str | None]:
         for baseline in ("copy_last_frame", "copy_last_latent"):
             flat[f"{model}/margin_db_vs_{baseline}"] = tf["margin_db"][baseline]["pooled"]
             flat[f"{model}/turning_win_share_vs_{baseline}"] = tf["win_share"][baseline]["turning"]["share"]
-        flat[f"{model}/controllability_turning"] = tf["controllability"].get("turning", {}).get("share")
+        for kind in ("turning", "moving"):
+            flat[f"{model}/controllability_{kind}"] = tf["controllability"].get(kind, {}).get("share")
+        if "shift_last_frame" in tf["margin_db"]:
+            flat[f"{model}/margin_db_vs_shift_last_frame"] = tf["margin_db"]["shift_last_frame"]["pooled"]
         for steps, r in m.get("rollout", {}).items():
             flat[f"{model}/rollout{steps}_final_psnr"] = r["final_step_psnr"]["model"]
             flat[f"{model}/rollout{steps}_crosses_copy_last_latent_at"] = r["crossing_step"]["copy_last_latent"]
+            for step in ("16", "32"):
+                if step in r.get("sharpness_at_step", {}) and int(steps) == max(map(int, m["rollout"])):
+                    flat[f"{model}/sharpness_step{step}"] = r["sharpness_at_step"][step]
+        for turn, response in m.get("turn_response", {}).items():
+            if isinstance(response, Mapping):
+                flat[f"{model}/turn_{turn}_right_sign_share"] = response["right_sign_share"]
+                flat[f"{model}/turn_{turn}_fraction_of_real"] = response["fraction_of_real"]
     if "onnx" in metrics:
         tf = metrics["onnx"]["teacher_forced"]
-        for name in ("copy_last_frame", "copy_last_latent", "autoencoder_ceiling"):
-            flat[f"baseline/{name}_psnr_pooled"] = tf["psnr"][name]["pooled"]
+        for name in ("copy_last_frame", "copy_last_latent", "shift_last_frame", "autoencoder_ceiling"):
+            if name in tf["psnr"]:
+                flat[f"baseline/{name}_psnr_pooled"] = tf["psnr"][name]["pooled"]
+        shift = tf.get("baseline_controllability", {}).get("shift_last_frame", {})
+        if "turning" in shift:
+            flat["baseline/shift_last_frame_controllability_turning"] = shift["turning"]["share"]
+            flat["baseline/shift_last_frame_controllability_moving"] = shift["moving"]["share"]
     return flat

@@ -106,6 +106,36 @@ def side_by_side_gif(
     return target
 
 
+def frame_grid(
+    path: str | Path,
+    rows: Sequence[tuple[str, Sequence[np.ndarray]]],
+    column_labels: Sequence[str],
+    title: str = "",
+    scale: int | None = None,
+) -> Path:
+    """A PNG of labelled rows of frames: each row is ``(label, T uint8 [H, W, 3] frames)``, drawn left to right under
+    ``column_labels``; a row with fewer frames leaves its last cells blank. Frames are enlarged ``scale`` times
+    (nearest neighbour; default: to about 160 pixels wide, at most 4x)."""
+    h, w = np.asarray(rows[0][1][0]).shape[:2]
+    scale = scale or max(1, min(4, 160 // w))
+    label_w, head, gap = 120, 30 if title else 16, 2
+    columns = max(len(column_labels), max(len(frames) for _, frames in rows))
+    canvas = Image.new("RGB", (label_w + columns * (w * scale + gap), head + len(rows) * (h * scale + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    for col, text in enumerate(column_labels):
+        draw.text((label_w + col * (w * scale + gap) + 2, head - 13), text, fill="black", font=font)
+    for index, (label, frames) in enumerate(rows):
+        y = head + index * (h * scale + gap)
+        draw.text((4, y + h * scale // 2 - 6), label, fill="black", font=font)
+        for col, frame in enumerate(frames):
+            tile = Image.fromarray(np.asarray(frame, np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (label_w + col * (w * scale + gap), y))
+    return _save(canvas, Path(path))
+
+
 def _save(image: Image.Image, path: Path) -> Path:
     with atomic_path(path, suffix=".png") as temporary:
         image.save(temporary, format="PNG")

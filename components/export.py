@@ -225,7 +225,6 @@ def heldout_windows(latent_store: Any, length: int, count: int, raw_store: Any =
         raise PipelineError(f"no episode has {length} rows (K + steps); lower onnx_export.future_steps")
     # Spread over episodes: at most one window per episode first, evenly over the index.
     picks = np.linspace(0, len(index) - 1, min(count, len(index))).round().astype(np.int64)
-    raw_episodes = {e.episode_id: e for e in raw_store.episodes} if raw_store is not None else {}
     latents, actions, frames, sources = [], [], [], set()
     for shard, start in index[picks]:
         window = latent_store.read_window(int(shard), int(start), length, ("latents", "actions"))
@@ -236,16 +235,16 @@ def heldout_windows(latent_store: Any, length: int, count: int, raw_store: Any =
             frames.append(np.array(source.array("frames")[start : start + length]))
             sources.add("latent_store")
             continue
-        episode = next(e for e in latent_store.episodes if e.shard == shard and e.start <= start < e.start + e.length)
-        raw = raw_episodes.get(episode.episode_id)
-        if raw is not None and raw.length == episode.length:
-            offset = raw.start + (int(start) - episode.start)
-            frames.append(np.array(raw_store.shards[raw.shard].array("frames")[offset : offset + length]))
+        raw = None if raw_store is None else raw_store.read_matching_window(latent_store, int(shard), int(start),
+                                                                             length, ["frames"])
+        if raw is not None:
+            frames.append(raw["frames"])
             sources.add("raw_trajectories")
         elif decode is not None:
             frames.append(decode(window["latents"].astype(np.float32)))
             sources.add("decoded")
         else:
+            episode = latent_store.episode_at(int(shard), int(start))
             raise PipelineError(f"episode {episode.episode_id}: no real frames found and no decoder given")
     return {
         "latents": np.stack(latents),

@@ -75,6 +75,10 @@ class EnvironmentParams(Section):
         0.0, ge=0.0, lt=1.0, description="chance of repeating the previous action instead of the chosen one"
     )
     actions: list[ActionSpec] = Field(min_length=2)
+    view_rows: float = Field(
+        0.8, gt=0.0, le=1.0, description="share of the frame's rows above the status bar (HUD), where the view "
+        "moves: the action warp and the evaluation measure the view's motion there"
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -289,6 +293,20 @@ class WorldModelParams(Section):
     num_train_timesteps: int = Field(1000, gt=1)
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"  # SD v1.4
     zero_terminal_snr: bool = Field(True, description="rescale betas to zero terminal SNR (good with v-prediction)")
+    action_warp: bool = Field(
+        True, description="feed the UNet the last context latent moved by the view's motion under its action (a "
+        "displacement and zoom per action pair, measured on the training windows: components/motion_warp.py) as "
+        "extra channels; false: the paper's plain UNet"
+    )
+    predict_residual: bool = Field(
+        True, description="diffuse the difference between the next latent and the last one (moved by the action "
+        "warp), scaled to unit variance, instead of the next latent itself: an untrained model then copies the "
+        "(moved) last frame, sharp, rather than a blur; false: the paper's parametrisation"
+    )
+    warp_resampling: Literal["nearest", "linear"] = Field(
+        "nearest", description="how the warp moves the latent: to the nearest whole cell (codes stay intact) or "
+        "by linear interpolation (sub-cell motion, blended codes)"
+    )
 
     @field_validator("block_out_channels")
     @classmethod
@@ -354,6 +372,14 @@ class DistilledModelParams(Section):
         description="fresh: the teacher samples from new noise for every window, so the student learns the mean of "
         "the teacher's samples (the MSE-optimal point prediction); frozen: the teacher samples from the student's "
         "own noise, so the student copies one sample",
+    )
+    target: Literal["teacher", "data"] = Field(
+        "teacher", description="what the student regresses onto: the teacher's sampler output (distillation) or "
+        "the recorded next latent (data)"
+    )
+    rollout_steps: int = Field(
+        1, gt=0, description="steps of its own rollout the student trains on: after the first, its context ends "
+        "with its own predictions (training on its own predictions)"
     )
     eval_windows: int = Field(64, gt=0, description="held-out windows for the PSNR metrics")
     eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between held-out checks")
@@ -423,6 +449,16 @@ class AblationsParams(Section):
     )
     data_key: str = "raw_trajectories.policy"
     data_policies: list[str] = Field(["agent", "random"], min_length=1)
+    warp_off: dict[str, float | int | str | bool] = Field(
+        default_factory=lambda: {"world_model.action_warp": False, "world_model.predict_residual": False},
+        description="-S values that turn the action warp and residual targets off (the paper's plain UNet)",
+    )
+    seeds: list[int] = Field([0], min_length=1, description="every setting runs once per seed (the tables show the "
+                             "spread)")
+    seed_keys: list[str] = Field(
+        default_factory=lambda: ["diffusion_checkpoint.seed", "distilled_model.seed"],
+        description="params set to each seed: what varies between the runs of one setting",
+    )
     overrides: list[str] = Field(
         default_factory=list,
         description="'key=value' (dvc exp run -S syntax) applied to every ablation experiment: the smaller scale. A "
@@ -464,6 +500,14 @@ class EvaluationParams(Section):
     fvd_weights: str | None = Field(None, description="local TorchScript i3d_torchscript.pt (StyleGAN-V); null skips")
     sample_windows: int = Field(3, gt=0, description="rows of the side-by-side sample video")
     sample_fps: float = Field(8.0, gt=0.0)
+    displacement_pairs: int = Field(
+        2000, gt=0, description="consecutive training frames per action for its median displacement (the "
+        "controllable baseline)"
+    )
+    turn_contexts: int = Field(32, gt=0, description="held-out contexts for the turn response")
+    turn_steps: int = Field(4, gt=0, description="steps each turn is held for in the turn response")
+    turn_test_steps: int = Field(8, gt=0, description="generated steps per action in plots/evaluation/turn_test.png")
+    turn_test_rows: int = Field(3, gt=0, description="contexts shown in plots/evaluation/turn_test.png")
     promotion: PromotionParams = PromotionParams()
     ablations: AblationsParams = AblationsParams()
 

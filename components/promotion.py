@@ -259,8 +259,9 @@ def reevaluate_champion(params: Any, champion_dir: Path, raw_root: Path, latents
     if settings.teacher and latents_root is not None and latents_root.exists():
         episodes = ev.common_episodes(episodes, TrajectoryStore(latents_root))
     model, manifest = ev.onnx_model(champion_dir / EXPORT_SUBDIR, threads=settings.threads)
+    motion = ev.measure_view_motion(raw, params.environment, settings)
     metrics, _ = ev.evaluate_model(model, int(manifest["K"]), raw, None, episodes, settings,
-                                   params.environment.actions)
+                                   params.environment.actions, motion)
     return {"onnx": metrics, "reevaluated_on": "challenger's held-out episodes"}
 
 

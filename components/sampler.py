@@ -84,7 +84,7 @@ def sample_next_latent(net: ActionConditionedUNet, scheduler: Any, context_laten
         timesteps = torch.full((batch,), int(t), dtype=torch.long, device=device)
         v = guided_velocity(net, x, timesteps, context, actions, buckets, cfg)
         x = scheduler.step(v, t, x, eta=eta, generator=generator).prev_sample
-    return x
+    return net.from_residual(x, net.residual_base(context, actions))
 
 
 class WorldModel:

@@ -277,6 +277,24 @@ class TrajectoryStore:
         source = self.shards[shard]
         return {n: np.array(source.array(n)[start : start + window]) for n in names}
 
+    def episode_at(self, shard: int, row: int) -> Episode:
+        """The episode that holds ``row`` of ``shard``."""
+        for episode in self.episodes:
+            if episode.shard == shard and episode.start <= row < episode.start + episode.length:
+                return episode
+        raise ShardError(f"{self.shards[shard].path}: row {row} is in no episode")
+
+    def read_matching_window(self, other: "TrajectoryStore", shard: int, start: int, window: int,
+                             names: Sequence[str]) -> dict[str, np.ndarray] | None:
+        """The same rows of the same episode as ``other``'s window (``shard``, ``start``), read from this store,
+        e.g. the frames behind a window of latents. The episode is matched by ``episode_id`` and length; None
+        when this store does not hold it."""
+        episode = other.episode_at(shard, start)
+        twin = next((e for e in self.episodes if e.episode_id == episode.episode_id), None)
+        if twin is None or twin.length != episode.length:
+            return None
+        return self.read_window(twin.shard, twin.start + (start - episode.start), window, names)
+
     def iter_windows(
         self, window: int, split: str | None, names: Sequence[str], shuffle: bool = False, seed: int = 0
     ) -> Iterator[dict[str, np.ndarray]]:

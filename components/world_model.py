@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from components.errors import PipelineError
+from components.motion_warp import ActionWarp, previous_actions
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class WorldModelConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
     zero_terminal_snr: bool = True
+    action_warp: bool = False  # the last context latent, warped by its action, as C extra input channels
+    warp_resampling: str = "nearest"  # nearest | linear (components/motion_warp.py)
+    predict_residual: bool = False  # diffuse (next - base) / residual_scale, base = the (warped) last latent
     unet: dict[str, Any] = field(default_factory=dict)  # UNet2DConditionModel config (in_channels etc. included)
 
     @property
@@ -106,7 +110,7 @@ def noise_bucket(level: torch.Tensor | float, max_level: float, buckets: int) ->
     return (level / max_level * buckets).floor().long().clamp(0, buckets - 1)
 
 
-def unet_config_from_params(params: Any, context: int, latent_channels: int, latent_size: tuple[int, int],
+def unet_config_from_params(params: Any, input_latents: int, latent_channels: int, latent_size: tuple[int, int],
                             noise_buckets: int) -> dict[str, Any]:
     """The ``UNet2DConditionModel`` config for a small UNet built from ``params.world_model``."""
     from components.params import ParamsError
@@ -127,7 +131,7 @@ def unet_config_from_params(params: Any, context: int, latent_channels: int, lat
         raise ParamsError("world_model.down_block_types: at least one CrossAttn block is needed for the actions")
     return {
         "sample_size": list(latent_size),
-        "in_channels": latent_channels * (context + 1),
+        "in_channels": latent_channels * input_latents,
         "out_channels": latent_channels,
         "block_out_channels": list(params.block_out_channels),
         "down_block_types": list(params.down_block_types),
@@ -154,6 +158,10 @@ class ActionConditionedUNet(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(config.context, width))
         nn.init.normal_(self.action_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding, std=0.02)
+        self.action_warp = (ActionWarp(config.num_actions, config.latent_size, config.warp_resampling)
+                            if config.action_warp else None)
+        if config.predict_residual:
+            self.register_buffer("residual_scale", torch.ones(()))  # std of next - base, measured on training data
 
     # ------------------------------------------------------------------ construction
 
@@ -165,7 +173,7 @@ class ActionConditionedUNet(nn.Module):
             return cls.from_pretrained_unet(
                 world_model.pretrained_unet, world_model, latent_channels, latent_size, num_actions
             )
-        unet = unet_config_from_params(world_model, world_model.context, latent_channels, latent_size,
+        unet = unet_config_from_params(world_model, _input_latents(world_model), latent_channels, latent_size,
                                        world_model.noise_buckets)
         return cls(_config(world_model, latent_channels, latent_size, num_actions, unet))
 
@@ -174,8 +182,8 @@ class ActionConditionedUNet(nn.Module):
                              latent_size: tuple[int, int], num_actions: int) -> "ActionConditionedUNet":
         """Start from a local ``UNet2DConditionModel`` folder (e.g. SD v1.4 ``unet/``), never from a hub.
 
-        ``conv_in`` gets ``C * (K + 1)`` input channels: its pretrained weights are copied onto the noisy-target
-        channels and the context channels get zero weights (paper). A learned noise-bucket embedding is added
+        ``conv_in`` gets ``C * (K + 1)`` input channels (``C * (K + 2)`` with the action warp): its pretrained
+        weights are copied onto the noisy-target channels and the context channels get zero weights (paper). A learned noise-bucket embedding is added
         (zero-initialised, so the pretrained model's output is unchanged at the start). The action tokens take
         the pretrained ``cross_attention_dim``.
         """
@@ -195,9 +203,8 @@ class ActionConditionedUNet(nn.Module):
                 f"makes {latent_channels}; use an autoencoder with {base['in_channels']} latent channels"
             )
         unet_config = {k: v for k, v in base.items() if not k.startswith("_")}
-        context = world_model.context
         unet_config.update(
-            in_channels=latent_channels * (context + 1),
+            in_channels=latent_channels * _input_latents(world_model),
             out_channels=latent_channels,
             sample_size=list(latent_size),
             num_class_embeds=world_model.noise_buckets,
@@ -240,9 +247,33 @@ class ActionConditionedUNet(nn.Module):
         batch, k = context_latents.shape[:2]
         if k != self.config.context:
             raise ValueError(f"expected {self.config.context} context latents, got {k}")
-        x = torch.cat([noisy_target, context_latents.reshape(batch, -1, *context_latents.shape[-2:])], dim=1)
+        inputs = [noisy_target, context_latents.reshape(batch, -1, *context_latents.shape[-2:])]
+        if self.action_warp is not None:
+            inputs.append(self.action_warp(context_latents[:, -1], previous_actions(context_actions),
+                                           context_actions[:, -1]))
+        x = torch.cat(inputs, dim=1)
         tokens = self.action_tokens(context_actions).to(x.dtype)
         return self.unet(x, timesteps, encoder_hidden_states=tokens, class_labels=noise_buckets).sample
+
+    # ------------------------------------------------------------------ what is diffused
+
+    def residual_base(self, context_latents: torch.Tensor, context_actions: torch.Tensor) -> torch.Tensor | None:
+        """With ``predict_residual``, what the next latent is predicted as a difference from: the last context
+        latent, moved by the action warp when the model has one. None for the paper's parametrisation."""
+        if not self.config.predict_residual:
+            return None
+        last = context_latents[:, -1]
+        if self.action_warp is None:
+            return last
+        return self.action_warp(last, previous_actions(context_actions), context_actions[:, -1])
+
+    def to_residual(self, latent: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """The diffused quantity for ``latent``: ``(latent - base) / residual_scale``, or ``latent`` itself."""
+        return latent if base is None else (latent - base) / self.residual_scale
+
+    def from_residual(self, residual: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """The next latent from a sampled ``residual`` (the inverse of ``to_residual``)."""
+        return residual if base is None else base + residual * self.residual_scale
 
     # ------------------------------------------------------------------ persistence
 
@@ -272,8 +303,16 @@ def _config(world_model: Any, latent_channels: int, latent_size: tuple[int, int]
         num_train_timesteps=world_model.num_train_timesteps,
         beta_schedule=world_model.beta_schedule,
         zero_terminal_snr=world_model.zero_terminal_snr,
+        action_warp=world_model.action_warp,
+        warp_resampling=world_model.warp_resampling,
+        predict_residual=world_model.predict_residual,
         unet=unet,
     )
+
+
+def _input_latents(world_model: Any) -> int:
+    """Latents stacked on the UNet's input channels: the noisy target, K context latents, the warped one."""
+    return world_model.context + 1 + int(world_model.action_warp)
 
 
 def make_scheduler(config: WorldModelConfig, kind: str = "ddim") -> Any:

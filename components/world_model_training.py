@@ -43,6 +43,7 @@ import torch
 
 from components.errors import PipelineError
 from components.trajectory_store import TrajectoryStore
+from components.motion_warp import LatentGeometry, fit_action_warp
 from components.world_model import ActionConditionedUNet, context_noise, make_scheduler, noise_bucket
 
 log = logging.getLogger(__name__)
@@ -152,12 +153,14 @@ def diffusion_loss(net: Any, ddpm: Any, batch: Batch, config: Any, context_dropo
     levels = torch.rand(size, **cpu) * config.max_noise_level
     buckets = noise_bucket(levels, config.max_noise_level, config.noise_buckets).to(device)
     context = context_noise(batch.context_latents, levels.to(device), generator)
+    model = getattr(net, "module", net)  # under DistributedDataParallel
+    target = model.to_residual(batch.target, model.residual_base(context, batch.context_actions))
     keep = (torch.rand(size, **cpu) >= context_dropout).to(device=device, dtype=context.dtype)
     context = context * keep.view(-1, 1, 1, 1, 1)
     timesteps = torch.randint(0, config.num_train_timesteps, (size,), **cpu).to(device)
     noise = torch.randn(batch.target.shape, **cpu).to(device)
-    noisy = ddpm.add_noise(batch.target, noise, timesteps)
-    target_v = ddpm.get_velocity(batch.target, noise, timesteps)
+    noisy = ddpm.add_noise(target, noise, timesteps)
+    target_v = ddpm.get_velocity(target, noise, timesteps)
     predicted = net(noisy, timesteps, context, batch.context_actions, buckets)
     return torch.nn.functional.mse_loss(predicted.float(), target_v.float())
 
@@ -285,8 +288,12 @@ def plan_steps(params: Any, done: int, per_step_s: float, elapsed_s: float) -> i
 
 
 def train(params: Any, latents_root: str | Path, cache_root: str | Path = ".cache/diffusion_checkpoint",
-          live_dir: str | Path | None = "dvclive/diffusion_checkpoint", stop_after: int | None = None) -> TrainResult:
+          live_dir: str | Path | None = "dvclive/diffusion_checkpoint", stop_after: int | None = None,
+          frames_root: str | Path | None = None) -> TrainResult:
     """Train (or resume) the world model on the train split of ``latents_root``; see the module docstring.
+
+    ``frames_root`` holds the recorded trajectories the latents were encoded from; the action warp
+    (``world_model.action_warp``) is fitted on their frames, so it is needed only then.
 
     With ``diffusion_checkpoint.train_minutes`` set, the step count (and so the LR schedule) is fixed once, after
     timing the first steps, and saved in the checkpoint: a resumed run keeps it. ``stop_after`` ends this call
@@ -326,6 +333,8 @@ def train(params: Any, latents_root: str | Path, cache_root: str | Path = ".cach
         log.info("resuming from %s at step %d of %s", checkpoint, start, planned or tp.steps)
     else:
         log.info("training from scratch; checkpoints go to %s", run_dir)
+        fit_to_data(net, WindowStream(store, wm_params.context, "train", tp.seed),
+                    TrajectoryStore(frames_root) if frames_root else None, params.environment)
     if tp.train_minutes is None or tp.steps <= start + PLAN_AT:
         planned = planned or tp.steps
     if tp.ema_decay > 0 and ema is None:
@@ -406,6 +415,60 @@ def train(params: Any, latents_root: str | Path, cache_root: str | Path = ".cach
     final = losses[-1][1] if losses else float("nan")
     return TrainResult(model, step, start, final, losses, samples / max(seconds, 1e-9) if samples else 0.0,
                        seconds, planned or tp.steps, accelerator.is_main_process)
+
+
+FIT_WINDOWS = 2048  # training windows the action warp and the residual scale are fitted on before the first step
+
+
+def fit_to_data(net: ActionConditionedUNet, stream: WindowStream, frames: TrajectoryStore | None,
+                environment: Any) -> None:
+    """Before the first step: fit the action warp (``world_model.action_warp``) and measure the residual scale
+    (``world_model.predict_residual``: the std of ``next - base``) on a sample of training windows."""
+    if net.action_warp is not None:
+        fit_warp(net, stream, frames, environment)
+    if net.config.predict_residual:
+        rows = np.random.default_rng([stream.seed, 12]).permutation(len(stream))[:FIT_WINDOWS]
+        batch = stream.read(sorted(rows.tolist()))
+        with torch.no_grad():
+            residual = batch.target - net.residual_base(batch.context_latents, batch.context_actions)
+            net.residual_scale.fill_(float(residual.std()))
+        log.info("predicting the residual to the %s last latent: std %.3f (the latents' std is %.3f)",
+                 "warped" if net.action_warp is not None else "unwarped", float(net.residual_scale),
+                 float(batch.target.std()))
+
+
+def fit_warp(net: ActionConditionedUNet, stream: WindowStream, frames: TrajectoryStore | None,
+             environment: Any) -> None:
+    """Fit the network's action warp on a sample of training windows and their real ``frames`` (the recorded
+    trajectories the latents were encoded from)."""
+    if frames is None:
+        raise PipelineError("world_model.action_warp measures the view's motion on the recorded frames: pass "
+                            "--trajectories data/raw_trajectories (or set world_model.action_warp: false)")
+    rows = np.random.default_rng([stream.seed, 11]).permutation(len(stream))[:FIT_WINDOWS]
+    k = stream.context
+    kept, pairs = [], []
+    for row in sorted(rows.tolist()):
+        shard, start = (int(v) for v in stream.index[row])
+        window = frames.read_matching_window(stream.store, shard, start, k + 1, ["frames"])
+        if window is not None:
+            kept.append(row)
+            pairs.append(window["frames"][k - 1 : k + 1])
+    if len(kept) < 16:
+        raise PipelineError(f"only {len(kept)} training windows of the latents have their frames in the recorded "
+                            "trajectories; rerun validated_latents from the same raw_trajectories")
+    batch = stream.read(kept)
+    pixels = np.moveaxis(np.stack(pairs).astype(np.float32) / 255.0, -1, -3)  # [N, 2, 3, H, W]
+    attributes = stream.store.shards[0].attributes.get("autoencoder", {})
+    padding = attributes.get("padding", {})
+    geometry = LatentGeometry(int(attributes.get("downsample_factor", pixels.shape[-1] // batch.target.shape[-1])),
+                              int(padding.get("left", 0)), int(padding.get("top", 0)))
+    fitted = fit_action_warp(net.action_warp, batch.context_latents[:, -1], batch.context_actions, batch.target,
+                             pixels[:, 0], pixels[:, 1], geometry, environment.view_rows)
+    motion = net.action_warp.describe([a.name for a in environment.actions])
+    log.info("action warp fitted on %d training windows (gate by row %s): %s", fitted["windows"],
+             fitted["gate_rows"], ", ".join(
+                 f"{name} dx {m['dx_cells']:+.2f} ({m['dx_cells_from_noop']:+.2f} from noop) zoom {m['zoom']:.3f}"
+                 for name, m in motion.items()))
 
 
 def _update_ema(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float) -> None:

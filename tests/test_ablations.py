@@ -35,7 +35,8 @@ def metrics_for(context: int, noise: float, policy: str) -> dict:
 def test_plan_runs_each_distinct_setting_once() -> None:
     baseline = {"world_model": {"context": 2}, "raw_trajectories": {"policy": "agent"}}
     experiments = ab.plan(SETTINGS, baseline)
-    assert [e.label for e in experiments] == ["base", "context-1", "context-4", "noise-off", "data-random"]
+    assert [e.label for e in experiments] == ["base", "context-1", "context-4", "noise-off", "data-random", "warp-off"]
+    assert experiments[-1].overrides == {"world_model.action_warp": False, "world_model.predict_residual": False}
     assert experiments[1].set_params() == ["world_model.context=1"]
     assert experiments[3].overrides == {"world_model.max_noise_level": 0.0, "sampler.context_noise_level": 0.0}
     assert experiments[1].name("20260101") == "abl-20260101-context-1"
@@ -44,6 +45,36 @@ def test_plan_runs_each_distinct_setting_once() -> None:
     assert all(e.overrides["diffusion_checkpoint.steps"] == 10 for e in only)
     with pytest.raises(ab.AblationError, match="unknown ablation groups"):
         ab.plan(SETTINGS, baseline, ["colour"])
+
+
+def test_every_setting_runs_once_per_seed_and_the_tables_show_the_spread() -> None:
+    baseline = {"world_model": {"context": 2}, "raw_trajectories": {"policy": "agent"}}
+    seeded = SETTINGS.model_copy(update={"seeds": [0, 1]})
+    experiments = ab.plan(seeded, baseline, ["context", "warp"])
+    assert [e.label for e in experiments] == ["base-seed0", "base-seed1", "context-1-seed0", "context-1-seed1",
+                                              "context-4-seed0", "context-4-seed1", "warp-off-seed0", "warp-off-seed1"]
+    assert experiments[3].overrides == {"world_model.context": 1, "diffusion_checkpoint.seed": 1,
+                                        "distilled_model.seed": 1}
+    assert ab.setting_of("context-1-seed1") == "context-1" and ab.setting_of("base") == "base"
+
+    def result(label: str, context: int, warp: bool, offset: float) -> ab.Result:
+        params = {"world_model": {"context": context, "max_noise_level": 0.7, "action_warp": warp,
+                                  "predict_residual": warp},
+                  "sampler": {"context_noise_level": 0.1}, "raw_trajectories": {"policy": "agent"}}
+        metrics = metrics_for(context, 0.7, "agent")
+        metrics["onnx"]["teacher_forced"]["psnr"]["model"]["pooled"] += offset
+        metrics["onnx"]["teacher_forced"]["controllability"] = {"turning": {"share": 0.9 if warp else 0.5},
+                                                                "moving": {"share": 0.8 if warp else 0.5}}
+        return ab.Result(f"abl-t-{label}", label, "t", "", params, metrics)
+
+    results = [result("base-seed0", 2, True, 0.0), result("base-seed1", 2, True, 0.4),
+               result("context-1-seed0", 1, True, 0.0), result("context-1-seed1", 1, True, 0.2),
+               result("warp-off-seed0", 2, False, -1.0), result("warp-off-seed1", 2, False, -1.2)]
+    text = ab.tables(results, seeded)
+    assert "ran with 2 seeds" in text
+    assert "| 2 | 23.60 ± 0.20 |" in text and "| 1 | 22.50 ± 0.10 |" in text
+    assert "| on | 23.60 ± 0.20 | 0.50 ± 0.00 | 0.90 ± 0.00 | 0.80 ± 0.00 | never, never |" in text
+    assert "| off | 22.30 ± 0.10 |" in text
 
 
 def test_tables_are_shaped_like_the_papers() -> None:

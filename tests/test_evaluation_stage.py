@@ -92,6 +92,7 @@ def test_stage_fails_clearly_without_heldout_episodes(tmp_path: Path) -> None:
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = build_tiny_export(tmp_path_factory.mktemp("evaluation"))
     set_evaluation(root, windows=8, rollout_lengths=ROLLOUTS, rollout_windows=2, batch_size=4, sample_windows=2,
+                   turn_contexts=3, turn_test_rows=2,
                    promotion={"champion_dir": str(root / "champion"), "log": str(root / "docs/promotion-log.md"),
                               "criteria": [{"metric": "onnx.teacher_forced.psnr.model.pooled", "tolerance": 0.1},
                                            {"metric": "onnx.rollout.8.mean_psnr_over_steps.model", "tolerance": 0.2}]})
@@ -133,13 +134,42 @@ def test_stage_writes_metrics_for_export_and_teacher(evaluated: Path) -> None:
 
 def test_stage_draws_plot_and_sample_video(evaluated: Path) -> None:
     plots = evaluated / "plots/evaluation"
-    with Image.open(plots / "psnr_by_step.png") as png:
-        assert png.format == "PNG" and png.size == (720, 440)
+    for name in ("psnr_by_step.png", "sharpness_by_step.png"):
+        with Image.open(plots / name) as png:
+            assert png.format == "PNG" and png.size == (720, 440)
     with Image.open(plots / "sample.gif") as gif:
         assert gif.format == "GIF" and gif.n_frames == max(ROLLOUTS)
     rows = json.loads((plots / "psnr_by_step.json").read_text())
     assert [r["step"] for r in rows] == list(range(1, max(ROLLOUTS) + 1))
-    assert {"onnx", "teacher", "copy_last_frame", "copy_last_latent"} <= set(rows[0])
+    assert {"onnx", "teacher", "copy_last_frame", "copy_last_latent", "shift_last_frame"} <= set(rows[0])
+
+
+def test_stage_measures_sharpness_the_controllable_baseline_and_the_turn_response(evaluated: Path) -> None:
+    metrics = json.loads((evaluated / "metrics/evaluation.json").read_text())
+    assert set(metrics["view_motion"]["displacement_px"]) == {a["name"] for a in yaml.safe_load(
+        (evaluated / "params.yaml").read_text())["environment"]["actions"]}
+    for model in ("onnx", "teacher"):
+        tf = metrics[model]["teacher_forced"]
+        assert {"model", "copy_last_frame", "copy_last_latent", "shift_last_frame", "autoencoder_ceiling"} <= set(
+            tf["sharpness"])
+        assert tf["sharpness"]["copy_last_frame"] > 0
+        assert "shift_last_frame" in tf["margin_db"] and "turning" in tf["baseline_controllability"]["shift_last_frame"]
+        for steps in ROLLOUTS:
+            rollout = metrics[model]["rollout"][str(steps)]
+            assert len(rollout["sharpness_by_step"]["model"]) == steps
+            assert set(rollout["sharpness_by_step"]) == {"model", "copy_last_frame", "copy_last_latent",
+                                                        "shift_last_frame"}
+            assert rollout["sharpness_at_step"]["1"] == rollout["sharpness_by_step"]["model"][0]
+        response = metrics[model]["turn_response"]
+        assert response["steps"] == 4 and response["contexts"] >= 1
+        for turn in ("turn_left", "turn_right"):
+            assert 0.0 <= response[turn]["right_sign_share"] <= 1.0
+            assert np.isfinite(response[turn]["model_mean_px"])
+    with Image.open(evaluated / "plots/evaluation/turn_test.png") as png:
+        # 2 held-out contexts x (4 held actions + the recorded frames), context frame + 8 steps each
+        assert png.format == "PNG" and png.size[0] > 9 * 32 and png.size[1] > 10 * 24
+    assert {"onnx/margin_db_vs_shift_last_frame", "onnx/turn_turn_left_right_sign_share", "onnx/controllability_moving",
+            "baseline/shift_last_frame_psnr_pooled"} <= set(metrics["headline"])
 
 
 def _tree(folder: Path) -> dict[str, str]:

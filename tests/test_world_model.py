@@ -27,11 +27,12 @@ TRAIN = {"steps": 200, "batch_size": 16, "learning_rate": 0.003, "log_every": 20
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("world_model")
     params = parse_params(micro_params_dict(diffusion_checkpoint=TRAIN))
-    latents = write_synthetic_latents(root / "latents", len(params.environment.actions))
+    latents = write_synthetic_latents(root / "latents", len(params.environment.actions), frames_root=root / "frames")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the test machine is shared; one thread is the fastest under contention
     try:
-        result = train(params, latents, cache_root=root / "cache", live_dir=root / "dvclive")
+        result = train(params, latents, cache_root=root / "cache", live_dir=root / "dvclive",
+                       frames_root=root / "frames")
     finally:
         torch.set_num_threads(threads)
     store = open_latents(latents, params.world_model.context, len(params.environment.actions))
@@ -136,7 +137,8 @@ def test_save_and_load(trained: dict[str, Any], tmp_path: Path) -> None:
 
 
 def test_pretrained_unet_folder_widens_conv_in(tmp_path: Path) -> None:
-    """A local UNet saved with save_pretrained: conv_in widened to C*(K+1), the extra weights start at zero."""
+    """A local UNet saved with save_pretrained: conv_in widened to C*(K+2) (K context latents and the warped
+    one), the extra weights start at zero."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -149,7 +151,7 @@ def test_pretrained_unet_folder_widens_conv_in(tmp_path: Path) -> None:
     wm = parse_params(micro_params_dict(world_model={"pretrained_unet": str(tmp_path / "unet"), "context": 3})).world_model
     net = ActionConditionedUNet.from_params(wm, 4, (8, 8), num_actions=5)
     weight = net.unet.conv_in.weight
-    assert weight.shape[1] == 4 * (3 + 1)
+    assert weight.shape[1] == 4 * (3 + 2)
     assert torch.equal(weight[:, :4], pretrained.conv_in.weight)
     assert torch.count_nonzero(weight[:, 4:]) == 0
     assert net.config.cross_attention_dim == 24  # the action tokens take the pretrained width
@@ -178,8 +180,9 @@ def test_bad_model_params_name_the_key() -> None:
 def test_adafactor_option_trains(tmp_path: Path) -> None:
     params = parse_params(micro_params_dict(diffusion_checkpoint={"optimizer": "adafactor", "steps": 3,
                                                                   "log_every": 1, "ema_decay": 0.9}))
-    latents = write_synthetic_latents(tmp_path / "latents", len(params.environment.actions), shards=1, episodes=2)
-    result = train(params, latents, cache_root=tmp_path / "cache", live_dir=None)
+    latents = write_synthetic_latents(tmp_path / "latents", len(params.environment.actions), shards=1, episodes=2,
+                                      frames_root=tmp_path / "frames")
+    result = train(params, latents, cache_root=tmp_path / "cache", live_dir=None, frames_root=tmp_path / "frames")
     assert result.steps == 3 and all(np.isfinite(loss) for _, loss in result.losses)
 
 
@@ -189,10 +192,11 @@ def test_time_budget_fixes_the_step_count_once(tmp_path: Path) -> None:
 
     params = parse_params(micro_params_dict(diffusion_checkpoint={"train_minutes": 1e-4, "steps": 500,
                                                                   "checkpoint_every": 1000}))
-    latents = write_synthetic_latents(tmp_path / "latents", len(params.environment.actions), shards=1, episodes=2)
-    first = train(params, latents, cache_root=tmp_path / "cache", live_dir=None)
+    latents = write_synthetic_latents(tmp_path / "latents", len(params.environment.actions), shards=1, episodes=2,
+                                      frames_root=tmp_path / "frames")
+    first = train(params, latents, cache_root=tmp_path / "cache", live_dir=None, frames_root=tmp_path / "frames")
     assert first.planned_steps == first.steps == PLAN_AT  # the budget is spent: stop as soon as it is measured
     (checkpoint,) = (tmp_path / "cache").glob("*/checkpoint.safetensors")
     assert load_checkpoint(checkpoint)[0] == PLAN_AT and load_checkpoint(checkpoint)[-1] == PLAN_AT
-    again = train(params, latents, cache_root=tmp_path / "cache", live_dir=None)
+    again = train(params, latents, cache_root=tmp_path / "cache", live_dir=None, frames_root=tmp_path / "frames")
     assert again.resumed_from == again.steps == PLAN_AT

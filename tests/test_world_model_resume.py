@@ -23,7 +23,7 @@ STEPS = 60
 def _command(tmp: Path, name: str) -> list[str]:
     return [
         sys.executable, "-m", "components", "--params", str(tmp / "params.yaml"), "diffusion_checkpoint",
-        "--latents", str(tmp / "latents"), "--autoencoder", str(tmp / "autoencoder"),
+        "--latents", str(tmp / "latents"), "--autoencoder", str(tmp / "autoencoder"), "--trajectories", str(tmp / "frames"),
         "--out", str(tmp / name / "model"), "--metrics", str(tmp / name / "metrics.json"),
         "--samples", str(tmp / name / "samples.png"), "--live-dir", str(tmp / name / "dvclive"),
         "--cache-dir", str(tmp / name / "cache"),
@@ -49,7 +49,8 @@ def _checkpoint_step(cache: Path) -> int | None:
 def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
     raw = micro_params_dict(diffusion_checkpoint={"steps": STEPS, "checkpoint_every": 15, "log_every": 5})
     write_params(tmp_path / "params.yaml", raw)
-    write_synthetic_latents(tmp_path / "latents", len(raw["environment"]["actions"]), shards=1, episodes=3)
+    write_synthetic_latents(tmp_path / "latents", len(raw["environment"]["actions"]), shards=1, episodes=3,
+                            frames_root=tmp_path / "frames")
     tiny_autoencoder(tmp_path / "autoencoder")
 
     # 1. start, wait for the first checkpoint, then SIGKILL the training process

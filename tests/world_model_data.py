@@ -57,15 +57,37 @@ def synthetic_episode(rng: np.random.Generator, length: int, num_actions: int) -
     return {"latents": latents, "actions": actions, "dones": dones}
 
 
+FRAME_SIZE = (24, 32)  # the frames behind the latents: 4 px per cell, 4 rows of padding above and below
+GEOMETRY = {"downsample_factor": 4, "padding": {"left": 0, "right": 0, "top": 4, "bottom": 4}}
+
+
+def frames_of(latents: np.ndarray) -> np.ndarray:
+    """uint8 frames [T, 24, 32, 3] that show latents [T, 4, 8, 8]: channels 1..3 enlarged 4x, padding cropped."""
+    rgb = np.repeat(np.repeat(latents[:, 1:4].astype(np.float32), 4, axis=2), 4, axis=3)[:, :, 4:28]
+    return (np.clip((rgb + 1.0) / 4.0, 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
 def write_synthetic_latents(root: Path, num_actions: int, shards: int = 2, episodes: int = 4, length: int = 40,
-                            heldout: int = 1, seed: int = 0) -> Path:
-    """``root/shard-<i>`` with ``episodes`` episodes each, the last ``heldout`` of them in the held-out split."""
+                            heldout: int = 1, seed: int = 0, frames_root: Path | None = None) -> Path:
+    """``root/shard-<i>`` with ``episodes`` episodes each, the last ``heldout`` of them in the held-out split.
+
+    With ``frames_root``, the same episodes (same ids) as frames there too: the recorded trajectories that the
+    world model's action warp is fitted on."""
     rng = np.random.default_rng(seed)
     for shard in range(shards):
-        with ShardWriter(root / f"shard-{shard}", kind="latents", attributes={"synthetic": True}) as writer:
+        frames = ShardWriter(frames_root / f"shard-{shard}", kind="trajectories") if frames_root else None
+        with ShardWriter(root / f"shard-{shard}", kind="latents",
+                         attributes={"synthetic": True, "autoencoder": GEOMETRY}) as writer:
             for episode in range(episodes):
                 split = "heldout" if episode >= episodes - heldout else "train"
-                writer.add_episode(synthetic_episode(rng, length, num_actions), split=split)
+                arrays = synthetic_episode(rng, length, num_actions)
+                episode_id = f"synthetic-{shard}-{episode}"
+                writer.add_episode(arrays, split=split, episode_id=episode_id)
+                if frames is not None:
+                    frames.add_episode({"frames": frames_of(arrays["latents"]), "actions": arrays["actions"]},
+                                       split=split, episode_id=episode_id)
+        if frames is not None:
+            frames.close()
     return root
 
 

@@ -1,7 +1,8 @@
 """``python -m components ablations`` (``make ablations``): the paper's ablations as DVC experiments.
 
-Queues ``dvc exp run --queue -S ...`` experiments for the context lengths, noise augmentation on/off and
-agent/random data of ``evaluation.ablations``, runs them, and writes the tables to ``docs/results.md``.
+Queues ``dvc exp run --queue -S ...`` experiments for the context lengths, noise augmentation on/off,
+agent/random data and the action warp on/off of ``evaluation.ablations`` (each once per seed), runs them,
+and writes the tables to ``docs/results.md``.
 See components/ablations.py.
 """
 
@@ -12,7 +13,8 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--groups", default="context,noise,data", help="comma-separated: context, noise, data")
+    parser.add_argument("--groups", default="context,noise,data,warp",
+                        help="comma-separated: context, noise, data, warp (the action warp off)")
     parser.add_argument("--context-lengths", default=None,
                         help="comma-separated K values, overriding evaluation.ablations.context_lengths")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from existing experiments")

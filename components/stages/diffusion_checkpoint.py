@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latents", default="data/validated_latents", help="shards of latents to train on")
     parser.add_argument("--autoencoder", default="data/finetuned_vae", help="decodes the sample previews")
+    parser.add_argument("--trajectories", default="data/raw_trajectories",
+                        help="the recorded frames behind the latents (the action warp is fitted on them)")
     parser.add_argument("--out", default="data/diffusion_checkpoint", help="folder for the trained model")
     parser.add_argument("--metrics", default="metrics/diffusion_checkpoint.json")
     parser.add_argument("--samples", default="plots/diffusion_checkpoint/samples.png")
@@ -44,7 +46,8 @@ def main(args: argparse.Namespace) -> None:
         from components.autoencoder import load_autoencoder
 
         autoencoder = load_autoencoder(args.autoencoder)
-    result = train(params, args.latents, cache_root=args.cache_dir, live_dir=args.live_dir)
+    result = train(params, args.latents, cache_root=args.cache_dir, live_dir=args.live_dir,
+                   frames_root=args.trajectories)
     if not result.is_main_process:
         return  # under `accelerate launch` the main process writes the outputs
     net = result.net
@@ -77,8 +80,12 @@ def main(args: argparse.Namespace) -> None:
         "context": net.config.context,
         "latent_shape": [net.config.latent_channels, *net.config.latent_size],
         "sampler": params.sampler.model_dump(),
+        "action_warp": None if net.action_warp is None else net.action_warp.describe(
+            [a.name for a in params.environment.actions]),
+        "residual_scale": float(net.residual_scale) if net.config.predict_residual else None,
         **{k: v for k, v in evaluation.items() if k not in ("batch", "sampled")},
     }
     atomic_write_json(args.metrics, metrics)
     log.info("metrics: %s", {k: metrics[k] for k in ("steps", "final_train_loss", "heldout_loss",
                                                      "sampled_latent_mse", "copy_last_latent_mse")})
+

@@ -77,21 +77,23 @@ def main(args: argparse.Namespace) -> None:
     picks = heldout.evenly_spaced(settings.eval_windows)
 
     student = OneStepStudent.from_teacher(teacher, sampler.steps, sampler.cfg, sampler.context_noise_level,
-                                          settings.noise_seed)
+                                          settings.noise_seed, settings.target, settings.rollout_steps)
     log.info("teacher: %d steps, cfg %.2f, context noise %.2f (bucket %d); student runs at t=%d",
              sampler.steps, sampler.cfg, sampler.context_noise_level, student.settings.noise_bucket,
              student.settings.timestep)
     before = distillation_metrics(student, teacher, autoencoder, heldout, picks)
     log.info("before distillation: %s", {k: round(v, 3) for k, v in before.items()})
 
-    # A fixed held-out batch with its teacher targets, for the learning curve.
-    curve_context, curve_actions, _ = heldout.batch(picks[: min(len(picks), 16)])
+    # A fixed held-out batch with its targets (the teacher's samples, or the real next latents), for the curve.
+    curve_context, curve_actions, curve_next = heldout.batch(picks[: min(len(picks), 16)])
     scheduler = make_scheduler(teacher.config, "ddim")
-    curve_target = teacher_sample(teacher, scheduler, student, curve_context, curve_actions)
+    if settings.target == "teacher":
+        curve_next = teacher_sample(teacher, scheduler, student, curve_context, curve_actions)
 
     def evaluate() -> dict[str, float]:
         with torch.no_grad():
-            return {"heldout_mse_vs_teacher": torch.mean((student(curve_context, curve_actions) - curve_target) ** 2).item()}
+            return {f"heldout_mse_vs_{settings.target}":
+                    torch.mean((student(curve_context, curve_actions) - curve_next) ** 2).item()}
 
     key = fingerprint(settings.model_dump(), sampler.model_dump(), inputs_fingerprint(store),
                       [file_sha256(p) for p in sorted(Path(args.teacher).glob("*")) if p.is_file()])
@@ -100,7 +102,7 @@ def main(args: argparse.Namespace) -> None:
         student,
         list(student.net.parameters()),
         lambda step: distillation_loss(student, teacher, scheduler, training, settings.batch_size, rng,
-                                       teacher_generator(settings, step)),
+                                       teacher_generator(settings, step), settings.target, settings.rollout_steps),
         Budget(settings.minutes, settings.max_steps, settings.warmup_steps),
         settings.learning_rate,
         state,
@@ -128,6 +130,8 @@ def main(args: argparse.Namespace) -> None:
         "cfg": sampler.cfg,
         "context_noise_level": sampler.context_noise_level,
         "teacher_noise": settings.teacher_noise,
+        "target": settings.target,
+        "rollout_steps": settings.rollout_steps,
     }
     student.save(args.out, extra={"metrics": metrics, "curve": result.curve})
     atomic_write_json(args.metrics, metrics)

@@ -61,10 +61,16 @@ def run(params: Any, export: Path, raw_root: Path, latents_root: Path, checkpoin
 
     onnx, manifest = ev.onnx_model(export, threads=settings.threads)
     _check_export_matches(manifest, raw, params)
-    metrics["onnx"], extras["onnx"] = ev.evaluate_model(onnx, int(manifest["K"]), raw, None, episodes, settings, actions)
+    motion = ev.measure_view_motion(raw, params.environment, settings)
+    metrics["view_motion"] = motion.describe(actions)
+    log.info("the real game's view displacement per action (px, training split): %s",
+             {k: round(v, 1) for k, v in metrics["view_motion"]["displacement_px"].items()})
+    metrics["onnx"], extras["onnx"] = ev.evaluate_model(onnx, int(manifest["K"]), raw, None, episodes, settings,
+                                                        actions, motion)
     if with_teacher:
         model, k = ev.teacher_model(checkpoint, vae, params.sampler)
-        metrics["teacher"], extras["teacher"] = ev.evaluate_model(model, k, raw, latents, episodes, settings, actions)
+        metrics["teacher"], extras["teacher"] = ev.evaluate_model(model, k, raw, latents, episodes, settings,
+                                                                  actions, motion)
     else:
         metrics["teacher"] = {"skipped": "evaluation.teacher is false"}
 
@@ -122,12 +128,25 @@ def write_outputs(metrics: dict[str, Any], extras: dict[str, dict], metrics_path
         curves["teacher"] = teacher["psnr_by_step"]["model"]["pooled"]
     curves["copy-last-frame"] = rollouts[longest]["psnr_by_step"]["copy_last_frame"]["pooled"]
     curves["copy-last-latent"] = rollouts[longest]["psnr_by_step"]["copy_last_latent"]["pooled"]
+    if "shift_last_frame" in rollouts[longest]["psnr_by_step"]:
+        curves["shift-last-frame"] = rollouts[longest]["psnr_by_step"]["shift_last_frame"]["pooled"]
     line_chart(plots_dir / "psnr_by_step.png", curves,
                f"Pooled PSNR by rollout step ({longest} steps, held-out, recorded actions)")
     keys = {"ONNX 1-step": "onnx", "teacher": "teacher", "copy-last-frame": "copy_last_frame",
-            "copy-last-latent": "copy_last_latent"}
+            "copy-last-latent": "copy_last_latent", "shift-last-frame": "shift_last_frame"}
     rows = [{"step": s + 1, **{keys[name]: curve[s] for name, curve in curves.items()}} for s in range(int(longest))]
     atomic_write_json(plots_dir / "psnr_by_step.json", rows)
+    sharpness = {"ONNX 1-step": rollouts[longest]["sharpness_by_step"]["model"]}
+    if teacher:
+        sharpness["teacher"] = teacher["sharpness_by_step"]["model"]
+    sharpness.update({label: rollouts[longest]["sharpness_by_step"][keys[label]]
+                      for label in ("copy-last-frame", "copy-last-latent", "shift-last-frame")
+                      if keys[label] in rollouts[longest]["sharpness_by_step"]})
+    line_chart(plots_dir / "sharpness_by_step.png", sharpness,
+               f"Sharpness by rollout step ({longest} steps): Laplacian energy / the real frames' (1 = as sharp)",
+               y_label="sharpness")
+    if "turn_test" in extras["onnx"]:
+        write_turn_test(plots_dir / "turn_test.png", extras["onnx"]["turn_test"])
 
     n = settings.sample_windows
     columns = {"real": extras["onnx"][f"real_{longest}"][:n], "ONNX": extras["onnx"][f"rollout_{longest}"][:n]}
@@ -136,3 +155,20 @@ def write_outputs(metrics: dict[str, Any], extras: dict[str, dict], metrics_path
     count = min(len(c) for c in columns.values())
     side_by_side_gif(plots_dir / "sample.gif", {k: np.asarray(v[:count]) for k, v in columns.items()},
                      fps=settings.sample_fps)
+
+
+def write_turn_test(path: Path, shown: dict[str, Any]) -> None:
+    """The turn test: per held-out context, the last context frame then the generated steps of each held action,
+    and the recorded continuation (``components.evaluation.turn_test``)."""
+    from components.evaluation_plots import frame_grid
+
+    context = shown["context"]
+    steps = shown["real"].shape[1]
+    rows = []
+    for index in range(len(context)):
+        for name, frames in shown.items():
+            if name != "context":
+                label = f"{index + 1}: {'recorded' if name == 'real' else name}"
+                rows.append((label, [context[index], *frames[index]]))
+    frame_grid(path, rows, ["context", *[f"+{s + 1}" for s in range(steps)]],
+               title="Turn test (ONNX, held-out contexts): each action held from the same context")

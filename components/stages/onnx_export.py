@@ -150,6 +150,8 @@ def main(args: argparse.Namespace) -> None:
                 "cfg": student.settings.cfg,
                 "context_noise_level": student.settings.context_noise_level,
                 "noise_bucket": student.settings.noise_bucket,
+                "trained_on": student.settings.target,
+                "rollout_steps": student.settings.rollout_steps,
                 "deterministic": True,
             },
             "padding": dict(zip(("left", "right", "top", "bottom"), autoencoder.padding)),
