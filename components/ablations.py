@@ -73,7 +73,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return {key.strip(): yaml.safe_load(value) for key, value in pairs}
 
 
-GROUPS = ("context", "noise", "data", "warp")
+GROUPS = ("warp", "noise", "context", "data")
 SEED_MARK = "-seed"
 
 
@@ -88,17 +88,17 @@ def plan(ablations: Any, baseline: Mapping[str, Any], groups: Iterable[str] = GR
     common = parse_overrides(ablations.overrides)
     base_k = metric_value(baseline, ablations.context_key)
     base_policy = _lookup(baseline, ablations.data_key)
-    settings = [("base", common)]
+    settings = [("base", common)]  # warp and noise first: a queue cut short still has them
+    if "warp" in groups:
+        settings.append(("warp-off", {**common, **ablations.warp_off}))
+    if "noise" in groups:
+        settings.append(("noise-off", {**common, **ablations.noise_off}))
     if "context" in groups:
         settings += [(f"context-{k}", {**common, ablations.context_key: k})
                      for k in ablations.context_lengths if k != base_k]
-    if "noise" in groups:
-        settings.append(("noise-off", {**common, **ablations.noise_off}))
     if "data" in groups:
         settings += [(f"data-{p}", {**common, ablations.data_key: p})
                      for p in ablations.data_policies if p != base_policy]
-    if "warp" in groups:
-        settings.append(("warp-off", {**common, **ablations.warp_off}))
     if len(ablations.seeds) == 1:
         return [Experiment(label, overrides) for label, overrides in settings]
     return [Experiment(f"{label}{SEED_MARK}{seed}", {**overrides, **{key: seed for key in ablations.seed_keys}})

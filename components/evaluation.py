@@ -342,6 +342,11 @@ class ViewMotion:
 BASELINES = ("copy_last_frame", "copy_last_latent", "shift_last_frame")
 
 
+def _view_rows(motion: ViewMotion | None) -> float:
+    """The rows sharpness is measured on: those above the HUD when the view motion is known, else all."""
+    return motion.view_rows if motion is not None else 1.0
+
+
 def teacher_forced(
     model: ModelUnderTest,
     windows: Windows,
@@ -387,7 +392,7 @@ def teacher_forced(
         "psnr": {name: psnr_summary(values, cap_db) for name, values in mse.items()},
         "ssim": {name: float(ssim(torch.from_numpy(value), torch.from_numpy(target)).mean())
                  for name, value in frames.items()},
-        "sharpness": {name: view_motion.sharpness(value, target) for name, value in frames.items()},
+        "sharpness": {name: view_motion.sharpness(value, target, _view_rows(motion)) for name, value in frames.items()},
     }
     result["margin_db"] = {b: margins_db(result["psnr"]["model"], result["psnr"][b]) for b in baselines}
     result["win_share"] = {b: win_shares(mse["model"], mse[b], kinds) for b in baselines}
@@ -471,7 +476,8 @@ def rollout(
         predicted_steps = [prediction_at(s) for s in range(steps)]
         curves[name] = psnr_curve(np.stack([mse_per_frame(p, target[:, s]) for s, p in enumerate(predicted_steps)],
                                            axis=1), cap_db)
-        sharpness[name] = [view_motion.sharpness(p, target[:, s]) for s, p in enumerate(predicted_steps)]
+        sharpness[name] = [view_motion.sharpness(p, target[:, s], _view_rows(motion))
+                           for s, p in enumerate(predicted_steps)]
     return {
         "steps": steps,
         "windows": n,

@@ -127,13 +127,16 @@ def laplacian_energy(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     return response.pow(2).flatten(1).mean(1).double().numpy()
 
 
-def sharpness(generated: np.ndarray, real: np.ndarray) -> float:
-    """Mean Laplacian energy of ``generated`` over that of ``real`` (pooled over frames): 1 is as sharp as the
-    game, below 1 is blur, above 1 is noise. ``nan`` when the real frames are flat."""
-    real_energy = float(laplacian_energy(real).mean())
+def sharpness(generated: np.ndarray, real: np.ndarray, view_rows: float = 1.0) -> float:
+    """Mean Laplacian energy of ``generated`` over that of ``real`` (pooled over frames [B,3,H,W]), on the top
+    ``view_rows`` of the rows: 1 is as sharp as the game, below 1 is blur, above 1 is noise. Measure above the
+    HUD: the status bar never moves, is easy to copy and would hide a blurred view. ``nan`` when the real frames
+    are flat."""
+    rows = view_row_count(np.shape(real)[2], view_rows)
+    real_energy = float(laplacian_energy(np.asarray(real)[:, :, :rows]).mean())
     if real_energy <= 0:
         return float("nan")
-    return float(laplacian_energy(generated).mean()) / real_energy
+    return float(laplacian_energy(np.asarray(generated)[:, :, :rows]).mean()) / real_energy
 
 
 __all__ = [

@@ -35,11 +35,11 @@ def metrics_for(context: int, noise: float, policy: str) -> dict:
 def test_plan_runs_each_distinct_setting_once() -> None:
     baseline = {"world_model": {"context": 2}, "raw_trajectories": {"policy": "agent"}}
     experiments = ab.plan(SETTINGS, baseline)
-    assert [e.label for e in experiments] == ["base", "context-1", "context-4", "noise-off", "data-random", "warp-off"]
-    assert experiments[-1].overrides == {"world_model.action_warp": False, "world_model.predict_residual": False}
-    assert experiments[1].set_params() == ["world_model.context=1"]
-    assert experiments[3].overrides == {"world_model.max_noise_level": 0.0, "sampler.context_noise_level": 0.0}
-    assert experiments[1].name("20260101") == "abl-20260101-context-1"
+    assert [e.label for e in experiments] == ["base", "warp-off", "noise-off", "context-1", "context-4", "data-random"]
+    assert experiments[1].overrides == {"world_model.action_warp": False, "world_model.predict_residual": False}
+    assert experiments[3].set_params() == ["world_model.context=1"]
+    assert experiments[2].overrides == {"world_model.max_noise_level": 0.0, "sampler.context_noise_level": 0.0}
+    assert experiments[3].name("20260101") == "abl-20260101-context-1"
     only = ab.plan(SETTINGS.model_copy(update={"overrides": ["diffusion_checkpoint.steps=10"]}), baseline, ["context"])
     assert [e.label for e in only] == ["base", "context-1", "context-4"]
     assert all(e.overrides["diffusion_checkpoint.steps"] == 10 for e in only)
@@ -51,9 +51,9 @@ def test_every_setting_runs_once_per_seed_and_the_tables_show_the_spread() -> No
     baseline = {"world_model": {"context": 2}, "raw_trajectories": {"policy": "agent"}}
     seeded = SETTINGS.model_copy(update={"seeds": [0, 1]})
     experiments = ab.plan(seeded, baseline, ["context", "warp"])
-    assert [e.label for e in experiments] == ["base-seed0", "base-seed1", "context-1-seed0", "context-1-seed1",
-                                              "context-4-seed0", "context-4-seed1", "warp-off-seed0", "warp-off-seed1"]
-    assert experiments[3].overrides == {"world_model.context": 1, "diffusion_checkpoint.seed": 1,
+    assert [e.label for e in experiments] == ["base-seed0", "base-seed1", "warp-off-seed0", "warp-off-seed1",
+                                              "context-1-seed0", "context-1-seed1", "context-4-seed0", "context-4-seed1"]
+    assert experiments[5].overrides == {"world_model.context": 1, "diffusion_checkpoint.seed": 1,
                                         "distilled_model.seed": 1}
     assert ab.setting_of("context-1-seed1") == "context-1" and ab.setting_of("base") == "base"
 

@@ -113,3 +113,15 @@ def test_controllable_baseline_and_turn_response_on_a_perfect_and_a_blind_model(
     shown = ev.turn_test(good, windows, k, actions, steps=1, batch_size=4)
     assert list(shown) == ["turn_left", "turn_right", "noop", "real", "context"]
     assert shown["turn_left"].shape == (count, 1, HEIGHT, WIDTH, 3) and shown["context"].shape == (count, HEIGHT, WIDTH, 3)
+
+
+def test_sharpness_above_the_hud_is_not_hidden_by_a_sharp_status_bar() -> None:
+    frames = textured(4)
+    rng = np.random.default_rng(2)
+    frames[:, :, -HUD:] = rng.random(frames[:, :, -HUD:].shape)  # a busy status bar
+    flat_view = frames.copy()
+    flat_view[:, :, :-HUD] = 0.4  # the view melted to one colour, the HUD intact
+    view_rows = 1 - HUD / HEIGHT
+    assert sharpness(flat_view, frames) > 0.3  # over the whole frame, the HUD carries the score
+    assert sharpness(flat_view, frames, view_rows) < 0.05
+    assert sharpness(frames, frames, view_rows) == pytest.approx(1.0)
