@@ -51,6 +51,7 @@ from torch import nn
 
 from components.errors import PipelineError
 from components.sampler import guided_velocity
+from components.view_motion import laplacian
 from components.world_model import ActionConditionedUNet, WorldModelConfig, make_scheduler, noise_bucket
 
 log = logging.getLogger(__name__)
@@ -317,17 +318,31 @@ def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet
     return metrics
 
 
+def local_detail(latents: torch.Tensor, patch: int) -> torch.Tensor:
+    """RMS of the Laplacian of ``latents`` [B,C,h,w] over ``patch`` x ``patch`` cells: how much fine detail each
+    region holds, [B,C,ceil(h/patch),ceil(w/patch)]. Blur lowers it; where the detail sits does not matter."""
+    response = laplacian(nn.functional.pad(latents, (1, 1, 1, 1), mode="replicate"))
+    return nn.functional.avg_pool2d(response.pow(2), patch, ceil_mode=True).add(1e-6).sqrt()
+
+
+def detail_loss(predicted: torch.Tensor, goal: torch.Tensor, patch: int) -> torch.Tensor:
+    """Mean squared difference of :func:`local_detail`: zero when every region of ``predicted`` is as detailed as
+    the same region of ``goal``, large for the blurred mean that MSE alone prefers."""
+    return torch.mean((local_detail(predicted, patch) - local_detail(goal, patch)) ** 2)
+
+
 def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, scheduler: Any,
                       windows: LatentWindows, batch_size: int, rng: np.random.Generator,
                       generator: torch.Generator | None = None, target: str = "teacher",
-                      rollout_steps: int = 1) -> torch.Tensor:
+                      rollout_steps: int = 1, detail_weight: float = 0.0, detail_patch: int = 4) -> torch.Tensor:
     """The student's loss on a random batch, over ``rollout_steps`` steps of its own rollout.
 
     Step 1 starts from real context latents; each later step's context ends with the student's own (detached)
     predictions, so it learns to continue from what it made. At every step the student's latent is compared
     (MSE) with ``target``: ``teacher``, the teacher's multi-step CFG sample from the same context (``generator``
     draws fresh noise, ``teacher_noise: fresh``; None uses the student's frozen noise), or ``data``, the real
-    latent that followed (regression onto the recorded play).
+    latent that followed (regression onto the recorded play). With ``detail_weight`` > 0 each step also pays
+    ``detail_weight * detail_loss``: a blurred prediction that MSE alone would accept costs what it lacks in detail.
     """
     context, actions, future = windows.rollout_batch(batch_size, rng, rollout_steps)
     k = context.shape[1]
@@ -340,5 +355,7 @@ def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, s
         else:
             goal = teacher_sample(teacher, scheduler, student, context, step_actions, generator)
         total = total + torch.mean((predicted - goal) ** 2)
+        if detail_weight > 0:
+            total = total + detail_weight * detail_loss(predicted, goal, detail_patch)
         context = torch.cat([context[:, 1:], predicted.detach()[:, None]], dim=1)
     return total / rollout_steps

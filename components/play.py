@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import struct
 import time
 from collections import deque
@@ -531,9 +532,27 @@ class PlayServer:
         ) as server:
             bound = server.sockets[0].getsockname()
             print(f"play: serving http://{bound[0]}:{bound[1]}/  (Ctrl+C to stop)", flush=True)
+            stop = stop_on_signals()
             if ready is not None:
                 ready.set()
-            await server.serve_forever()
+            received = await stop
+            print(f"play: {signal.Signals(received).name} received, closing the connections and stopping", flush=True)
+
+
+def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> asyncio.Future[int]:
+    """A future of the running loop that resolves to the first of ``signals`` received. The handlers replace
+    whatever the process inherited, SIG_IGN included (a server started from a shell or a test that ignores
+    SIGTERM must still stop when told)."""
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[int] = loop.create_future()
+
+    def received(number: int) -> None:
+        if not stop.done():
+            stop.set_result(number)
+
+    for number in signals:
+        loop.add_signal_handler(number, received, number)
+    return stop
 
 
 # --------------------------------------------------------------------------- command

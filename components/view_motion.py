@@ -119,11 +119,15 @@ def action_displacements(store: Any, num_actions: int, view_rows: float = 0.8, p
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
 
+def laplacian(images: torch.Tensor) -> torch.Tensor:
+    """The 3x3 Laplacian of each channel of ``images`` [B,C,H,W] on the interior: [B,C,H-2,W-2] (differentiable)."""
+    kernel = LAPLACIAN.to(images).expand(images.shape[1], 1, 3, 3)
+    return torch.nn.functional.conv2d(images, kernel, groups=images.shape[1])
+
+
 def laplacian_energy(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     """Mean squared Laplacian of each frame [B,3,H,W] (interior pixels, channels averaged): float64 ``[B]``."""
-    x = torch.as_tensor(np.asarray(frames), dtype=torch.float32)
-    kernel = LAPLACIAN.to(x.dtype).expand(x.shape[1], 1, 3, 3)
-    response = torch.nn.functional.conv2d(x, kernel, groups=x.shape[1])
+    response = laplacian(torch.as_tensor(np.asarray(frames), dtype=torch.float32))
     return response.pow(2).flatten(1).mean(1).double().numpy()
 
 
@@ -142,6 +146,7 @@ def sharpness(generated: np.ndarray, real: np.ndarray, view_rows: float = 1.0) -
 __all__ = [
     "action_displacements",
     "horizontal_shift",
+    "laplacian",
     "laplacian_energy",
     "sharpness",
     "shift_view",

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,12 +188,17 @@ def test_rollout_video(export: Path, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the browser
 
 
-@pytest.fixture()
-def server(export: Path) -> Iterator[str]:
+def start_server(export: Path, ignore_sigterm: bool = False) -> tuple[subprocess.Popen[str], str]:
+    """``python -m components play`` on a free port (its own process group): the process and its URL.
+    ``ignore_sigterm`` starts it with SIGTERM ignored, as a shell or a parent process can leave it."""
+
+    def inherit_ignored_sigterm() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     process = subprocess.Popen(
         [sys.executable, "-m", "components", "play", "--export", str(export), "--port", "0", "--fps", "30"],
         cwd=REPO_ROOT, env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=inherit_ignored_sigterm if ignore_sigterm else None,
     )
     url, lines = None, []
     deadline = time.monotonic() + 60
@@ -202,12 +209,38 @@ def server(export: Path) -> Iterator[str]:
         lines.append(line)
         match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line)
         url = match.group(1) if match else None
+    if url is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        pytest.fail("the player server did not start:\n" + "".join(lines))
+    return process, url
+
+
+@pytest.fixture()
+def server(export: Path) -> Iterator[str]:
+    process, url = start_server(export)
     try:
-        assert url, "".join(lines)
         yield url
     finally:
-        os.killpg(process.pid, 15)
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_server_stops_cleanly_on_a_signal_even_if_it_inherited_sigterm_ignored(export: Path, stop: int) -> None:
+    process, url = start_server(export, ignore_sigterm=True)
+    try:
+        with urllib.request.urlopen(url + "manifest.json", timeout=10) as response:  # it serves before the signal
+            assert response.status == 200
+        os.kill(process.pid, stop)
+        output, _ = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    assert process.returncode == 0, output
+    assert f"{signal.Signals(stop).name} received" in output
+    assert "Traceback" not in output
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser)")

@@ -102,7 +102,8 @@ def main(args: argparse.Namespace) -> None:
         student,
         list(student.net.parameters()),
         lambda step: distillation_loss(student, teacher, scheduler, training, settings.batch_size, rng,
-                                       teacher_generator(settings, step), settings.target, settings.rollout_steps),
+                                       teacher_generator(settings, step), settings.target, settings.rollout_steps,
+                                       settings.detail_weight, settings.detail_patch),
         Budget(settings.minutes, settings.max_steps, settings.warmup_steps),
         settings.learning_rate,
         state,
@@ -132,6 +133,7 @@ def main(args: argparse.Namespace) -> None:
         "teacher_noise": settings.teacher_noise,
         "target": settings.target,
         "rollout_steps": settings.rollout_steps,
+        "detail_weight": settings.detail_weight,
     }
     student.save(args.out, extra={"metrics": metrics, "curve": result.curve})
     atomic_write_json(args.metrics, metrics)
