@@ -61,7 +61,30 @@ def _add_command(commands: argparse._SubParsersAction, name: str, module: str, h
         stage.add_arguments(sub)
 
 
+def missing_dependency(error: ModuleNotFoundError) -> str | None:
+    """The one-line message for a third-party package this interpreter lacks (``None`` for the project's own
+    modules): the usual cause is a ``python`` on PATH other than the project's .venv, e.g. under ``dvc repro``."""
+    package = (error.name or "").split(".")[0]
+    if not package or package == "components":
+        return None
+    return (f"{sys.executable} cannot import {package!r}, which the pipeline needs: this is not the project's "
+            "environment. Activate it (source .venv/bin/activate) or use make (make run, make test); "
+            "if this is the project's .venv, reinstall it with make venv")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run_command(argv)
+    except ModuleNotFoundError as error:
+        message = missing_dependency(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def run_command(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command (what :func:`main` does, without its check of the interpreter)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
