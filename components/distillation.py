@@ -334,7 +334,7 @@ def detail_loss(predicted: torch.Tensor, goal: torch.Tensor, patch: int) -> torc
 def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, scheduler: Any,
                       windows: LatentWindows, batch_size: int, rng: np.random.Generator,
                       generator: torch.Generator | None = None, target: str = "teacher",
-                      rollout_steps: int = 1, detail_weight: float = 0.0, detail_patch: int = 4) -> torch.Tensor:
+                      rollout_steps: int = 1, detail_weight: float = 0.0, detail_patch: int = 1) -> torch.Tensor:
     """The student's loss on a random batch, over ``rollout_steps`` steps of its own rollout.
 
     Step 1 starts from real context latents; each later step's context ends with the student's own (detached)

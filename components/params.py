@@ -385,7 +385,7 @@ class DistilledModelParams(Section):
         0.0, ge=0.0, description="weight of the detail term: the local Laplacian RMS of the predicted latent against "
         "the target's, per detail_patch cells (0 = MSE only, which prefers the blurred mean)"
     )
-    detail_patch: int = Field(4, gt=0, description="latent cells per side of the regions the detail term compares")
+    detail_patch: int = Field(1, gt=0, description="latent cells per side of the regions the detail term compares")
     eval_windows: int = Field(64, gt=0, description="held-out windows for the PSNR metrics")
     eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between held-out checks")
     seed: int = 0

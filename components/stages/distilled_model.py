@@ -134,6 +134,7 @@ def main(args: argparse.Namespace) -> None:
         "target": settings.target,
         "rollout_steps": settings.rollout_steps,
         "detail_weight": settings.detail_weight,
+        "detail_patch": settings.detail_patch,
     }
     student.save(args.out, extra={"metrics": metrics, "curve": result.curve})
     atomic_write_json(args.metrics, metrics)
