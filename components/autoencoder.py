@@ -300,21 +300,30 @@ def evaluation_frames(store: Any, count: int, episode_ids: set[str] | None = Non
 
 
 @torch.no_grad()
-def reconstruction_metrics(ae: FrameAutoencoder, frames: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
-    """PSNR (pooled over the mean squared error of all frames, in dB) and mean SSIM of decode(encode(x))."""
+def reconstruction_metrics(ae: FrameAutoencoder, frames: torch.Tensor, batch_size: int = 64,
+                           view_rows: float = 1.0) -> dict[str, float]:
+    """PSNR (pooled over the mean squared error of all frames, in dB), mean SSIM and sharpness (Laplacian energy
+    over the real frames', on the top ``view_rows`` of the rows; ``components.view_motion.sharpness``) of
+    decode(encode(x))."""
     import kornia
 
-    squared, ssim, pixels = 0.0, 0.0, 0
+    from components.view_motion import laplacian_energy, view_row_count
+
+    rows = view_row_count(frames.shape[2], view_rows)
+    squared, ssim, pixels, energy, real_energy = 0.0, 0.0, 0, 0.0, 0.0
     for start in range(0, len(frames), batch_size):
         batch = frames[start : start + batch_size]
         recon = ae.reconstruct(batch)
         squared += F.mse_loss(recon, batch, reduction="sum").item()
         ssim += kornia.metrics.ssim(recon, batch, window_size=7).mean(dim=(1, 2, 3)).sum().item()
         pixels += batch.numel()
+        energy += float(laplacian_energy(recon[:, :, :rows]).sum())
+        real_energy += float(laplacian_energy(batch[:, :, :rows]).sum())
     mse = squared / max(pixels, 1)
     return {
         "psnr": 10.0 * math.log10(1.0 / max(mse, 1e-12)),
         "ssim": ssim / max(len(frames), 1),
+        "sharpness": energy / real_energy if real_energy > 0 else float("nan"),
         "mse": mse,
         "frames": int(len(frames)),
     }

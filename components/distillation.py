@@ -51,7 +51,7 @@ from torch import nn
 
 from components.errors import PipelineError
 from components.sampler import guided_velocity
-from components.view_motion import laplacian
+from components.view_motion import detail_loss
 from components.world_model import ActionConditionedUNet, WorldModelConfig, make_scheduler, noise_bucket
 
 log = logging.getLogger(__name__)
@@ -316,19 +316,6 @@ def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet
         metrics["teacher_psnr"] = psnr(frames["teacher"], frames["truth"])
         metrics["student_vs_teacher_psnr"] = psnr(frames["student"], frames["teacher"])
     return metrics
-
-
-def local_detail(latents: torch.Tensor, patch: int) -> torch.Tensor:
-    """RMS of the Laplacian of ``latents`` [B,C,h,w] over ``patch`` x ``patch`` cells: how much fine detail each
-    region holds, [B,C,ceil(h/patch),ceil(w/patch)]. Blur lowers it; where the detail sits does not matter."""
-    response = laplacian(nn.functional.pad(latents, (1, 1, 1, 1), mode="replicate"))
-    return nn.functional.avg_pool2d(response.pow(2), patch, ceil_mode=True).add(1e-6).sqrt()
-
-
-def detail_loss(predicted: torch.Tensor, goal: torch.Tensor, patch: int) -> torch.Tensor:
-    """Mean squared difference of :func:`local_detail`: zero when every region of ``predicted`` is as detailed as
-    the same region of ``goal``, large for the blurred mean that MSE alone prefers."""
-    return torch.mean((local_detail(predicted, patch) - local_detail(goal, patch)) ** 2)
 
 
 def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, scheduler: Any,

@@ -263,7 +263,12 @@ class FinetunedVaeParams(Section):
     warmup_steps: int = Field(20, ge=0)
     augment: bool = Field(False, description="kornia brightness/contrast jitter on training frames (cost PSNR here)")
     ssim_weight: float = Field(0.0, ge=0.0, description="optional structural (SSIM) loss term; paper: MSE only")
-    eval_frames: int = Field(256, gt=0, description="held-out frames for PSNR/SSIM before and after")
+    detail_weight: float = Field(
+        0.3, ge=0.0, description="weight of the detail term: the local Laplacian RMS of the decoded frame against the "
+        "real frame's, per detail_patch pixels (0 = MSE only, which prefers a blurred frame)"
+    )
+    detail_patch: int = Field(4, gt=0, description="pixels per side of the regions the detail term compares")
+    eval_frames: int = Field(256, gt=0, description="held-out frames for PSNR/SSIM/sharpness before and after")
     grid_frames: int = Field(6, gt=0, description="held-out frames shown in the image grid")
     seed: int = 0
 

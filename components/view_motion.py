@@ -143,11 +143,27 @@ def sharpness(generated: np.ndarray, real: np.ndarray, view_rows: float = 1.0) -
     return float(laplacian_energy(np.asarray(generated)[:, :, :rows]).mean()) / real_energy
 
 
+def local_detail(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """RMS of the Laplacian of ``images`` [B,C,H,W] (frames or latents) over ``patch`` x ``patch`` regions: how
+    much fine detail each region holds, [B,C,ceil(H/patch),ceil(W/patch)]. Blur lowers it; where in the region
+    the detail sits does not matter."""
+    response = laplacian(torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"))
+    return torch.nn.functional.avg_pool2d(response.pow(2), patch, ceil_mode=True).add(1e-6).sqrt()
+
+
+def detail_loss(predicted: torch.Tensor, goal: torch.Tensor, patch: int) -> torch.Tensor:
+    """Mean squared difference of :func:`local_detail`: zero when every region of ``predicted`` is as detailed as
+    the same region of ``goal``, large for the blurred mean that MSE alone prefers."""
+    return torch.mean((local_detail(predicted, patch) - local_detail(goal, patch)) ** 2)
+
+
 __all__ = [
     "action_displacements",
+    "detail_loss",
     "horizontal_shift",
     "laplacian",
     "laplacian_energy",
+    "local_detail",
     "sharpness",
     "shift_view",
     "view_row_count",

@@ -236,6 +236,18 @@ def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set
         not torch.equal(tuned.vae.decoder.state_dict()[n], w) for n, w in ae.vae.decoder.state_dict().items()
     )
     assert decoder_changed
+    assert 0.0 < result["sharpness_before"] < 2.0 and 0.0 < result["sharpness_after"] < 2.0
+
+    # the detail term: the same fine-tune with it keeps more of the real frames' Laplacian energy than MSE alone
+    detailed = tmp_path / "data" / "finetuned_vae_detail"
+    finetuned_vae.main(argparse.Namespace(
+        params=str(micro_params(tmp_path, finetuned_vae={"detail_weight": 10.0, "detail_patch": 4})),
+        trajectories=str(micro_set), latents=str(latents), autoencoder=str(base), out=str(detailed),
+        metrics=str(tmp_path / "m_detail.json"), plots=str(tmp_path / "plots_detail"), cache="",
+    ))
+    with_detail = json.loads((tmp_path / "m_detail.json").read_text())
+    assert with_detail["detail_weight"] == 10.0
+    assert with_detail["sharpness_after"] > result["sharpness_after"] + 0.05, (with_detail, result)
 
 
 @pytest.mark.slow

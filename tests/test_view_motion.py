@@ -10,7 +10,14 @@ import torch
 
 from components import evaluation as ev
 from components.trajectory_store import ShardWriter, TrajectoryStore
-from components.view_motion import action_displacements, horizontal_shift, laplacian_energy, sharpness, shift_view
+from components.view_motion import (
+    action_displacements,
+    detail_loss,
+    horizontal_shift,
+    laplacian_energy,
+    sharpness,
+    shift_view,
+)
 
 HEIGHT, WIDTH, HUD = 24, 40, 4
 
@@ -125,3 +132,14 @@ def test_sharpness_above_the_hud_is_not_hidden_by_a_sharp_status_bar() -> None:
     assert sharpness(flat_view, frames) > 0.3  # over the whole frame, the HUD carries the score
     assert sharpness(flat_view, frames, view_rows) < 0.05
     assert sharpness(frames, frames, view_rows) == pytest.approx(1.0)
+
+
+def test_detail_loss_charges_blur_not_where_the_detail_sits() -> None:
+    torch.manual_seed(0)
+    goal = torch.randn(2, 3, 16, 16)
+    blurred = torch.nn.functional.avg_pool2d(goal, 3, stride=1, padding=1, count_include_pad=False)
+    moved = torch.roll(goal, shifts=1, dims=-1)  # the same detail one cell over: as detailed, misplaced
+    assert detail_loss(goal, goal, 4).item() < 1e-6
+    assert detail_loss(blurred, goal, 4).item() > 0.5
+    assert detail_loss(moved, goal, 4).item() < 0.1 * detail_loss(blurred, goal, 4).item()
+    assert detail_loss(torch.zeros_like(goal), goal, 4).item() > detail_loss(blurred, goal, 4).item()

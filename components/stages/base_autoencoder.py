@@ -46,6 +46,7 @@ def main(args: argparse.Namespace) -> None:
     if not train_frames.total:
         raise PipelineError(f"{args.trajectories}: no training-split episodes to train the autoencoder on")
     frame_size = (params.environment.height, params.environment.width)
+    view_rows = params.environment.view_rows
     stored = tuple(store.shards[0].array("frames").shape[1:3])
     if stored != frame_size:
         raise PipelineError(
@@ -84,13 +85,14 @@ def main(args: argparse.Namespace) -> None:
             training.Budget(p.train_minutes, p.max_steps, p.warmup_steps),
             p.learning_rate,
             training.ResumableState(args.cache or None, key),
-            evaluate=lambda: aem.reconstruction_metrics(ae, eval_frames),
+            evaluate=lambda: aem.reconstruction_metrics(ae, eval_frames, view_rows=view_rows),
             eval_every_s=p.eval_every_s,
         )
     vae.eval()
     ae.scaling_factor = aem.measure_scaling_factor(ae, train_frames.evenly_spaced(p.scaling_frames))
-    final = aem.reconstruction_metrics(ae, eval_frames)
-    log.info("scaling factor %.5f; %s PSNR %.2f dB, SSIM %.4f", ae.scaling_factor, eval_split, final["psnr"], final["ssim"])
+    final = aem.reconstruction_metrics(ae, eval_frames, view_rows=view_rows)
+    log.info("scaling factor %.5f; %s PSNR %.2f dB, SSIM %.4f, sharpness %.3f", ae.scaling_factor, eval_split,
+             final["psnr"], final["ssim"], final["sharpness"])
 
     training = {} if result is None else {
         "steps": result.steps, "train_seconds": round(result.seconds, 1), "resumed_from_step": result.resumed_from_step,
@@ -102,7 +104,8 @@ def main(args: argparse.Namespace) -> None:
     ae.save(args.out, extra={**source, "eval_split": eval_split, "eval_psnr": final["psnr"]})
     atomic_write_json(args.metrics, {
         **source, "eval_split": eval_split, "psnr": final["psnr"], "ssim": final["ssim"],
-        "scaling_factor": ae.scaling_factor, "latent_shape": list(ae.latent_shape), **training,
+        "sharpness": final["sharpness"], "scaling_factor": ae.scaling_factor, "latent_shape": list(ae.latent_shape),
+        **training,
     })
     atomic_write_json(args.curve, [{"seconds": c["seconds"], "step": c["step"], "psnr": c["psnr"], "ssim": c["ssim"]}
                                    for c in curve])

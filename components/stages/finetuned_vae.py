@@ -1,13 +1,16 @@
 """Stage ``finetuned_vae``: freeze the encoder, fine-tune the decoder on game frames with pixel MSE (the paper's step).
 
+With ``detail_weight`` > 0 the loss adds the detail term (``components.view_motion.detail_loss``): the local
+Laplacian RMS of the decoded frame against the real one, which MSE alone lets blur away.
+
 Trains on the training-split frames of the episodes that passed the latent gate (``data/validated_latents``),
 with optional kornia brightness/contrast jitter; the target is the (augmented) frame itself. The encoder, its
 quantisation conv and the scaling factor are unchanged, so ``data/validated_latents`` stays valid for the
 fine-tuned decoder.
 
 Writes ``data/finetuned_vae/`` (a full ``FrameAutoencoder`` folder), ``metrics/finetuned_vae.json`` (held-out
-PSNR/SSIM of decode(encode(x)) before and after) and ``plots/finetuned_vae/reconstructions.png`` (rows:
-original, base decoder, fine-tuned decoder). Resumable state: ``.cache/finetuned_vae/<hash>/``.
+PSNR, SSIM and sharpness above the HUD of decode(encode(x)) before and after) and
+``plots/finetuned_vae/reconstructions.png`` (rows: original, base decoder, fine-tuned decoder). Resumable state: ``.cache/finetuned_vae/<hash>/``.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def main(args: argparse.Namespace) -> None:
     from components.atomic import atomic_write_json
     from components.errors import PipelineError
     from components.trajectory_store import TrajectoryStore
+    from components.view_motion import detail_loss
 
     params = load_params(args.params)
     p = params.finetuned_vae
@@ -99,10 +103,13 @@ def main(args: argparse.Namespace) -> None:
         loss = torch.nn.functional.mse_loss(output, frames)
         if p.ssim_weight:
             loss = loss + p.ssim_weight * kornia.losses.ssim_loss(output.clamp(0, 1), frames, window_size=7)
+        if p.detail_weight:
+            loss = loss + p.detail_weight * detail_loss(output, frames, p.detail_patch)
         return loss
 
-    before = aem.reconstruction_metrics(base.eval(), eval_frames)
-    log.info("base decoder on %s frames: PSNR %.2f dB, SSIM %.4f", eval_split, before["psnr"], before["ssim"])
+    before = aem.reconstruction_metrics(base.eval(), eval_frames, view_rows=params.environment.view_rows)
+    log.info("base decoder on %s frames: PSNR %.2f dB, SSIM %.4f, sharpness %.3f", eval_split, before["psnr"],
+             before["ssim"], before["sharpness"])
     weights = Path(args.autoencoder) / aem.VAE_SUBFOLDER / "diffusion_pytorch_model.safetensors"
     weights_hash = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else ""
     key = training.fingerprint(p.model_dump(), base.config(), weights_hash, training.inputs_fingerprint(trajectories),
@@ -118,9 +125,9 @@ def main(args: argparse.Namespace) -> None:
     )
     vae.eval()
     vae.encoder.requires_grad_(True)  # saved weights are unaffected; keeps the loaded model ordinary
-    after = aem.reconstruction_metrics(ae, eval_frames)
-    log.info("fine-tuned decoder on %s frames: PSNR %.2f dB (%+.2f), SSIM %.4f", eval_split, after["psnr"],
-             after["psnr"] - before["psnr"], after["ssim"])
+    after = aem.reconstruction_metrics(ae, eval_frames, view_rows=params.environment.view_rows)
+    log.info("fine-tuned decoder on %s frames: PSNR %.2f dB (%+.2f), SSIM %.4f, sharpness %.3f", eval_split,
+             after["psnr"], after["psnr"] - before["psnr"], after["ssim"], after["sharpness"])
 
     grid = eval_frames[np.linspace(0, len(eval_frames) - 1, min(p.grid_frames, len(eval_frames))).round().astype(int)]
     with torch.no_grad():
@@ -133,10 +140,13 @@ def main(args: argparse.Namespace) -> None:
         "psnr_gain": after["psnr"] - before["psnr"],
         "ssim_before": before["ssim"],
         "ssim_after": after["ssim"],
+        "sharpness_before": before["sharpness"],
+        "sharpness_after": after["sharpness"],
+        "detail_weight": p.detail_weight,
         "steps": result.steps,
         "train_seconds": round(result.seconds, 1),
         "step_ms": round(1000 * result.seconds / result.steps, 1) if result.steps else None,
     }
     ae.save(args.out, extra={"source": "finetuned_decoder", "base": str(args.autoencoder), **{
-        f"eval_{k}": v for k, v in metrics.items() if k.startswith(("psnr", "ssim"))}})
+        f"eval_{k}": v for k, v in metrics.items() if k.startswith(("psnr", "ssim", "sharpness"))}})
     atomic_write_json(args.metrics, metrics)
