@@ -159,7 +159,8 @@ def main() -> None:
     parser.add_argument("--export", default="data/onnx_export")
     parser.add_argument("--student", default="data/distilled_model")
     parser.add_argument("--teacher", default="data/diffusion_checkpoint")
-    parser.add_argument("--autoencoder", default="data/finetuned_vae")
+    parser.add_argument("--autoencoder", default="data/distilled_model/autoencoder",
+                        help="the PyTorch 1-step model's decoder (the one that ships with the student)")
     parser.add_argument("--untrained", action="store_true", help="random weights with params.yaml's architecture")
     parser.add_argument("--frames", type=int, default=200, help="timed frames per model")
     parser.add_argument("--warmup", type=int, default=20)

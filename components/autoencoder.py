@@ -354,3 +354,22 @@ def kl_divergence(posterior: Any) -> torch.Tensor:
     """Mean KL of a diagonal Gaussian posterior to N(0, 1), per latent element."""
     mean, var, logvar = posterior.mean.float(), posterior.var.float(), posterior.logvar.float()
     return 0.5 * (mean.pow(2) + var - 1.0 - logvar).mean()
+
+
+def decoder_loss(ae: FrameAutoencoder, latents: torch.Tensor, frames: torch.Tensor, detail_weight: float = 0.0,
+                 detail_patch: int = 4, ssim_weight: float = 0.0) -> torch.Tensor:
+    """A decoder fine-tune's loss: pixel MSE of decode(``latents``) (scaled) against ``frames`` [B,3,H,W] in
+    ``[0, 1]``, plus ``detail_weight`` times the detail term (``components.view_motion.detail_loss``) and
+    ``ssim_weight`` times the SSIM loss."""
+    from components.view_motion import detail_loss
+
+    z = (latents.to(ae.device, torch.float32) / ae.scaling_factor).contiguous(memory_format=torch.channels_last)
+    output = ae.crop(ae.vae.decode(z).sample, clamp=False)
+    loss = F.mse_loss(output, frames)
+    if ssim_weight:
+        import kornia
+
+        loss = loss + ssim_weight * kornia.losses.ssim_loss(output.clamp(0, 1), frames, window_size=7)
+    if detail_weight:
+        loss = loss + detail_weight * detail_loss(output, frames, detail_patch)
+    return loss

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 STUDENT_CONFIG = "student.json"
 STUDENT_WEIGHTS = "student.safetensors"
+STUDENT_AUTOENCODER = "autoencoder"  # the autoencoder whose decoder ships with the student (components.rollout_decoder)
 FORMAT = "gamengen-one-step-student/1"
 
 
@@ -150,11 +151,14 @@ class OneStepStudent(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """``folder/student.json`` (settings + the network config) and ``student.safetensors``, atomically."""
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None, autoencoder: Any = None) -> Path:
+        """``folder/student.json`` (settings + the network config) and ``student.safetensors``, and the
+        autoencoder that ships with it in ``folder/autoencoder/`` when given, atomically."""
         from components.atomic import atomic_directory, atomic_write_json, save_safetensors
 
         with atomic_directory(folder) as staging:
+            if autoencoder is not None:
+                autoencoder.save(staging / STUDENT_AUTOENCODER)
             save_safetensors(staging / STUDENT_WEIGHTS, self.state_dict(), metadata={"format": FORMAT})
             atomic_write_json(staging / STUDENT_CONFIG, {
                 "format": FORMAT,

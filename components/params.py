@@ -391,6 +391,20 @@ class DistilledModelParams(Section):
         "the target's, per detail_patch cells (0 = MSE only, which prefers the blurred mean)"
     )
     detail_patch: int = Field(1, gt=0, description="latent cells per side of the regions the detail term compares")
+    decoder_minutes: float = Field(
+        0.0, ge=0.0, description="then fine-tune the decoder on the student's own rollouts for this long (README "
+        "\"Distillation\"); 0 = ship the finetuned_vae decoder unchanged"
+    )
+    decoder_rollout_steps: int = Field(16, gt=0, description="rollout steps of the student's latents it learns from")
+    decoder_windows: int = Field(128, gt=0, description="training contexts rolled out for those latents")
+    decoder_real_share: float = Field(
+        0.25, ge=0.0, le=1.0, description="share of each batch that is the encoder's latents of real frames"
+    )
+    decoder_learning_rate: float = Field(1e-4, gt=0.0)
+    decoder_detail_weight: float = Field(
+        0.3, ge=0.0, description="weight of the detail term (local Laplacian RMS against the real frame) in its loss"
+    )
+    decoder_detail_patch: int = Field(4, gt=0, description="pixels per side of the regions the detail term compares")
     eval_windows: int = Field(64, gt=0, description="held-out windows for the PSNR metrics")
     eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between held-out checks")
     seed: int = 0

@@ -93,10 +93,12 @@ def build_tiny_export(root: Path) -> Path:
     data = root / "data"
     run_stage(root, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
               "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
-              "--out", str(data / "distilled_model"), "--metrics", str(root / "metrics/distilled_model.json"),
+              "--trajectories", str(paths["raw_trajectories"]), "--out", str(data / "distilled_model"),
+              "--metrics", str(root / "metrics/distilled_model.json"),
               "--cache", "")
     run_stage(root, "onnx_export", "--student", str(data / "distilled_model"),
-              "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
+              "--autoencoder", str(data / "distilled_model" / "autoencoder"),
+              "--latents", str(paths["validated_latents"]),
               "--trajectories", str(paths["raw_trajectories"]), "--out", str(data / "onnx_export"),
               "--report", str(root / "reports/onnx_export.json"), "--lock", str(root / "dvc.lock"))
     return root

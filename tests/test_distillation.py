@@ -155,3 +155,23 @@ def test_stage_metrics(tiny_export: Path) -> None:
     saved = json.loads((tiny_export / "data" / "distilled_model" / "student.json").read_text())
     assert saved["metrics"] == metrics
     assert np.isfinite(saved["metrics"]["final_loss"])
+
+
+def test_stage_ships_a_decoder_tuned_on_the_students_rollouts(tiny_export: Path) -> None:
+    """``decoder_minutes`` > 0 (the micro profile): ``autoencoder/`` beside the student holds the finetuned_vae
+    encoder unchanged and a decoder trained further, and the metrics record both PSNRs."""
+    from safetensors.torch import load_file
+
+    metrics = json.loads((tiny_export / "metrics" / "distilled_model.json").read_text())
+    assert metrics["decoder_minutes"] > 0 and metrics["decoder_steps"] >= 1 and metrics["decoder_pairs"] >= 2
+    for key in ("student_psnr_shipped_decoder", "copy_last_psnr_shipped_decoder"):
+        assert math.isfinite(metrics[key]) and 0 < metrics[key] <= 100, key
+    weights = "vae/diffusion_pytorch_model.safetensors"
+    shipped = load_file(str(tiny_export / "data" / "distilled_model" / "autoencoder" / weights))
+    original = load_file(str(tiny_export / "data" / "finetuned_vae" / weights))
+    assert shipped.keys() == original.keys()
+    for name in shipped:
+        if name.startswith(("encoder.", "quant_conv.")):
+            torch.testing.assert_close(shipped[name], original[name], rtol=0, atol=0, msg=name)
+    changed = [n for n in shipped if n.startswith("decoder.") and not torch.equal(shipped[n], original[n])]
+    assert changed, "the shipped decoder is the finetuned_vae one: the fine-tune did not run"

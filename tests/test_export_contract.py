@@ -173,8 +173,9 @@ def test_dvc_pipeline_builds_a_valid_export(micro_pipeline: Path) -> None:
     """`dvc repro` on the micro profile: the export passes its checks and records the dvc.lock hashes."""
     export = micro_pipeline / "data" / "onnx_export"
     manifest = load_manifest(export)
-    for name in ("data/distilled_model", "data/finetuned_vae", "data/validated_latents", "data/raw_trajectories"):
+    for name in ("data/distilled_model", "data/validated_latents", "data/raw_trajectories"):
         assert manifest["inputs"][name], name
+    assert "data/distilled_model/autoencoder" not in manifest["inputs"]  # part of data/distilled_model
     assert manifest["contexts"]["frames_source"] == "raw_trajectories"
     assert json.loads((micro_pipeline / "reports" / "onnx_export.json").read_text())["success"] is True
     metrics = json.loads((micro_pipeline / "metrics" / "distilled_model.json").read_text())

@@ -1,10 +1,14 @@
 """Stage ``distilled_model``: distil the diffusion world model into a 1-step student.
 
-Reads ``data/diffusion_checkpoint`` (the teacher), ``data/finetuned_vae`` (to decode for the metrics) and
-``data/validated_latents`` (training and held-out windows). Writes ``data/distilled_model/`` (the student)
-and ``metrics/distilled_model.json``: held-out next-frame PSNR of the student and the teacher against the
-ground truth, the student against the teacher, the copy-last-latent baseline and the undistilled 1-step
-model. Method: ``components.distillation`` (README "Distillation"). Resumable training state lives in
+Reads ``data/diffusion_checkpoint`` (the teacher), ``data/finetuned_vae`` (the autoencoder),
+``data/validated_latents`` (training and held-out windows) and ``data/raw_trajectories`` (the real frames the
+decoder fine-tune learns from). Writes ``data/distilled_model/``: the student, and in ``autoencoder/`` the
+autoencoder that ships with it, whose decoder is fine-tuned on the student's own rollouts for
+``decoder_minutes`` (``components.rollout_decoder``; 0 = the ``finetuned_vae`` one unchanged). Also
+``metrics/distilled_model.json``: held-out next-frame PSNR of the student and the teacher against the ground
+truth, the student against the teacher, the copy-last-latent baseline and the undistilled 1-step model, each
+decoded by the ``finetuned_vae`` decoder, and the student's and copy-last-latent's PSNR with the shipped decoder.
+Method: ``components.distillation`` (README "Distillation"). Resumable training state lives in
 ``.cache/distilled_model/<key>/``.
 """
 
@@ -20,7 +24,9 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", default="data/diffusion_checkpoint", help="teacher world model folder")
-    parser.add_argument("--autoencoder", default="data/finetuned_vae", help="autoencoder folder (for the metrics)")
+    parser.add_argument("--autoencoder", default="data/finetuned_vae", help="autoencoder folder (its decoder is "
+                        "fine-tuned on the student's rollouts and shipped with it)")
+    parser.add_argument("--trajectories", default="data/raw_trajectories", help="real frames for the decoder")
     parser.add_argument("--latents", default="data/validated_latents", help="validated latent shards")
     parser.add_argument("--out", default="data/distilled_model", help="output folder")
     parser.add_argument("--metrics", default="metrics/distilled_model.json", help="metrics file")
@@ -54,6 +60,7 @@ def main(args: argparse.Namespace) -> None:
     from components.errors import PipelineError
     from components.export import file_sha256
     from components.params import load_params
+    from components.rollout_decoder import fine_tune_decoder
     from components.trajectory_store import TrajectoryStore
     from components.world_model import load_world_model, make_scheduler
 
@@ -136,6 +143,17 @@ def main(args: argparse.Namespace) -> None:
         "detail_weight": settings.detail_weight,
         "detail_patch": settings.detail_patch,
     }
-    student.save(args.out, extra={"metrics": metrics, "curve": result.curve})
+    shipped_decoder = load_autoencoder(args.autoencoder)
+    if settings.decoder_minutes > 0:
+        metrics.update(fine_tune_decoder(student, shipped_decoder, store, TrajectoryStore(args.trajectories), settings,
+                                         np.random.default_rng(settings.seed + 1),
+                                         ResumableState(args.cache or None, fingerprint(key, "decoder"))))
+    shipped = distillation_metrics(student, teacher, shipped_decoder, heldout, picks, with_teacher=False)
+    metrics["student_psnr_shipped_decoder"] = shipped["student_psnr"]
+    metrics["copy_last_psnr_shipped_decoder"] = shipped["copy_last_psnr"]
+    metrics["decoder_minutes"] = settings.decoder_minutes
+    log.info("with the decoder that ships: student %.2f dB, copy-last-latent %.2f dB", shipped["student_psnr"],
+             shipped["copy_last_psnr"])
+    student.save(args.out, extra={"metrics": metrics, "curve": result.curve}, autoencoder=shipped_decoder)
     atomic_write_json(args.metrics, metrics)
     log.info("wrote %s and %s", args.out, args.metrics)

@@ -65,7 +65,6 @@ def main(args: argparse.Namespace) -> None:
     from components.atomic import atomic_write_json
     from components.errors import PipelineError
     from components.trajectory_store import TrajectoryStore
-    from components.view_motion import detail_loss
 
     params = load_params(args.params)
     p = params.finetuned_vae
@@ -98,14 +97,7 @@ def main(args: argparse.Namespace) -> None:
             frames = augment(frames).clamp(0.0, 1.0)
         with torch.no_grad():
             latents = ae.encode(frames)
-        decoded = vae.decode((latents / ae.scaling_factor).contiguous(memory_format=torch.channels_last)).sample
-        output = ae.crop(decoded, clamp=False)
-        loss = torch.nn.functional.mse_loss(output, frames)
-        if p.ssim_weight:
-            loss = loss + p.ssim_weight * kornia.losses.ssim_loss(output.clamp(0, 1), frames, window_size=7)
-        if p.detail_weight:
-            loss = loss + p.detail_weight * detail_loss(output, frames, p.detail_patch)
-        return loss
+        return aem.decoder_loss(ae, latents, frames, p.detail_weight, p.detail_patch, p.ssim_weight)
 
     before = aem.reconstruction_metrics(base.eval(), eval_frames, view_rows=params.environment.view_rows)
     log.info("base decoder on %s frames: PSNR %.2f dB, SSIM %.4f, sharpness %.3f", eval_split, before["psnr"],

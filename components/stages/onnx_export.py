@@ -1,7 +1,7 @@
 """Stage ``onnx_export``: the playable export (README "ONNX export contract") and its parity report.
 
-Reads ``data/distilled_model`` (1-step student), ``data/finetuned_vae`` (encoder/decoder),
-``data/validated_latents`` and ``data/raw_trajectories`` (held-out windows). Writes ``data/onnx_export/``:
+Reads ``data/distilled_model`` (the 1-step student, and in ``autoencoder/`` the encoder and the decoder that
+ship with it), ``data/validated_latents`` and ``data/raw_trajectories`` (held-out windows). Writes ``data/onnx_export/``:
 ``encoder.onnx``, ``world_model.onnx``, ``decoder.onnx``, ``manifest.json``, ``contexts.npz``; and
 ``reports/onnx_export.json`` ``{"success", "checks": [...]}``, the blocking Dagster asset check: ONNX
 Runtime against PyTorch on real held-out windows (max abs diff within ``onnx_export.parity_tolerance``),
@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", default="data/distilled_model", help="distilled model folder")
-    parser.add_argument("--autoencoder", default="data/finetuned_vae", help="autoencoder folder")
+    parser.add_argument("--autoencoder", default="data/distilled_model/autoencoder",
+                        help="autoencoder folder: the one that ships with the student (its decoder tuned to it)")
     parser.add_argument("--latents", default="data/validated_latents", help="validated latent shards")
     parser.add_argument("--trajectories", default="data/raw_trajectories", help="raw trajectory shards (frames)")
     parser.add_argument("--out", default="data/onnx_export", help="export folder")
@@ -107,6 +108,10 @@ def main(args: argparse.Namespace) -> None:
                                     "context_actions": checked["actions"][:, :K]},
         contract.DECODER_FILE: {"latents": checked["latents"][:, K]},
     }
+    # the dvc.lock outs it was made from (the autoencoder that ships inside the student folder is part of that out)
+    inputs = [args.student, args.latents, args.trajectories]
+    if not Path(args.autoencoder).resolve().is_relative_to(Path(args.student).resolve()):
+        inputs.insert(1, args.autoencoder)
     modules = {
         contract.ENCODER_FILE: EncoderGraph(autoencoder).eval(),
         contract.WORLD_MODEL_FILE: student.eval(),
@@ -161,7 +166,7 @@ def main(args: argparse.Namespace) -> None:
             "files": {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
             "params_hash": params_hash(sections),
             "params_sections": sorted(sections),
-            "inputs": dvc_lock_hashes([args.student, args.autoencoder, args.latents, args.trajectories], args.lock),
+            "inputs": dvc_lock_hashes(inputs, args.lock),
             "parity": parity_results,
         }
         atomic_write_json(staging / contract.MANIFEST_FILE, manifest)

@@ -1,0 +1,103 @@
+"""The decoder fine-tuned on the 1-step model's rollouts (components/rollout_decoder.py), on tiny real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.autoencoder import FrameAutoencoder, build_vae, decoder_loss
+from components.distillation import OneStepStudent
+from components.errors import PipelineError
+from components.params import DistilledModelParams, WorldModelParams
+from components.rollout_decoder import fine_tune_decoder, rollout_pairs
+from components.trajectory_store import ShardWriter, TrajectoryStore
+from components.training import ResumableState
+from components.world_model import ActionConditionedUNet
+from tests.export_fixtures import synthetic_frames
+
+K, ACTIONS, HEIGHT, WIDTH = 2, 5, 24, 32
+LENGTHS = (("train", 12), ("train", 10), ("heldout", 9))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny untrained autoencoder and student, and stores of raw frames and their latents (the latent store
+    lists its episodes in another order and shard than the raw one, as validated_latents may)."""
+    root = tmp_path_factory.mktemp("rollout_decoder")
+    torch.manual_seed(0)
+    autoencoder = FrameAutoencoder(build_vae([16, 16], 4, 1, 8, False), (HEIGHT, WIDTH), 1.0, 4).eval()
+    C, h, w = autoencoder.latent_shape
+    net = ActionConditionedUNet.from_params(WorldModelParams(context=K, block_out_channels=[16, 32],
+                                                             norm_num_groups=8, cross_attention_dim=16,
+                                                             attention_head_dim=4), C, (h, w), ACTIONS)
+    student = OneStepStudent.from_teacher(net, steps=2, cfg=1.0, context_noise_level=0.1, noise_seed=0).eval()
+    student.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    episodes = []
+    for index, (split, length) in enumerate(LENGTHS):
+        frames = synthetic_frames(length, HEIGHT, WIDTH, index)
+        actions = rng.integers(0, ACTIONS, length).astype(np.int64)
+        dones = np.zeros(length, bool)
+        dones[-1] = True
+        episodes.append((f"episode-{index}", split, frames, actions, dones))
+    raw = ShardWriter(root / "raw" / "shard-0", "frames")
+    for name, split, frames, actions, dones in episodes:
+        raw.add_episode({"frames": frames, "actions": actions, "rewards": np.zeros(len(frames), np.float32),
+                         "dones": dones}, split, episode_id=name)
+    raw.close()
+    latents = ShardWriter(root / "latents" / "shard-0", "latents")
+    for name, split, frames, actions, dones in reversed(episodes):
+        with torch.no_grad():
+            encoded = autoencoder.encode(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255).numpy()
+        latents.add_episode({"latents": encoded, "actions": actions, "dones": dones}, split, episode_id=name)
+    latents.close()
+    return {"autoencoder": autoencoder, "student": student, "raw": TrajectoryStore(root / "raw"),
+            "latents": TrajectoryStore(root / "latents")}
+
+
+def test_pairs_hold_the_students_rollout_and_the_real_frames(world: dict) -> None:
+    steps = 4
+    pairs = rollout_pairs(world["student"], world["latents"], world["raw"], 6, steps, np.random.default_rng(0))
+    predicted, real = pairs.steps > 0, pairs.steps == 0
+    assert int(predicted.sum()) == int(real.sum()) == 6 * steps  # both training episodes: 6 + 4 windows >= 6
+    assert sorted(set(pairs.steps[predicted].tolist())) == list(range(1, steps + 1))
+    assert pairs.frames.dtype == torch.uint8 and pairs.frames.shape[1:] == (3, HEIGHT, WIDTH)
+    # every real latent is the encoder's latent of the frame it is paired with
+    with torch.no_grad():
+        encoded = world["autoencoder"].encode(pairs.frames[real].float() / 255)
+    torch.testing.assert_close(pairs.latents[real], encoded, rtol=0, atol=1e-4)
+    # the student's latent of step 1 is its prediction from the real context
+    assert not torch.allclose(pairs.latents[predicted], pairs.latents[real])
+    latents, frames = pairs.batch(8, np.random.default_rng(1), real_share=0.0)
+    assert latents.shape[0] == frames.shape[0] == 8 and frames.dtype == torch.float32 and frames.max() <= 1
+
+
+def test_pairs_need_episodes_long_enough(world: dict) -> None:
+    with pytest.raises(PipelineError, match="decoder_rollout_steps"):
+        rollout_pairs(world["student"], world["latents"], world["raw"], 4, 20, np.random.default_rng(0))
+
+
+def test_fine_tune_lowers_the_decoder_loss_on_the_students_latents(world: dict, tmp_path: Path) -> None:
+    autoencoder = FrameAutoencoder(build_vae([16, 16], 4, 1, 8, False), (HEIGHT, WIDTH), 1.0, 4).eval()
+    autoencoder.vae.load_state_dict(world["autoencoder"].vae.state_dict())
+    encoder_before = {k: v.clone() for k, v in autoencoder.vae.encoder.state_dict().items()}
+    pairs = rollout_pairs(world["student"], world["latents"], world["raw"], 6, 4, np.random.default_rng(2))
+    predicted = pairs.steps > 0
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(decoder_loss(autoencoder, pairs.latents[predicted], pairs.frames[predicted].float() / 255))
+
+    before = loss()
+    settings = DistilledModelParams(batch_size=8, warmup_steps=0, decoder_minutes=0.1, decoder_rollout_steps=4,
+                                    decoder_windows=6, decoder_learning_rate=2e-3, decoder_detail_weight=0.0)
+    result = fine_tune_decoder(world["student"], autoencoder, world["latents"], world["raw"], settings,
+                               np.random.default_rng(2), ResumableState(str(tmp_path), "key"))
+    assert result["decoder_steps"] >= 5
+    assert loss() < 0.7 * before
+    for name, value in autoencoder.vae.encoder.state_dict().items():
+        torch.testing.assert_close(value, encoder_before[name], rtol=0, atol=0, msg=name)
+    assert all(p.requires_grad for p in autoencoder.vae.encoder.parameters())  # left as it was loaded
