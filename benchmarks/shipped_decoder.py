@@ -1,6 +1,6 @@
 """What the decoder that ships with the 1-step model does to what a player sees (which detail weight?).
 
-    python benchmarks/shipped_decoder.py [--weights none mse 0.3 0.5 1] [--minutes 1.5] [--windows 128]
+    python benchmarks/shipped_decoder.py [--weights none mse 0.1 0.3 0.5 1] [--minutes 1.5] [--windows 128]
 
 For each weight, fine-tunes a copy of the ``finetuned_vae`` decoder on the trained student's own rollouts exactly
 as the ``distilled_model`` stage does (``components.rollout_decoder.fine_tune_decoder`` with the ``distilled_model``
@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--root", default=".", help="repository whose data/ holds the trained stages")
-    parser.add_argument("--weights", nargs="+", default=["none", "mse", "0.3", "0.5", "1"],
+    parser.add_argument("--weights", nargs="+", default=["none", "mse", "0.1", "0.3", "0.5", "1"],
                         help="decoder_detail_weight values; 'mse' = 0, 'none' = no fine-tune (default: %(default)s)")
     parser.add_argument("--minutes", type=float, default=1.5, help="fine-tune budget per weight")
     parser.add_argument("--windows", type=int, default=128, help="held-out teacher-forced windows")

@@ -157,18 +157,45 @@ def test_stage_metrics(tiny_export: Path) -> None:
     assert np.isfinite(saved["metrics"]["final_loss"])
 
 
-def test_stage_ships_a_decoder_tuned_on_the_students_rollouts(tiny_export: Path) -> None:
-    """``decoder_minutes`` > 0 (the micro profile): ``autoencoder/`` beside the student holds the finetuned_vae
-    encoder unchanged and a decoder trained further, and the metrics record both PSNRs."""
+def _autoencoder_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    return load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_stage_without_decoder_minutes_ships_the_finetuned_vae_autoencoder(tiny_export: Path) -> None:
+    """``decoder_minutes: 0`` (the default and micro profiles): ``autoencoder/`` beside the student is an exact copy
+    of the input autoencoder and the shipped-decoder metrics equal the ones decoded by it."""
     metrics = json.loads((tiny_export / "metrics" / "distilled_model.json").read_text())
+    assert metrics["decoder_minutes"] == 0 and "decoder_steps" not in metrics
+    assert metrics["student_psnr_shipped_decoder"] == metrics["student_psnr"]
+    assert metrics["copy_last_psnr_shipped_decoder"] == metrics["copy_last_psnr"]
+    shipped = _autoencoder_weights(tiny_export / "data" / "distilled_model" / "autoencoder")
+    original = _autoencoder_weights(tiny_export / "data" / "finetuned_vae")
+    assert shipped.keys() == original.keys()
+    assert all(torch.equal(shipped[name], original[name]) for name in shipped)
+
+
+def test_stage_ships_a_decoder_tuned_on_the_students_rollouts(tmp_path: Path) -> None:
+    """``decoder_minutes`` > 0: ``autoencoder/`` beside the student holds the input encoder unchanged and a decoder
+    trained further, and the metrics record the fine-tune and both PSNRs."""
+    from tests.conftest import micro_params_dict, write_params
+    from tests.export_fixtures import CONTEXT, build_upstream, run_stage
+
+    paths = build_upstream(tmp_path)
+    write_params(tmp_path / "params.yaml", micro_params_dict(world_model={"context": CONTEXT},
+                                                              distilled_model={"decoder_minutes": 0.05}))
+    out = tmp_path / "data" / "distilled_model"
+    run_stage(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
+              "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
+              "--trajectories", str(paths["raw_trajectories"]), "--out", str(out),
+              "--metrics", str(tmp_path / "metrics.json"), "--cache", "")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["decoder_minutes"] > 0 and metrics["decoder_steps"] >= 1 and metrics["decoder_pairs"] >= 2
     for key in ("student_psnr_shipped_decoder", "copy_last_psnr_shipped_decoder"):
         assert math.isfinite(metrics[key]) and 0 < metrics[key] <= 100, key
-    weights = "vae/diffusion_pytorch_model.safetensors"
-    shipped = load_file(str(tiny_export / "data" / "distilled_model" / "autoencoder" / weights))
-    original = load_file(str(tiny_export / "data" / "finetuned_vae" / weights))
+    shipped = _autoencoder_weights(out / "autoencoder")
+    original = _autoencoder_weights(paths["finetuned_vae"])
     assert shipped.keys() == original.keys()
     for name in shipped:
         if name.startswith(("encoder.", "quant_conv.")):

@@ -143,12 +143,13 @@ def main(args: argparse.Namespace) -> None:
         "detail_weight": settings.detail_weight,
         "detail_patch": settings.detail_patch,
     }
-    shipped_decoder = load_autoencoder(args.autoencoder)
+    shipped_decoder, shipped = autoencoder, after
     if settings.decoder_minutes > 0:
+        shipped_decoder = load_autoencoder(args.autoencoder)  # a copy: the metrics above keep the finetuned_vae one
         metrics.update(fine_tune_decoder(student, shipped_decoder, store, TrajectoryStore(args.trajectories), settings,
                                          np.random.default_rng(settings.seed + 1),
                                          ResumableState(args.cache or None, fingerprint(key, "decoder"))))
-    shipped = distillation_metrics(student, teacher, shipped_decoder, heldout, picks, with_teacher=False)
+        shipped = distillation_metrics(student, teacher, shipped_decoder, heldout, picks, with_teacher=False)
     metrics["student_psnr_shipped_decoder"] = shipped["student_psnr"]
     metrics["copy_last_psnr_shipped_decoder"] = shipped["copy_last_psnr"]
     metrics["decoder_minutes"] = settings.decoder_minutes

@@ -1,11 +1,11 @@
 """Stage ``onnx_export``: the playable export (README "ONNX export contract") and its parity report.
 
 Reads ``data/distilled_model`` (the 1-step student, and in ``autoencoder/`` the encoder and the decoder that
-ship with it), ``data/validated_latents`` and ``data/raw_trajectories`` (held-out windows). Writes ``data/onnx_export/``:
-``encoder.onnx``, ``world_model.onnx``, ``decoder.onnx``, ``manifest.json``, ``contexts.npz``; and
-``reports/onnx_export.json`` ``{"success", "checks": [...]}``, the blocking Dagster asset check: ONNX
-Runtime against PyTorch on real held-out windows (max abs diff within ``onnx_export.parity_tolerance``),
-and a dynamic batch of 1 and 3 on every graph.
+ship with it), ``data/validated_latents`` and ``data/raw_trajectories`` (held-out windows). Writes
+``data/onnx_export/``: ``encoder.onnx``, ``world_model.onnx``, ``decoder.onnx``, ``manifest.json``,
+``contexts.npz``; and ``reports/onnx_export.json`` ``{"success", "checks": [...]}``, the blocking Dagster asset
+check: ONNX Runtime against PyTorch on real held-out windows (max abs diff within
+``onnx_export.parity_tolerance``), and a dynamic batch of 1 and 3 on every graph.
 """
 
 from __future__ import annotations
