@@ -50,8 +50,7 @@ class DecoderPairs:
         real = np.flatnonzero(self.steps.numpy() == 0)
         predicted = np.flatnonzero(self.steps.numpy() > 0)
         n_real = int(rng.binomial(size, real_share)) if len(predicted) else size
-        picks = np.concatenate([rng.choice(real, n_real), rng.choice(predicted, size - n_real)]) if len(predicted) \
-            else rng.choice(real, size)
+        picks = np.concatenate([rng.choice(real, n_real), rng.choice(predicted, size - n_real)])
         return self.latents[picks], self.frames[picks].float().div_(255.0)
 
 
