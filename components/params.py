@@ -402,7 +402,7 @@ class DistilledModelParams(Section):
     )
     decoder_learning_rate: float = Field(1e-4, gt=0.0)
     decoder_detail_weight: float = Field(
-        0.3, ge=0.0, description="weight of the detail term (local Laplacian RMS against the real frame) in its loss"
+        0.5, ge=0.0, description="weight of the detail term (local Laplacian RMS against the real frame) in its loss"
     )
     decoder_detail_patch: int = Field(4, gt=0, description="pixels per side of the regions the detail term compares")
     eval_windows: int = Field(64, gt=0, description="held-out windows for the PSNR metrics")

@@ -54,6 +54,16 @@ class DecoderPairs:
         return self.latents[picks], self.frames[picks].float().div_(255.0)
 
 
+def rollout_windows(latents: Any, context: int, max_steps: int, split: str = "train") -> np.ndarray:
+    """The ``(shard, start)`` of every window of ``context + max_steps`` rows in ``split``; a ``PipelineError``
+    naming ``distilled_model.decoder_rollout_steps`` when no episode is that long."""
+    index = latents.window_index(context + max_steps, split)
+    if len(index) == 0:
+        raise PipelineError(f"no {split} episode has the {context + max_steps} rows a {max_steps}-step rollout "
+                            "needs; lower distilled_model.decoder_rollout_steps")
+    return index
+
+
 @torch.no_grad()
 def rollout_pairs(student: Any, latents: Any, raw: Any, windows: int, max_steps: int, rng: np.random.Generator,
                   split: str = "train", batch_size: int = 64) -> DecoderPairs:
@@ -62,10 +72,7 @@ def rollout_pairs(student: Any, latents: Any, raw: Any, windows: int, max_steps:
     steps, with the real frame of ``raw`` (the trajectory store the latents were encoded from)."""
     context = student.config.context
     length = context + max_steps
-    index = latents.window_index(length, split)
-    if len(index) == 0:
-        raise PipelineError(f"no {split} episode has the {length} rows a {max_steps}-step rollout needs; lower "
-                            "distilled_model.decoder_rollout_steps")
+    index = rollout_windows(latents, context, max_steps, split)
     chosen = index[rng.choice(len(index), size=min(windows, len(index)), replace=False)]
     rows, frames = [], []
     for shard, start in chosen:
@@ -130,4 +137,4 @@ def fine_tune_decoder(student: Any, autoencoder: Any, latents: Any, raw: Any, se
             "decoder_rollout_seconds": round(rolled, 1), "decoder_pairs": len(pairs)}
 
 
-__all__ = ["DecoderPairs", "fine_tune_decoder", "rollout_pairs"]
+__all__ = ["DecoderPairs", "fine_tune_decoder", "rollout_pairs", "rollout_windows"]

@@ -202,3 +202,32 @@ def test_stage_ships_a_decoder_tuned_on_the_students_rollouts(tmp_path: Path) ->
             torch.testing.assert_close(shipped[name], original[name], rtol=0, atol=0, msg=name)
     changed = [n for n in shipped if n.startswith("decoder.") and not torch.equal(shipped[n], original[n])]
     assert changed, "the shipped decoder is the finetuned_vae one: the fine-tune did not run"
+
+
+@pytest.mark.parametrize("bad", ["trajectories", "rollout_steps"])
+def test_stage_checks_the_decoder_inputs_before_training(tmp_path: Path, bad: str) -> None:
+    """A missing frames folder or rollouts longer than any training episode stop the stage at once (exit 2,
+    naming what to fix) and write nothing."""
+    import subprocess
+    import sys
+
+    from tests.conftest import micro_params_dict, pipeline_env, write_params
+    from tests.export_fixtures import CONTEXT, build_upstream
+
+    paths = build_upstream(tmp_path)
+    steps = 50 if bad == "rollout_steps" else 4
+    write_params(tmp_path / "params.yaml", micro_params_dict(
+        world_model={"context": CONTEXT},
+        distilled_model={"decoder_minutes": 0.05, "decoder_rollout_steps": steps, "minutes": 5.0, "max_steps": 5000}))
+    trajectories = tmp_path / "missing" if bad == "trajectories" else paths["raw_trajectories"]
+    out = tmp_path / "data" / "distilled_model"
+    result = subprocess.run(
+        [sys.executable, "-m", "components", "--params", str(tmp_path / "params.yaml"), "distilled_model",
+         "--teacher", str(paths["diffusion_checkpoint"]), "--autoencoder", str(paths["finetuned_vae"]),
+         "--latents", str(paths["validated_latents"]), "--trajectories", str(trajectories), "--out", str(out),
+         "--metrics", str(tmp_path / "metrics.json"), "--cache", ""],
+        cwd=tmp_path, env=pipeline_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert ("missing" if bad == "trajectories" else "decoder_rollout_steps") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "metrics.json").exists()

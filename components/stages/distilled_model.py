@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> None:
     from components.errors import PipelineError
     from components.export import file_sha256
     from components.params import load_params
-    from components.rollout_decoder import fine_tune_decoder
+    from components.rollout_decoder import fine_tune_decoder, rollout_windows
     from components.trajectory_store import TrajectoryStore
     from components.world_model import load_world_model, make_scheduler
 
@@ -74,6 +74,10 @@ def main(args: argparse.Namespace) -> None:
     autoencoder = load_autoencoder(args.autoencoder)
     store = TrajectoryStore(args.latents)
     context = teacher.config.context
+    frames = None
+    if settings.decoder_minutes > 0:  # the decoder fine-tune's inputs, checked now, before minutes of training
+        frames = TrajectoryStore(args.trajectories)
+        rollout_windows(store, context, settings.decoder_rollout_steps)
     training = LatentWindows(store, context, "train")
     heldout = LatentWindows(store, context, "heldout")
     if len(training) == 0:
@@ -146,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
     shipped_decoder, shipped = autoencoder, after
     if settings.decoder_minutes > 0:
         shipped_decoder = load_autoencoder(args.autoencoder)  # a copy: the metrics above keep the finetuned_vae one
-        metrics.update(fine_tune_decoder(student, shipped_decoder, store, TrajectoryStore(args.trajectories), settings,
+        metrics.update(fine_tune_decoder(student, shipped_decoder, store, frames, settings,
                                          np.random.default_rng(settings.seed + 1),
                                          ResumableState(args.cache or None, fingerprint(key, "decoder"))))
         shipped = distillation_metrics(student, teacher, shipped_decoder, heldout, picks, with_teacher=False)
