@@ -47,7 +47,7 @@ def main() -> None:
     from components.rollout_decoder import fine_tune_decoder
     from components.stages.evaluation import write_turn_test
     from components.trajectory_store import TrajectoryStore
-    from components.training import ResumableState
+    from components.training import start_runtime
 
     torch.set_num_threads(args.threads)
     root = Path(args.root)
@@ -71,8 +71,7 @@ def main() -> None:
         if weight != "none":
             decoder = params.distilled_model.model_copy(update={
                 "decoder_minutes": args.minutes, "decoder_detail_weight": 0.0 if weight == "mse" else float(weight)})
-            fine_tune_decoder(student, autoencoder, latents, raw, decoder, np.random.default_rng(decoder.seed + 1),
-                              ResumableState(None, ""))
+            fine_tune_decoder(student, autoencoder, latents, raw, decoder, start_runtime("cpu"), None)
 
         def decode(batch: np.ndarray) -> np.ndarray:
             with torch.no_grad():

@@ -65,7 +65,8 @@ def main() -> None:
     from components.params import load_params
     from components.sampler import WorldModel
     from components.world_model import ActionConditionedUNet, make_scheduler
-    from components.world_model_training import Batch, diffusion_loss, learning_rate, make_optimizer, step_generator
+    from components.training import make_optimizer, make_step, start_runtime
+    from components.world_model_training import Batch, diffusion_loss, recipe
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -81,7 +82,8 @@ def main() -> None:
     tp = params.diffusion_checkpoint
 
     # training step
-    optimizer = make_optimizer(net, tp)
+    optimizer = make_optimizer(tp.optimizer, list(net.parameters()), tp.learning_rate, tp.weight_decay)
+    plan, runtime = recipe(tp), start_runtime(args.device)
     ddpm = make_scheduler(net.config, "ddpm")
     b = tp.batch_size
     batch = Batch(torch.randn(b, k, channels, height, width), torch.randint(0, num_actions, (b, k)),
@@ -90,8 +92,9 @@ def main() -> None:
 
     def train_step() -> None:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step[0], tp)
-        loss = diffusion_loss(net, ddpm, batch, net.config, tp.context_dropout, step_generator(0, 0, step[0]))
+            group["lr"] = tp.learning_rate * plan.budget.lr_scale(step[0], tp.steps)
+        loss = diffusion_loss(net, ddpm, batch, net.config, tp.context_dropout,
+                              make_step(0, runtime, step[0]).generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), tp.grad_clip)
         optimizer.step()

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.atomic import atomic_path, atomic_write_json, save_safetensors
+from components.atomic import atomic_write_json, save_safetensors
 from components.errors import PipelineError
 from components.params import Params
+from components.training import CHECKPOINT_FILE, load_checkpoint, resolve_device, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -275,14 +276,17 @@ def list_checkpoints(agent_dir: str | Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- training
 
 
-def _resume_key(params: Params) -> str:
-    """Hash of everything a training run depends on, so a stale cache is never resumed."""
+def resume_folder(params: Params, cache_dir: Path) -> Path:
+    """The run's folder under ``cache_dir``, keyed like every trainer's (``training.run_folder``) by everything
+    the run depends on (params sections and the agent's source), so a stale state is never resumed."""
+    from components.training import Runtime, run_folder
+
     payload = {s: getattr(params, s).model_dump(mode="json") for s in ("environment", "reward", "rl_agent")}
-    sources = [Path(__file__).with_name(n).read_bytes() for n in ("agent.py", "environment.py", "reward.py")]
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
-    for source in sources:
-        digest.update(source)
-    return digest.hexdigest()[:16]
+    sources = [hashlib.sha256(Path(__file__).with_name(n).read_bytes()).hexdigest()
+               for n in ("agent.py", "environment.py", "reward.py")]
+    folder = run_folder(cache_dir, Runtime(torch.device("cpu")), payload, sources)
+    assert folder is not None
+    return folder
 
 
 def checkpoint_steps(total_timesteps: int, checkpoints: int) -> list[int]:
@@ -298,7 +302,7 @@ class TrainingResult:
     episode_lengths: list[int]
     seconds: float
     checkpoints: list[dict[str, Any]]
-    resumed_from: int
+    resumed_from_step: int
 
 
 def train(
@@ -306,12 +310,14 @@ def train(
     out_dir: Path,
     cache_dir: Path,
     on_episode: Callable[[int, float, int, int], None] | None = None,
+    on_update: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainingResult:
     """Train PPO per ``params.rl_agent``; snapshots go to ``out_dir`` (index in ``checkpoints.json``).
 
     Resumable: at each snapshot the policy and optimizer state are saved under ``cache_dir/<key>/`` (``key``
     hashes params and code), and a new run with the same key continues from the last one.
-    ``on_episode(index, reward, length, timesteps)`` is called for every finished episode.
+    ``on_episode(index, reward, length, timesteps)`` is called for every finished episode and
+    ``on_update(timesteps, statistics)`` after every policy update with SB3's ``train/*`` statistics.
     """
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -343,18 +349,18 @@ def train(
         clip_range=ppo.clip_range,
         policy_kwargs=policy_kwargs(ppo.features_dim, list(ppo.hidden_sizes), list(ppo.cnn_channels)),
         seed=config.seed,
-        device="cpu",
+        device=str(resolve_device(params.device)),
         verbose=0,
     )
-    resume_dir = cache_dir / _resume_key(params)
-    state_file = resume_dir / "resume.pt"
+    resume_dir = resume_folder(params, cache_dir)
+    state_file = resume_dir / CHECKPOINT_FILE
     checkpoints: list[dict[str, Any]] = []
     resumed_from = 0
     if state_file.is_file():
-        state = torch.load(state_file, weights_only=True)
-        model.policy.load_state_dict(state["policy"])
-        model.policy.optimizer.load_state_dict(state["optimizer"])
-        model.num_timesteps = resumed_from = int(state["num_timesteps"])
+        state = load_checkpoint(state_file)
+        _load_unique_state(model.policy, state.model)
+        model.policy.optimizer.load_state_dict(state.optimizer)
+        model.num_timesteps = resumed_from = int(state.counters["step"])
         checkpoints = json.loads((resume_dir / CHECKPOINT_INDEX).read_text())
         for entry in checkpoints:
             for suffix in (".json", ".safetensors"):
@@ -383,20 +389,23 @@ def train(
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(out_dir / (entry["file"] + suffix), target)
         atomic_write_json(resume_dir / CHECKPOINT_INDEX, checkpoints)
-        state = {
-            "policy": model.policy.state_dict(),
-            "optimizer": model.policy.optimizer.state_dict(),
-            "num_timesteps": torch.tensor(model.num_timesteps),
-        }
-        with atomic_path(state_file, suffix=".pt") as temporary:
-            torch.save(state, temporary)
+        save_checkpoint(state_file, _unique_state(model.policy), model.policy.optimizer, None,
+                        {"step": model.num_timesteps})
 
     targets = [s for s in checkpoint_steps(config.total_timesteps, config.checkpoints) if s > resumed_from]
 
     remaining = config.total_timesteps - resumed_from
     progress = tqdm(total=max(remaining, 0), desc="rl_agent", unit="step", dynamic_ncols=True)
 
+    def report_update() -> None:  # SB3's statistics of the last policy update (train/approx_kl, value_loss, ...)
+        statistics = {k: float(v) for k, v in model.logger.name_to_value.items() if k.startswith("train/")}
+        if statistics and on_update is not None:
+            on_update(int(model.num_timesteps), statistics)
+
     class Callback(BaseCallback):
+        def _on_rollout_start(self) -> None:
+            report_update()
+
         def _on_step(self) -> bool:
             progress.update(ppo.n_envs)
             for info in self.locals["infos"]:
@@ -414,6 +423,7 @@ def train(
 
     if remaining > 0:
         model.learn(total_timesteps=remaining, callback=Callback(), reset_num_timesteps=resumed_from == 0)
+        report_update()
     progress.close()
     final = int(model.num_timesteps)  # PPO rounds up to whole rollouts
     snapshot("final", final, "policy")
@@ -426,6 +436,6 @@ def train(
         episode_lengths=lengths,
         seconds=time.monotonic() - started,
         checkpoints=checkpoints,
-        resumed_from=resumed_from,
+        resumed_from_step=resumed_from,
     )
 

@@ -312,7 +312,7 @@ def reconstruction_metrics(ae: FrameAutoencoder, frames: torch.Tensor, batch_siz
     rows = view_row_count(frames.shape[2], view_rows)
     squared, ssim, pixels, energy, real_energy = 0.0, 0.0, 0, 0.0, 0.0
     for start in range(0, len(frames), batch_size):
-        batch = frames[start : start + batch_size]
+        batch = frames[start : start + batch_size].to(ae.device)
         recon = ae.reconstruct(batch)
         squared += F.mse_loss(recon, batch, reduction="sum").item()
         ssim += kornia.metrics.ssim(recon, batch, window_size=7).mean(dim=(1, 2, 3)).sum().item()

@@ -21,7 +21,7 @@ STAGES: dict[str, str] = {
     "base_autoencoder": "train (or load a pretrained) frame autoencoder and measure its latent scaling factor",
     "validated_latents": "encode every frame to latents, then gate them with a Great Expectations suite",
     "finetuned_vae": "fine-tune the decoder (encoder frozen) on game frames with pixel MSE",
-    "diffusion_checkpoint": "train the action-conditioned diffusion world model (resumable; accelerate-ready)",
+    "diffusion_checkpoint": "train the action-conditioned diffusion world model (resumable; data parallel)",
     "distilled_model": "distil the world model into a 1-step student (CFG and context noise built in)",
     "onnx_export": "export encoder, 1-step world model and decoder to ONNX, with manifest and parity report",
     "evaluation": "score the ONNX export and the 4-step teacher on held-out play, with baselines and rollouts",
@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollout_video": ("components.stages.rollout_video", "GIF of an autoregressive rollout beside the real frames"),
     "ablations": ("components.stages.ablations", "run the paper's ablations as DVC experiments; tables to docs/results.md"),
     "promote": ("components.stages.promote", "promote the fresh export to champion if no worse on held-out play"),
+    "plots_template": ("components.stages.plots_template",
+                       "write .dvc/plots/offline.html, DVC's plots page with vega inlined (dvc plots show offline)"),
 }
 
 
@@ -83,6 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def check_device(params_path: str) -> None:
+    """Before a stage does any work: its ``device`` must exist here (``device: cuda`` without a GPU stops)."""
+    from components.params import load_params
+    from components.training import resolve_device
+
+    resolve_device(load_params(params_path).device)
+
+
 def run_command(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command (what :func:`main` does, without its check of the interpreter)."""
     args = build_parser().parse_args(argv)
@@ -92,6 +102,8 @@ def run_command(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
+        if args._module.removeprefix("components.stages.") in STAGES:
+            check_device(args.params)
         importlib.import_module(args._module).main(args)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)

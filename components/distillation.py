@@ -218,18 +218,19 @@ def teacher_sample(teacher: ActionConditionedUNet, scheduler: Any, student: OneS
     student's frozen noise (``x_T = z``, context noise ``e``); with one, from new noise for every window.
     """
     s = student.settings
-    batch = context_latents.shape[0]
+    batch, device = context_latents.shape[0], context_latents.device
     if generator is None:
         x = student.target_noise.unsqueeze(0).expand(batch, -1, -1, -1)
         context = student.noisy_context(context_latents)
     else:
-        x = torch.randn((batch, *student.target_noise.shape), generator=generator)
-        context = student.noisy_context(context_latents, torch.randn(context_latents.shape, generator=generator))
-    buckets = torch.full((batch,), s.noise_bucket, dtype=torch.long)
+        x = torch.randn((batch, *student.target_noise.shape), generator=generator).to(device)
+        eps = torch.randn(context_latents.shape, generator=generator).to(device)
+        context = student.noisy_context(context_latents, eps)
+    buckets = torch.full((batch,), s.noise_bucket, dtype=torch.long, device=device)
     scheduler.set_timesteps(s.teacher_steps)
     x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        timesteps = torch.full((batch,), int(t), dtype=torch.long)
+        timesteps = torch.full((batch,), int(t), dtype=torch.long, device=device)
         v = guided_velocity(teacher, x, timesteps, context, context_actions, buckets, s.cfg)
         x = scheduler.step(v, t, x, eta=0.0).prev_sample
     return teacher.from_residual(x, teacher.residual_base(context, context_actions))
@@ -239,10 +240,11 @@ def teacher_sample(teacher: ActionConditionedUNet, scheduler: Any, student: OneS
 
 
 class LatentWindows:
-    """Windows of ``K + 1`` consecutive rows of validated latents: K context latents/actions, then the target."""
+    """Windows of ``K + 1`` consecutive rows of validated latents: K context latents/actions, then the target,
+    as tensors on ``device``."""
 
-    def __init__(self, store: Any, context: int, split: str) -> None:
-        self.store, self.context, self.split = store, context, split
+    def __init__(self, store: Any, context: int, split: str, device: torch.device | str = "cpu") -> None:
+        self.store, self.context, self.split, self.device = store, context, split, torch.device(device)
         self.index = store.window_index(context + 1, split)
 
     def __len__(self) -> int:
@@ -252,8 +254,8 @@ class LatentWindows:
         """(context latents [B,K,C,h,w], context actions [B,K] long, target latents [B,C,h,w]) for index rows."""
         windows = [self.store.read_window(int(s), int(r), self.context + 1, ("latents", "actions"))
                    for s, r in self.index[picks]]
-        latents = torch.from_numpy(np.stack([w["latents"] for w in windows])).float()
-        actions = torch.from_numpy(np.stack([w["actions"] for w in windows]).astype(np.int64))
+        latents = torch.from_numpy(np.stack([w["latents"] for w in windows])).float().to(self.device)
+        actions = torch.from_numpy(np.stack([w["actions"] for w in windows]).astype(np.int64)).to(self.device)
         return latents[:, :-1], actions[:, :-1], latents[:, -1]
 
     def random_batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
@@ -269,8 +271,8 @@ class LatentWindows:
                                 "rollout needs; lower distilled_model.rollout_steps")
         windows = [self.store.read_window(int(s), int(r), self.context + steps, ("latents", "actions"))
                    for s, r in index[rng.integers(0, len(index), size)]]
-        latents = torch.from_numpy(np.stack([w["latents"] for w in windows])).float()
-        actions = torch.from_numpy(np.stack([w["actions"] for w in windows]).astype(np.int64))
+        latents = torch.from_numpy(np.stack([w["latents"] for w in windows])).float().to(self.device)
+        actions = torch.from_numpy(np.stack([w["actions"] for w in windows]).astype(np.int64)).to(self.device)
         return latents[:, : self.context], actions[:, :-1], latents[:, self.context :]
 
     def evenly_spaced(self, count: int) -> np.ndarray:
@@ -337,7 +339,7 @@ def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, s
     """
     context, actions, future = windows.rollout_batch(batch_size, rng, rollout_steps)
     k = context.shape[1]
-    total = torch.zeros(())
+    total = torch.zeros((), device=context.device)
     for step in range(rollout_steps):
         step_actions = actions[:, step : step + k]
         predicted = student(context, step_actions)

@@ -753,29 +753,32 @@ def onnx_model(export_dir: str | Path, threads: int = 2) -> tuple[ModelUnderTest
     return ModelUnderTest("onnx", game.predict, decode, encode), game.manifest
 
 
-def teacher_model(checkpoint_dir: str | Path, vae_dir: str | Path, sampler: Any) -> tuple[ModelUnderTest, int]:
-    """The PyTorch teacher: DDIM with ``sampler.steps`` steps and CFG on the past frames, decoded by the
-    fine-tuned VAE; its context is the validated latents. Returns the model and its context length K."""
+def teacher_model(checkpoint_dir: str | Path, vae_dir: str | Path, sampler: Any,
+                  device: torch.device | str = "cpu") -> tuple[ModelUnderTest, int]:
+    """The PyTorch teacher on ``device``: DDIM with ``sampler.steps`` steps and CFG on the past frames, decoded by
+    the fine-tuned VAE; its context is the validated latents. Returns the model and its context length K."""
     from components.autoencoder import load_autoencoder
     from components.sampler import sample_next_latent
     from components.world_model import load_world_model, make_scheduler
 
-    net = load_world_model(checkpoint_dir).eval()
+    net = load_world_model(checkpoint_dir, device).eval()
     autoencoder = load_autoencoder(vae_dir)
+    autoencoder.vae.to(device)
     scheduler = make_scheduler(net.config, "ddim")
     generator = torch.Generator().manual_seed(int(sampler.seed))
 
     @torch.no_grad()
     def predict(context: np.ndarray, actions: np.ndarray) -> np.ndarray:
         return sample_next_latent(
-            net, scheduler, torch.from_numpy(np.ascontiguousarray(context, np.float32)),
-            torch.from_numpy(np.ascontiguousarray(actions, np.int64)), steps=sampler.steps, cfg=sampler.cfg,
+            net, scheduler, torch.from_numpy(np.ascontiguousarray(context, np.float32)).to(device),
+            torch.from_numpy(np.ascontiguousarray(actions, np.int64)).to(device), steps=sampler.steps, cfg=sampler.cfg,
             context_noise_level=sampler.context_noise_level, eta=sampler.eta, generator=generator,
-        ).numpy()
+        ).cpu().numpy()
 
     @torch.no_grad()
     def decode(latents: np.ndarray) -> np.ndarray:
-        return autoencoder.decode(torch.from_numpy(np.ascontiguousarray(latents, np.float32))).clamp(0, 1).numpy()
+        frames = autoencoder.decode(torch.from_numpy(np.ascontiguousarray(latents, np.float32)).to(device))
+        return frames.clamp(0, 1).cpu().numpy()
 
     return ModelUnderTest("teacher", predict, decode), int(net.config.context)
 

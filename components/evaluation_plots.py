@@ -1,4 +1,5 @@
-"""Offline images for the evaluation: a PSNR-by-rollout-step line chart (PNG) and a side-by-side video (GIF).
+"""Offline images: line charts (PNG; the evaluation's PSNR by rollout step, the training stages' curves), the
+side-by-side rollout video (GIF) and frame grids.
 
 Drawn with Pillow only (no matplotlib, no browser, no CDN), so they render anywhere, including in Dagster's
 UI and in ``dvc plots show`` (image plots).
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from components.atomic import atomic_path
 
+CURVE_PREFIX = "curve_"  # training curves; orchestration/metadata.py previews them after a stage's other images
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 
 
@@ -25,8 +27,10 @@ def line_chart(
     y_label: str = "PSNR (dB)",
     x_label: str = "rollout step",
     size: tuple[int, int] = (720, 440),
+    x: Sequence[float] | None = None,
 ) -> Path:
-    """Draw ``curves`` (name -> values at x = 1, 2, ...) as lines with axes, ticks and a legend; write PNG."""
+    """Draw ``curves`` (name -> values at x = 1, 2, ..., or at the shared ``x``) as lines with axes, ticks and a
+    legend; write PNG."""
     width, height = size
     left, right, top, bottom = 64, 190, 36, 48
     image = Image.new("RGB", size, "white")
@@ -39,11 +43,13 @@ def line_chart(
     pad = 0.05 * (hi - lo)
     lo, hi = lo - pad, hi + pad
     steps = max((len(c) for c in curves.values()), default=1)
+    xs = [float(v) for v in x] if x is not None else [float(s) for s in range(1, steps + 1)]
+    x_lo, x_hi = (min(xs), max(xs)) if xs else (1.0, 1.0)
     plot_w, plot_h = width - left - right, height - top - bottom
 
-    def xy(step: int, value: float) -> tuple[float, float]:
-        x = left + (step - 1) / max(steps - 1, 1) * plot_w
-        return x, top + (hi - value) / (hi - lo) * plot_h
+    def xy(position: float, value: float) -> tuple[float, float]:
+        return (left + (position - x_lo) / max(x_hi - x_lo, 1e-9) * plot_w,
+                top + (hi - value) / (hi - lo) * plot_h)
 
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
     for i in range(6):  # y ticks
@@ -51,14 +57,18 @@ def line_chart(
         _, y = xy(1, value)
         draw.line([left - 4, y, left, y], fill="black")
         draw.line([left, y, left + plot_w, y], fill=(230, 230, 230))
-        draw.text((4, y - 6), f"{value:.1f}", fill="black", font=font)
-    for step in sorted({1, steps, *range(0, steps + 1, max(steps // 8, 1))} - {0}):  # x ticks
-        x, _ = xy(step, lo)
-        draw.line([x, top + plot_h, x, top + plot_h + 4], fill="black")
-        draw.text((x - 6, top + plot_h + 6), str(step), fill="black", font=font)
+        draw.text((4, y - 6), _tick(value, hi - lo), fill="black", font=font)
+    if x is None:
+        x_ticks = [float(s) for s in sorted({1, steps, *range(0, steps + 1, max(steps // 8, 1))} - {0})]
+    else:
+        x_ticks = [x_lo + (x_hi - x_lo) * i / 5 for i in range(6)]
+    for position in x_ticks:
+        px, _ = xy(position, lo)
+        draw.line([px, top + plot_h, px, top + plot_h + 4], fill="black")
+        draw.text((px - 6, top + plot_h + 6), _tick(position, x_hi - x_lo), fill="black", font=font)
     for index, (name, curve) in enumerate(curves.items()):
         color = COLORS[index % len(COLORS)]
-        points = [xy(s, v) for s, v in enumerate(curve, start=1) if v is not None and math.isfinite(v)]
+        points = [xy(xs[i], v) for i, v in enumerate(curve) if v is not None and math.isfinite(v)]
         if len(points) > 1:
             draw.line(points, fill=color, width=2)
         for x, y in points if len(points) <= 16 else []:
@@ -70,6 +80,38 @@ def line_chart(
     draw.text((left + plot_w // 2 - 30, height - 18), x_label, fill="black", font=font)
     draw.text((4, 18), y_label, fill="black", font=font)
     return _save(image, Path(path))
+
+
+def _tick(value: float, span: float) -> str:
+    """A tick label: whole numbers as such (12000 as 12k), small spans with three significant digits."""
+    if span >= 5 and abs(value) >= 10_000:
+        return f"{value / 1000:.0f}k"
+    if span >= 5:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if span >= 0.5 else f"{value:.3g}"
+
+
+def training_charts(folder: str | Path, losses: Sequence[tuple[int, float]], learning_rates: Sequence[float],
+                    curve: Sequence[Mapping[str, float]], stage: str) -> list[Path]:
+    """A training stage's curves as PNG in ``folder``: ``curve_training_loss.png`` and ``curve_learning_rate.png``
+    against the step, and ``curve_heldout_<metric>.png`` for each metric of the held-out ``curve`` points against
+    training time. (Dagster previews a stage's other images first: the ``curve_`` prefix marks these.)"""
+    folder = Path(folder)
+    written = []
+    if losses:
+        steps = [s for s, _ in losses]
+        written.append(line_chart(folder / f"{CURVE_PREFIX}training_loss.png", {"loss": [v for _, v in losses]},
+                                  f"{stage}: training loss", y_label="loss", x_label="step", x=steps))
+        if len(learning_rates) == len(losses):
+            written.append(line_chart(folder / f"{CURVE_PREFIX}learning_rate.png",
+                                      {"learning rate": list(learning_rates)}, f"{stage}: learning rate",
+                                      y_label="LR", x_label="step", x=steps))
+    metrics = [k for k in (curve[0] if curve else {}) if k not in ("seconds", "step")]
+    for metric in metrics:
+        written.append(line_chart(folder / f"{CURVE_PREFIX}heldout_{metric}.png", {metric: [p[metric] for p in curve]},
+                                  f"{stage}: held-out {metric}", y_label=metric, x_label="training seconds",
+                                  x=[p["seconds"] for p in curve]))
+    return written
 
 
 def side_by_side_gif(

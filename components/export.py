@@ -106,7 +106,11 @@ def ort_session(path: str | Path, threads: int = 2) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from components.export_contract import execution_providers
+
+    session = ort.InferenceSession(str(path), options, providers=execution_providers())
+    log.info("ONNX Runtime runs %s on %s", Path(path).name, session.get_providers()[0])
+    return session
 
 
 def onnx_encoder(autoencoder: Any, folder: str | Path, max_batch: int, threads: int = 0,

@@ -2,7 +2,8 @@
 
 This module is the single definition of the contract that ``components.export`` writes and that
 consumers (``components.play``, the contract tests, other programs) read. It imports neither torch
-nor onnxruntime, so a player can validate an export folder with numpy and the standard library only.
+nor onnxruntime at load time, so a player can validate an export folder with numpy and the standard library
+only (``execution_providers`` asks onnxruntime, when called, which execution providers it has).
 
 Version history of ``format_version``:
 
@@ -131,3 +132,12 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
 def axis_sizes(manifest: dict[str, Any]) -> dict[str, int]:
     """Sizes of the named axes in ``GRAPHS`` (all but the dynamic ``B``) from a manifest."""
     return {name: int(manifest[name]) for name in ("K", "C", "h", "w", "H", "W")} | {"3": 3}
+
+
+def execution_providers() -> list[str]:
+    """ONNX Runtime's CUDA execution provider first when this onnxruntime has it (``onnxruntime-gpu`` on a
+    machine with a GPU), then the CPU one; with the plain ``onnxruntime`` wheel, the CPU only. Torch-free."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or ["CPUExecutionProvider"]

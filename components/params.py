@@ -213,6 +213,9 @@ class AutoencoderParams(Section):
     scaling_frames: int = Field(1024, gt=0, description="training frames used to measure the latent scaling factor")
     eval_frames: int = Field(256, gt=0, description="held-out frames for the PSNR curve and metrics")
     eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between PSNR-curve points")
+    checkpoint_every_s: float = Field(
+        60.0, gt=0.0, description="seconds of training between resumable checkpoints (.cache/); not in the run key"
+    )
     seed: int = 0
 
     @field_validator("block_out_channels")
@@ -270,6 +273,9 @@ class FinetunedVaeParams(Section):
     detail_patch: int = Field(4, gt=0, description="pixels per side of the regions the detail term compares")
     eval_frames: int = Field(256, gt=0, description="held-out frames for PSNR/SSIM/sharpness before and after")
     grid_frames: int = Field(6, gt=0, description="held-out frames shown in the image grid")
+    checkpoint_every_s: float = Field(
+        60.0, gt=0.0, description="seconds of training between resumable checkpoints (.cache/); not in the run key"
+    )
     seed: int = 0
 
 
@@ -342,7 +348,8 @@ class DiffusionCheckpointParams(Section):
     context_dropout: float = Field(
         0.1, ge=0.0, lt=1.0, description="share of samples whose context latents are zeroed (for CFG)"
     )  # paper: 0.1
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="passed to accelerate.Accelerator")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="autocast of the training loss (components/training.py); fp16 needs CUDA")
     checkpoint_every: int = Field(500, gt=0, description="resumable checkpoint every N steps (.cache/)")
     log_every: int = Field(50, gt=0)
     eval_windows: int = Field(64, gt=0, description="held-out windows for the final metrics")
@@ -407,6 +414,9 @@ class DistilledModelParams(Section):
     decoder_detail_patch: int = Field(4, gt=0, description="pixels per side of the regions the detail term compares")
     eval_windows: int = Field(64, gt=0, description="held-out windows for the PSNR metrics")
     eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between held-out checks")
+    checkpoint_every_s: float = Field(
+        60.0, gt=0.0, description="seconds of training between resumable checkpoints (.cache/); not in the run key"
+    )
     seed: int = 0
 
 
@@ -592,6 +602,10 @@ class Params(Section):
     """The whole of ``params.yaml``."""
 
     profile: str = Field("default", description="name of the profile these params came from")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where every torch stage runs: auto = CUDA when torch sees it, else the CPU; cuda "
+        "without a GPU stops before any work. Not a DVC param: it changes where, not what, a stage computes"
+    )
     environment: EnvironmentParams
     reward: RewardParams = RewardParams()
     rl_agent: RLAgentParams = RLAgentParams()

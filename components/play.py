@@ -48,6 +48,7 @@ from components.export_contract import (
     ENCODER_FILE,
     WORLD_MODEL_FILE,
     ExportNotFoundError,
+    execution_providers,
     load_manifest,
 )
 
@@ -127,12 +128,16 @@ def pipelined_threads(threads: int) -> int:
 
 
 def load_session(source: Path | bytes, threads: int, name: str = "") -> Any:
-    """An ONNX Runtime CPU session for a file or a serialized model; ``ExportNotFoundError`` if it cannot load."""
+    """An ONNX Runtime session (CUDA when this onnxruntime has it: ``execution_providers``) for a file or a
+    serialized model; ``ExportNotFoundError`` if it cannot load."""
     import onnxruntime as ort
 
     try:
         model = str(source) if isinstance(source, Path) else source
-        return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model, session_options(threads), providers=execution_providers())
+        log.info("ONNX Runtime runs %s on %s", name or (source if isinstance(source, Path) else "a model"),
+                 session.get_providers()[0])
+        return session
     except Exception as error:  # onnxruntime raises its own exception types
         raise ExportNotFoundError(f"{name or source}: ONNX Runtime cannot load it ({error})") from None
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,15 +85,16 @@ def rollout_pairs(student: Any, latents: Any, raw: Any, windows: int, max_steps:
         frames.append(matching["frames"][context:])
     real = torch.from_numpy(np.stack([r["latents"] for r in rows])).float()
     actions = torch.from_numpy(np.stack([r["actions"] for r in rows]).astype(np.int64))
-    predicted = []
+    predicted, device = [], student.target_noise.device
     for begin in range(0, len(rows), batch_size):
-        ctx = real[begin : begin + batch_size, :context]
+        ctx = real[begin : begin + batch_size, :context].to(device)
+        chunk_actions = actions[begin : begin + batch_size].to(device)
         steps = []
         for step in range(max_steps):
-            nxt = student(ctx, actions[begin : begin + batch_size, step : step + context])
+            nxt = student(ctx, chunk_actions[:, step : step + context])
             steps.append(nxt)
             ctx = torch.cat([ctx[:, 1:], nxt[:, None]], dim=1)
-        predicted.append(torch.stack(steps, 1))
+        predicted.append(torch.stack(steps, 1).cpu())
     student_latents = torch.cat(predicted)  # [N, S, C, h, w]
     target = torch.from_numpy(np.stack(frames)).permute(0, 1, 4, 2, 3).contiguous()  # uint8 [N, S, 3, H, W]
     n, s = student_latents.shape[:2]
@@ -104,16 +106,17 @@ def rollout_pairs(student: Any, latents: Any, raw: Any, windows: int, max_steps:
     )
 
 
-def fine_tune_decoder(student: Any, autoencoder: Any, latents: Any, raw: Any, settings: Any,
-                      rng: np.random.Generator, state: Any) -> dict[str, Any]:
+def fine_tune_decoder(student: Any, autoencoder: Any, latents: Any, raw: Any, settings: Any, runtime: Any,
+                      folder: Path | None) -> dict[str, Any]:
     """Fine-tune ``autoencoder``'s decoder in place on ``student``'s rollouts (``settings``: the
-    ``distilled_model`` params ``decoder_*`` and ``batch_size``); the encoder stays frozen. ``state`` is the
-    ``training.ResumableState`` to resume from. Returns what the metrics record."""
+    ``distilled_model`` params ``decoder_*``, ``batch_size`` and ``seed``) with the training engine on ``runtime``;
+    the encoder stays frozen. ``folder`` holds the resumable checkpoint. Returns what the metrics record."""
     from components.autoencoder import decoder_loss
-    from components.training import Budget, train
+    from components.training import Budget, Recipe, Step, train
 
     started = time.monotonic()
-    pairs = rollout_pairs(student, latents, raw, settings.decoder_windows, settings.decoder_rollout_steps, rng)
+    pairs = rollout_pairs(student, latents, raw, settings.decoder_windows, settings.decoder_rollout_steps,
+                          np.random.default_rng(settings.seed + 1))
     rolled = time.monotonic() - started
     log.info("decoder fine-tune: %d latents of %d-step rollouts and as many real ones (%.0f s to roll out)",
              int((pairs.steps > 0).sum()), settings.decoder_rollout_steps, rolled)
@@ -123,13 +126,15 @@ def fine_tune_decoder(student: Any, autoencoder: Any, latents: Any, raw: Any, se
         module.requires_grad_(False)
     trainable = [t for t in vae.parameters() if t.requires_grad]
 
-    def loss_fn(step: int) -> torch.Tensor:
-        batch_latents, frames = pairs.batch(settings.batch_size, rng, settings.decoder_real_share)
-        return decoder_loss(autoencoder, batch_latents, frames, settings.decoder_detail_weight,
+    def loss_fn(step: Step) -> torch.Tensor:
+        batch_latents, frames = pairs.batch(settings.batch_size, step.rng, settings.decoder_real_share)
+        return decoder_loss(autoencoder, batch_latents, frames.to(step.device), settings.decoder_detail_weight,
                             settings.decoder_detail_patch)
 
-    result = train(vae, trainable, loss_fn, Budget(settings.decoder_minutes, 1_000_000, settings.warmup_steps),
-                   settings.decoder_learning_rate, state, evaluate=None)
+    recipe = Recipe(Budget(settings.decoder_minutes, 1_000_000, settings.warmup_steps),
+                    settings.decoder_learning_rate, seed=settings.seed + 1, batch_size=settings.batch_size,
+                    checkpoint_every_s=settings.checkpoint_every_s)
+    result = train(vae, trainable, loss_fn, recipe, runtime, folder, name="shipped decoder")
     vae.eval()
     for module in frozen:
         module.requires_grad_(True)  # saved weights are unaffected; keeps the loaded model ordinary

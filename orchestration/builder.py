@@ -11,6 +11,7 @@ from orchestration.assets import build_assets
 from orchestration.checks import build_checks
 from orchestration.dvc_graph import load_pipeline
 from orchestration.jobs import full_pipeline, retraining_job
+from orchestration.lock_sync import build_lock_sync_sensor
 from orchestration.resources import DvcResource
 from orchestration.schedules import build_retraining_schedule
 from orchestration.settings import orchestration_params, project_dir
@@ -25,5 +26,6 @@ def build_definitions(root: str | Path | None = None) -> dg.Definitions:
         asset_checks=build_checks(pipeline),
         jobs=[full_pipeline, retraining_job],
         schedules=[build_retraining_schedule(orchestration_params(root))],
+        sensors=[build_lock_sync_sensor(root)],
         resources={"dvc": DvcResource(project_dir=str(root))},
     )

@@ -17,16 +17,20 @@ Versions (see ``code_version`` and ``data_version``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from components.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 # Folders never hashed as part of a code dep that is a directory.
 _SKIP_DIRS = {"__pycache__", ".git", ".dvc", ".venv", "node_modules"}
@@ -141,13 +145,41 @@ def _is_report(path: str) -> bool:
     return _under(path, REPORTS_DIR) and path.endswith(".json")
 
 
+@contextlib.contextmanager
+def _lockfile_ignored() -> Iterator[None]:
+    """DVC reads stages without their dvc.lock entries (the graph and the code versions do not need them)."""
+    from dvc.dvcfile import Lockfile
+
+    original = Lockfile.load
+    Lockfile.load = lambda self, **kwargs: {}  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Lockfile.load = original  # type: ignore[method-assign]
+
+
 def load_pipeline(root: str | Path) -> DvcPipeline:
-    """Read every pipeline stage of the DVC project at ``root`` through DVC's stage index."""
+    """Read every pipeline stage of the DVC project at ``root`` through DVC's stage index.
+
+    A corrupted ``dvc.lock`` does not stop it: the graph comes from ``dvc.yaml`` alone then (one warning), so the
+    Dagster UI still loads; the data versions, read from ``dvc.lock`` itself, are simply unknown.
+    """
+    root = Path(root).resolve()
+    try:
+        return _load_pipeline(root)
+    except DvcGraphError as error:
+        if "dvc.lock" not in str(error):
+            raise
+        log.warning("%s; the stage graph is read from dvc.yaml alone", error)
+        with _lockfile_ignored():
+            return _load_pipeline(root)
+
+
+def _load_pipeline(root: Path) -> DvcPipeline:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
-    root = Path(root).resolve()
     try:
         repo = Repo(str(root))
     except DvcException as error:

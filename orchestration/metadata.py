@@ -61,7 +61,8 @@ IMAGE_TYPES = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", "
 
 
 def preview_images(root: Path, plots: list[str]) -> list[Path]:
-    """The images among the stage's plots (files, or files inside plot folders), PNGs first."""
+    """The images among the stage's plots (files, or files inside plot folders): PNGs first, and the training
+    curves (``curve_*``, ``components/evaluation_plots.py``) after the stage's own pictures."""
     images: list[Path] = []
     for relpath in plots:
         path = root / relpath
@@ -69,7 +70,7 @@ def preview_images(root: Path, plots: list[str]) -> list[Path]:
             images.append(path)
         elif path.is_dir():
             images.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_TYPES))
-    return sorted(images, key=lambda p: p.suffix.lower() != ".png")
+    return sorted(images, key=lambda p: (p.suffix.lower() != ".png", p.name.startswith("curve_")))
 
 
 def image_markdown(root: Path, image: Path) -> str:

@@ -521,3 +521,49 @@ def test_scheduled_retraining_runs_a_dvc_experiment(toy_repo: Path) -> None:
     name = f"retrain-"
     shown = run(["dvc", "exp", "show", "--json", "--no-fetch"], toy_repo).stdout
     assert name in shown and f'"seed": {seed}' in shown, shown[:2000]
+
+
+def _sync(instance: dg.DagsterInstance, repo: Path) -> str:
+    """One tick of the dvc.lock sensor, as the daemon runs it; returns what the tick says."""
+    defs = build_definitions(repo)
+    result = defs.get_sensor_def("dvc_lock_sync")(dg.build_sensor_context(instance=instance, definitions=defs))
+    assert isinstance(result, dg.SkipReason), result
+    return result.skip_message or ""
+
+
+def test_the_ui_mirrors_a_dvc_repro_run_outside_dagster(toy_repo: Path) -> None:
+    """After `dvc repro` by hand, the sensor gives each asset dvc.lock's data version; a changed param leaves that
+    stage and its descendants unsynced (what `dvc repro` reruns), the rest in sync; a bad dvc.lock records nothing."""
+    instance = dg.DagsterInstance.ephemeral()
+    assert _sync(instance, toy_repo) == "no dvc.lock yet: no stage has run"
+    run(["dvc", "repro"], toy_repo)
+    assert _sync(instance, toy_repo).startswith("recorded from dvc.lock: prepare, shards@a, shards@b, validate")
+    for key, partition, address in [
+        ("prepare", None, "prepare"), ("shards", "a", "shards@a"), ("shards", "b", "shards@b"),
+        ("validate", None, "validate"), ("train", None, "train"),
+    ]:  # fmt: skip
+        assert latest(instance, key, partition).tags["dagster/data_version"] == lock_data_version(toy_repo, address)
+    assert stale_set(instance, build_definitions(toy_repo)) == set()
+    assert latest(instance, "train").metadata["metric metrics/train.json:lr"].value == 0.1  # as a run records it
+    check = dg.AssetCheckKey(dg.AssetKey("validate"), "validate")
+    executions = instance.event_log_storage.get_latest_asset_check_execution_by_key([check])
+    assert executions[check].status.value == "SUCCEEDED"
+    assert _sync(instance, toy_repo) == "the event log already matches dvc.lock"
+
+    params = yaml.safe_load((toy_repo / "params.yaml").read_text())
+    params["shards"]["seed"] = 2
+    (toy_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _sync(instance, toy_repo)
+    assert stale_set(instance, build_definitions(toy_repo)) == {"shards@a", "shards@b", "validate", "train"}
+    params["shards"]["seed"] = 1  # back as dvc.lock has it: in sync again
+    (toy_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _sync(instance, toy_repo)
+    assert stale_set(instance, build_definitions(toy_repo)) == set()
+
+    count = len(instance.fetch_materializations(dg.AssetKey("train"), limit=100).records)
+    lock = toy_repo / "dvc.lock"
+    lock.write_text("stages: [not yaml")
+    assert _sync(instance, toy_repo).startswith("dvc.lock not read: ")
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"elsewhere": {"cmd": "true"}}}))
+    assert _sync(instance, toy_repo).startswith("dvc.lock names no stage of this pipeline")
+    assert len(instance.fetch_materializations(dg.AssetKey("train"), limit=100).records) == count

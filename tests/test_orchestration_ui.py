@@ -1,6 +1,7 @@
-"""The Dagster UI as a user starts it (``python -m orchestration.ui``, what ``make ui`` runs), on the toy project:
-GraphQL lists the assets and their deps, headless Chromium shows them on the asset graph, and a SIGTERM
-stops every process it started."""
+"""The Dagster UI as a user starts it (``python -m orchestration.ui``, what ``make ui`` runs), on the toy project
+after a ``dvc repro`` run by hand: GraphQL lists the assets and their deps, the dvc.lock sensor shows every stage as
+materialized with dvc.lock's data version and the validation check with its status, headless Chromium shows them
+on the asset graph, and a SIGTERM stops every process it started."""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import dagster as dg
 import psutil
 import pytest
-from conftest import pipeline_env
-from test_orchestration import asset_graph_edges, make_toy_repo
+from conftest import pipeline_env, run
+from test_orchestration import asset_graph_edges, lock_data_version, make_toy_repo
 
 from orchestration.builder import build_definitions
-from orchestration.ui import prepare_home
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -28,6 +27,9 @@ CHROMIUM_ARGS = [
     "--disable-sync", "--no-first-run", "--disable-quic",
 ]  # fmt: skip
 GRAPHQL_ASSETS = "{ assetNodes { assetKey { path } dependencyKeys { path } isPartitioned } }"
+GRAPHQL_MATERIALIZED = """{ assetNodes { assetKey { path }
+    assetMaterializations(limit: 1) { tags { key value } }
+    assetChecksOrError { ... on AssetChecks { checks { name executionForLatestMaterialization { status } } } } } }"""
 
 
 def free_port() -> int:
@@ -82,10 +84,7 @@ def test_ui_graphql_browser_and_clean_stop(tmp_path: Path) -> None:
     repo = make_toy_repo(tmp_path / "toy")
     defs = build_definitions(repo)
     nodes, edges = asset_graph_edges(defs)
-    # One materialization in the UI's instance, so the asset page has metadata and an image preview.
-    with dg.DagsterInstance.from_config(str(prepare_home(tmp_path / "home"))) as instance:
-        prepare = [a for a in defs.assets if dg.AssetKey("prepare") in a.keys]
-        assert dg.materialize(prepare, instance=instance, resources={"dvc": defs.resources["dvc"]}).success
+    run(["dvc", "repro"], repo)  # by hand, as `make run` does: Dagster has not seen it
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "ui.log"
@@ -112,6 +111,21 @@ def test_ui_graphql_browser_and_clean_stop(tmp_path: Path) -> None:
 
         seen = process_tree(launcher.pid)
         assert len(seen) >= 3, "expected the launcher, dagster dev, its webserver and daemon"
+
+        # The daemon's dvc.lock sensor records every stage as materialized, with dvc.lock's data version.
+        deadline, materialized = time.monotonic() + 180, {}
+        while time.monotonic() < deadline and set(materialized) != nodes:
+            answer = graphql(url, GRAPHQL_MATERIALIZED)
+            assert "errors" not in answer, answer
+            materialized = {"/".join(n["assetKey"]["path"]): n for n in answer["data"]["assetNodes"]
+                            if n["assetMaterializations"]}
+            time.sleep(2)
+        assert set(materialized) == nodes, f"materialized: {sorted(materialized)}; log: {log.read_text()[-2000:]}"
+        tags = {t["key"]: t["value"] for t in materialized["prepare"]["assetMaterializations"][0]["tags"]}
+        assert tags["dagster/data_version"] == lock_data_version(repo, "prepare")
+        checks = {c["name"]: c["executionForLatestMaterialization"]
+                  for c in materialized["validate"]["assetChecksOrError"]["checks"]}
+        assert checks["validate"] is not None and checks["validate"]["status"] == "SUCCEEDED", checks
 
         # The asset graph page in headless Chromium.
         if not CHROMIUM.exists():

@@ -14,7 +14,7 @@ from components.errors import PipelineError
 from components.params import DistilledModelParams, WorldModelParams
 from components.rollout_decoder import fine_tune_decoder, rollout_pairs
 from components.trajectory_store import ShardWriter, TrajectoryStore
-from components.training import ResumableState
+from components.training import start_runtime
 from components.world_model import ActionConditionedUNet
 from tests.export_fixtures import synthetic_frames
 
@@ -95,7 +95,7 @@ def test_fine_tune_lowers_the_decoder_loss_on_the_students_latents(world: dict, 
     settings = DistilledModelParams(batch_size=8, warmup_steps=0, decoder_minutes=0.1, decoder_rollout_steps=4,
                                     decoder_windows=6, decoder_learning_rate=2e-3, decoder_detail_weight=0.0)
     result = fine_tune_decoder(world["student"], autoencoder, world["latents"], world["raw"], settings,
-                               np.random.default_rng(2), ResumableState(str(tmp_path), "key"))
+                               start_runtime("cpu"), tmp_path / "state")
     assert result["decoder_steps"] >= 5
     assert loss() < 0.7 * before
     for name, value in autoencoder.vae.encoder.state_dict().items():

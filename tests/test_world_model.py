@@ -31,13 +31,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the test machine is shared; one thread is the fastest under contention
     try:
-        result = train(params, latents, cache_root=root / "cache", live_dir=root / "dvclive",
-                       frames_root=root / "frames")
+        run = train(params, latents, cache_root=root / "cache", live_dir=root / "dvclive",
+                    frames_root=root / "frames")
     finally:
         torch.set_num_threads(threads)
     store = open_latents(latents, params.world_model.context, len(params.environment.actions))
     batch = WindowStream(store, params.world_model.context, "heldout", 0).read(list(range(8)))
-    return {"root": root, "params": params, "result": result, "net": result.net, "batch": batch,
+    return {"root": root, "params": params, "result": run.result, "net": run.net, "batch": batch,
             "autoencoder": tiny_autoencoder(root / "autoencoder")}
 
 
@@ -56,7 +56,7 @@ def test_loss_goes_down_and_dvclive_logs(trained: dict[str, Any]) -> None:
     assert trained["result"].steps == TRAIN["steps"]
     assert losses[-1] < 0.7 * losses[0], losses
     metrics = (trained["root"] / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
-    assert len(metrics) == 1 + TRAIN["steps"] // TRAIN["log_every"]
+    assert len(metrics) == 2 + TRAIN["steps"] // TRAIN["log_every"]  # the header, the first step, every log_every
 
 
 def test_actions_give_different_next_frames(trained: dict[str, Any]) -> None:
@@ -182,21 +182,23 @@ def test_adafactor_option_trains(tmp_path: Path) -> None:
                                                                   "log_every": 1, "ema_decay": 0.9}))
     latents = write_synthetic_latents(tmp_path / "latents", len(params.environment.actions), shards=1, episodes=2,
                                       frames_root=tmp_path / "frames")
-    result = train(params, latents, cache_root=tmp_path / "cache", live_dir=None, frames_root=tmp_path / "frames")
+    result = train(params, latents, cache_root=tmp_path / "cache", live_dir=None,
+                   frames_root=tmp_path / "frames").result
     assert result.steps == 3 and all(np.isfinite(loss) for _, loss in result.losses)
 
 
 def test_time_budget_fixes_the_step_count_once(tmp_path: Path) -> None:
     """With train_minutes, the step count is planned after timing the first steps and kept on resume."""
-    from components.world_model_training import PLAN_AT, load_checkpoint
+    from components.training import PLAN_AT, load_checkpoint
 
     params = parse_params(micro_params_dict(diffusion_checkpoint={"train_minutes": 1e-4, "steps": 500,
                                                                   "checkpoint_every": 1000}))
     latents = write_synthetic_latents(tmp_path / "latents", len(params.environment.actions), shards=1, episodes=2,
                                       frames_root=tmp_path / "frames")
-    first = train(params, latents, cache_root=tmp_path / "cache", live_dir=None, frames_root=tmp_path / "frames")
+    first = train(params, latents, cache_root=tmp_path / "cache", live_dir=None, frames_root=tmp_path / "frames").result
     assert first.planned_steps == first.steps == PLAN_AT  # the budget is spent: stop as soon as it is measured
     (checkpoint,) = (tmp_path / "cache").glob("*/checkpoint.safetensors")
-    assert load_checkpoint(checkpoint)[0] == PLAN_AT and load_checkpoint(checkpoint)[-1] == PLAN_AT
-    again = train(params, latents, cache_root=tmp_path / "cache", live_dir=None, frames_root=tmp_path / "frames")
-    assert again.resumed_from == again.steps == PLAN_AT
+    counters = load_checkpoint(checkpoint).counters
+    assert counters["step"] == counters["planned"] == PLAN_AT
+    again = train(params, latents, cache_root=tmp_path / "cache", live_dir=None, frames_root=tmp_path / "frames").result
+    assert again.resumed_from_step == again.steps == PLAN_AT

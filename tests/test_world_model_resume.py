@@ -14,8 +14,14 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from components.world_model import load_world_model
-from conftest import pipeline_env
-from world_model_data import micro_params_dict, tiny_autoencoder, write_params, write_synthetic_latents
+from world_model_data import (
+    checkpoint_step,
+    micro_params_dict,
+    one_thread_env,
+    tiny_autoencoder,
+    write_params,
+    write_synthetic_latents,
+)
 
 STEPS = 60
 
@@ -30,22 +36,6 @@ def _command(tmp: Path, name: str) -> list[str]:
     ]
 
 
-def _env() -> dict[str, str]:
-    env = pipeline_env()
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _checkpoint_step(cache: Path) -> int | None:
-    from safetensors import safe_open
-
-    found = list(cache.glob("*/checkpoint.safetensors"))
-    if not found:
-        return None
-    with safe_open(str(found[0]), framework="pt") as handle:
-        return int(handle.metadata()["step"])
-
-
 def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
     raw = micro_params_dict(diffusion_checkpoint={"steps": STEPS, "checkpoint_every": 15, "log_every": 5})
     write_params(tmp_path / "params.yaml", raw)
@@ -55,33 +45,33 @@ def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
 
     # 1. start, wait for the first checkpoint, then SIGKILL the training process
     with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(_command(tmp_path, "run"), cwd=tmp_path, env=_env(), stdout=log, stderr=log)
+        process = subprocess.Popen(_command(tmp_path, "run"), cwd=tmp_path, env=one_thread_env(), stdout=log, stderr=log)
         deadline = time.monotonic() + 300
-        while _checkpoint_step(tmp_path / "run" / "cache") is None:
+        while checkpoint_step(tmp_path / "run" / "cache") is None:
             assert process.poll() is None, (tmp_path / "killed.log").read_text()
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
-    killed_at = _checkpoint_step(tmp_path / "run" / "cache")
+    killed_at = checkpoint_step(tmp_path / "run" / "cache")
     assert killed_at is not None and 0 < killed_at < STEPS
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
     # 2. rerun: resumes from the checkpoint and finishes
-    rerun = subprocess.run(_command(tmp_path, "run"), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+    rerun = subprocess.run(_command(tmp_path, "run"), cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"at step {killed_at} of {STEPS}" in rerun.stderr, rerun.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == STEPS and metrics["resumed_from_step"] == killed_at
-    assert _checkpoint_step(tmp_path / "run" / "cache") == STEPS
+    assert checkpoint_step(tmp_path / "run" / "cache") == STEPS
     net = load_world_model(tmp_path / "run" / "model")
     assert net.config.context == raw["world_model"]["context"]
     assert (tmp_path / "run" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # 3. a run never interrupted ends with the same weights
-    fresh = subprocess.run(_command(tmp_path, "fresh"), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+    fresh = subprocess.run(_command(tmp_path, "fresh"), cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True,
                            timeout=600)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     resumed = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))

@@ -103,3 +103,23 @@ def tiny_autoencoder(folder: Path, frame_size: tuple[int, int] = (24, 32)) -> An
     assert ae.latent_shape == LATENT_SHAPE, ae.latent_shape
     ae.save(folder)
     return ae
+
+
+def one_thread_env() -> dict[str, str]:
+    """The pipeline's subprocess environment with one torch thread per process (the test machine is shared)."""
+    from tests.conftest import pipeline_env
+
+    env = pipeline_env()
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def checkpoint_step(cache: Path) -> int | None:
+    """The step of the training checkpoint under ``cache/<run key>/``; None before the first one."""
+    from safetensors import safe_open
+
+    found = list(cache.glob("*/checkpoint.safetensors"))
+    if not found:
+        return None
+    with safe_open(str(found[0]), framework="pt") as handle:
+        return int(handle.metadata()["step"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from components.params import load_params
 
@@ -29,17 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    import numpy as np
     import torch
 
     from components import autoencoder as aem
     from components import training
     from components.atomic import atomic_write_json
+    from components.evaluation_plots import training_charts
     from components.errors import PipelineError
     from components.trajectory_store import TrajectoryStore
 
     params = load_params(args.params)
     p = params.autoencoder
+    runtime = training.start_runtime(params.device)
     torch.manual_seed(p.seed)
     store = TrajectoryStore(args.trajectories)
     train_frames = aem.FrameSampler(store, "train")
@@ -70,42 +72,43 @@ def main(args: argparse.Namespace) -> None:
     )
 
     result = None
+    vae.to(runtime.device)
     if not p.pretrained:
-        rng = np.random.default_rng(p.seed)
+        def loss_fn(step: training.Step) -> torch.Tensor:
+            x = ae.pad(train_frames.random_batch(p.batch_size, step.rng).to(step.device))
+            return aem.training_loss(vae, x.contiguous(memory_format=torch.channels_last), p.kl_weight,
+                                     p.mixed_precision)
 
-        def loss_fn(step: int) -> torch.Tensor:
-            x = ae.pad(train_frames.random_batch(p.batch_size, rng)).contiguous(memory_format=torch.channels_last)
-            return aem.training_loss(vae, x, p.kl_weight, p.mixed_precision)
-
-        key = training.fingerprint(p.model_dump(), frame_size, training.inputs_fingerprint(store))
-        result = training.train(
-            vae,
-            list(vae.parameters()),
-            loss_fn,
-            training.Budget(p.train_minutes, p.max_steps, p.warmup_steps),
-            p.learning_rate,
-            training.ResumableState(args.cache or None, key),
-            evaluate=lambda: aem.reconstruction_metrics(ae, eval_frames, view_rows=view_rows),
-            eval_every_s=p.eval_every_s,
-        )
+        recipe = training.Recipe(training.Budget(p.train_minutes, p.max_steps, p.warmup_steps), p.learning_rate,
+                                 seed=p.seed, batch_size=p.batch_size, eval_every_s=p.eval_every_s,
+                                 checkpoint_every_s=p.checkpoint_every_s)
+        folder = training.run_folder(args.cache, runtime, p.model_dump(exclude={"checkpoint_every_s"}), frame_size,
+                                     training.inputs_fingerprint(store))
+        result = training.train(vae, list(vae.parameters()), loss_fn, recipe, runtime, folder, name="base_autoencoder",
+                                evaluate=lambda: aem.reconstruction_metrics(ae, eval_frames, view_rows=view_rows))
+        if not result.is_main_process:
+            return  # under `accelerate launch` the main process writes the outputs
     vae.eval()
     ae.scaling_factor = aem.measure_scaling_factor(ae, train_frames.evenly_spaced(p.scaling_frames))
     final = aem.reconstruction_metrics(ae, eval_frames, view_rows=view_rows)
     log.info("scaling factor %.5f; %s PSNR %.2f dB, SSIM %.4f, sharpness %.3f", ae.scaling_factor, eval_split,
              final["psnr"], final["ssim"], final["sharpness"])
 
-    training = {} if result is None else {
+    trained = {} if result is None else {
         "steps": result.steps, "train_seconds": round(result.seconds, 1), "resumed_from_step": result.resumed_from_step,
-        "samples_per_second": round(result.steps * p.batch_size / max(result.seconds, 1e-9), 2),
+        "train_samples_per_s": round(result.samples_per_s, 2), "processes": runtime.processes,
     }
-    curve = [] if result is None else list(result.curve)
-    if result is not None and (not curve or curve[-1]["step"] != result.steps):
-        curve.append({"seconds": round(result.seconds, 1), "step": result.steps, **final})
+    curve = [] if result is None else list(result.curve)  # from the untrained start to the end of training
+    vae.to("cpu")
     ae.save(args.out, extra={**source, "eval_split": eval_split, "eval_psnr": final["psnr"]})
     atomic_write_json(args.metrics, {
         **source, "eval_split": eval_split, "psnr": final["psnr"], "ssim": final["ssim"],
         "sharpness": final["sharpness"], "scaling_factor": ae.scaling_factor, "latent_shape": list(ae.latent_shape),
-        **training,
+        **trained,
     })
     atomic_write_json(args.curve, [{"seconds": c["seconds"], "step": c["step"], "psnr": c["psnr"], "ssim": c["ssim"]}
                                    for c in curve])
+    if result is not None:  # a pretrained autoencoder has no training curves
+        training_charts(Path(args.curve).parent / "curves", result.losses, result.learning_rates,
+                        [{"seconds": c["seconds"], "step": c["step"], "psnr": c["psnr"]} for c in curve],
+                        "base_autoencoder")

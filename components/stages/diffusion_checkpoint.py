@@ -6,15 +6,16 @@ with ``components.world_model.load_world_model``), ``metrics/diffusion_checkpoin
 and the DVCLive curves in ``dvclive/diffusion_checkpoint/``.
 
 Resumable: a killed run continues from ``.cache/diffusion_checkpoint/<key>/`` when rerun (see
-components/world_model_training.py). Multi-GPU / multi-node::
+components/world_model_training.py). Several GPUs or processes (README "GPU machines and several processes")::
 
-    accelerate launch --num_processes 8 -m components diffusion_checkpoint
+    accelerate launch --multi_gpu --num_processes 8 -m components diffusion_checkpoint
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,10 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     from components.atomic import atomic_write_json
+    from components.evaluation_plots import training_charts
     from components.errors import PipelineError
     from components.params import load_params
+    from components.training import resolve_device
     from components.world_model_training import heldout_metrics, open_latents, save_preview, train
 
     params = load_params(args.params)
@@ -46,11 +49,11 @@ def main(args: argparse.Namespace) -> None:
         from components.autoencoder import load_autoencoder
 
         autoencoder = load_autoencoder(args.autoencoder)
-    result = train(params, args.latents, cache_root=args.cache_dir, live_dir=args.live_dir,
-                   frames_root=args.trajectories)
+    run = train(params, args.latents, cache_root=args.cache_dir, live_dir=args.live_dir,
+                frames_root=args.trajectories)
+    result, net = run.result, run.net
     if not result.is_main_process:
         return  # under `accelerate launch` the main process writes the outputs
-    net = result.net
     if autoencoder is not None and tuple(autoencoder.latent_shape) != (
         net.config.latent_channels, *net.config.latent_size
     ):
@@ -64,7 +67,8 @@ def main(args: argparse.Namespace) -> None:
     store = open_latents(args.latents, net.config.context, net.config.num_actions)
     tp = params.diffusion_checkpoint
     torch.manual_seed(tp.seed)
-    evaluation = heldout_metrics(net, store, params, max(tp.eval_windows, tp.preview_windows), seed=tp.seed)
+    evaluation = heldout_metrics(net, store, params, max(tp.eval_windows, tp.preview_windows), seed=tp.seed,
+                                 device=resolve_device(params.device))
     if autoencoder is not None:
         save_preview(args.samples, autoencoder, evaluation["batch"], evaluation["sampled"], tp.preview_windows)
         log.info("sample predictions: %s", args.samples)
@@ -72,9 +76,10 @@ def main(args: argparse.Namespace) -> None:
         "steps": result.steps,
         "planned_steps": result.planned_steps,
         "train_minutes_budget": tp.train_minutes,
-        "resumed_from_step": result.resumed_from,
-        "final_train_loss": result.final_loss,
+        "resumed_from_step": result.resumed_from_step,
+        "final_train_loss": result.losses[-1][1] if result.losses else result.last_loss,
         "train_samples_per_s": result.samples_per_s,
+        "processes": result.processes,
         "train_seconds": result.seconds,
         "parameters": net.num_parameters(),
         "context": net.config.context,
@@ -86,6 +91,7 @@ def main(args: argparse.Namespace) -> None:
         **{k: v for k, v in evaluation.items() if k not in ("batch", "sampled")},
     }
     atomic_write_json(args.metrics, metrics)
+    training_charts(Path(args.samples).parent, result.losses, result.learning_rates, [], "diffusion_checkpoint")
     log.info("metrics: %s", {k: metrics[k] for k in ("steps", "final_train_loss", "heldout_loss",
                                                      "sampled_latent_mse", "copy_last_latent_mse")})
 

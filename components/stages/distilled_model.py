@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latents", default="data/validated_latents", help="validated latent shards")
     parser.add_argument("--out", default="data/distilled_model", help="output folder")
     parser.add_argument("--metrics", default="metrics/distilled_model.json", help="metrics file")
+    parser.add_argument("--plots", default="plots/distilled_model", help="folder for the training curves (PNG)")
     parser.add_argument("--cache", default=".cache/distilled_model", help="resumable training state ('' = none)")
 
 
@@ -44,12 +45,12 @@ def teacher_generator(settings: Any, step: int) -> Any:
 
 
 def main(args: argparse.Namespace) -> None:
-    import numpy as np
     import torch
 
     from components.atomic import atomic_write_json
+    from components.evaluation_plots import training_charts
     from components.autoencoder import load_autoencoder
-    from components.training import Budget, ResumableState, fingerprint, inputs_fingerprint, train
+    from components import training
     from components.distillation import (
         LatentWindows,
         OneStepStudent,
@@ -66,29 +67,31 @@ def main(args: argparse.Namespace) -> None:
 
     params = load_params(args.params)
     settings, sampler = params.distilled_model, params.sampler
+    runtime = training.start_runtime(params.device)
     torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
 
-    teacher = load_world_model(args.teacher)
+    teacher = load_world_model(args.teacher, runtime.device)
     teacher.requires_grad_(False)
     autoencoder = load_autoencoder(args.autoencoder)
+    autoencoder.vae.to(runtime.device)
     store = TrajectoryStore(args.latents)
     context = teacher.config.context
     frames = None
     if settings.decoder_minutes > 0:  # the decoder fine-tune's inputs, checked now, before minutes of training
         frames = TrajectoryStore(args.trajectories)
         rollout_windows(store, context, settings.decoder_rollout_steps)
-    training = LatentWindows(store, context, "train")
-    heldout = LatentWindows(store, context, "heldout")
-    if len(training) == 0:
+    train_windows = LatentWindows(store, context, "train", runtime.device)
+    heldout = LatentWindows(store, context, "heldout", runtime.device)
+    if len(train_windows) == 0:
         raise PipelineError(f"{args.latents}: no training episode has {context + 1} rows; record longer episodes")
     if len(heldout) == 0:
         log.warning("no held-out window of %d rows: the metrics use training windows instead", context + 1)
-        heldout = training
+        heldout = train_windows
     picks = heldout.evenly_spaced(settings.eval_windows)
 
     student = OneStepStudent.from_teacher(teacher, sampler.steps, sampler.cfg, sampler.context_noise_level,
-                                          settings.noise_seed, settings.target, settings.rollout_steps)
+                                          settings.noise_seed, settings.target, settings.rollout_steps
+                                          ).to(runtime.device)
     log.info("teacher: %d steps, cfg %.2f, context noise %.2f (bucket %d); student runs at t=%d",
              sampler.steps, sampler.cfg, sampler.context_noise_level, student.settings.noise_bucket,
              student.settings.timestep)
@@ -103,24 +106,23 @@ def main(args: argparse.Namespace) -> None:
 
     def evaluate() -> dict[str, float]:
         with torch.no_grad():
-            return {f"heldout_mse_vs_{settings.target}":
+            return {f"mse_vs_{settings.target}":  # held-out: charted as curve_heldout_mse_vs_<target>.png
                     torch.mean((student(curve_context, curve_actions) - curve_next) ** 2).item()}
 
-    key = fingerprint(settings.model_dump(), sampler.model_dump(), inputs_fingerprint(store),
-                      [file_sha256(p) for p in sorted(Path(args.teacher).glob("*")) if p.is_file()])
-    state = ResumableState(args.cache or None, key)
-    result = train(
-        student,
-        list(student.net.parameters()),
-        lambda step: distillation_loss(student, teacher, scheduler, training, settings.batch_size, rng,
-                                       teacher_generator(settings, step), settings.target, settings.rollout_steps,
-                                       settings.detail_weight, settings.detail_patch),
-        Budget(settings.minutes, settings.max_steps, settings.warmup_steps),
-        settings.learning_rate,
-        state,
-        evaluate=evaluate,
-        eval_every_s=settings.eval_every_s,
-    )
+    teacher_files = [file_sha256(p) for p in sorted(Path(args.teacher).glob("*")) if p.is_file()]
+    key = [settings.model_dump(exclude={"checkpoint_every_s"}), sampler.model_dump(),
+           training.inputs_fingerprint(store), teacher_files]
+    recipe = training.Recipe(training.Budget(settings.minutes, settings.max_steps, settings.warmup_steps),
+                             settings.learning_rate, seed=settings.seed, batch_size=settings.batch_size,
+                             eval_every_s=settings.eval_every_s, checkpoint_every_s=settings.checkpoint_every_s)
+    result = training.train(
+        student, list(student.net.parameters()),
+        lambda step: distillation_loss(student, teacher, scheduler, train_windows, settings.batch_size, step.rng,
+                                       teacher_generator(settings, step.index), settings.target,
+                                       settings.rollout_steps, settings.detail_weight, settings.detail_patch),
+        recipe, runtime, training.run_folder(args.cache, runtime, key), evaluate=evaluate, name="distilled_model")
+    if not result.is_main_process:
+        return  # under `accelerate launch` the main process writes the outputs
     student.eval()
     after = distillation_metrics(student, teacher, autoencoder, heldout, picks)
     log.info("after distillation (%d steps, %.0f s): %s", result.steps, result.seconds,
@@ -134,9 +136,11 @@ def main(args: argparse.Namespace) -> None:
         "undistilled_1step_psnr": before["student_psnr"],
         "undistilled_1step_vs_teacher_psnr": before["student_vs_teacher_psnr"],
         "heldout_windows": int(after["windows"]),
-        "heldout_split": "heldout" if heldout is not training else "train",
+        "heldout_split": "heldout" if heldout is not train_windows else "train",
         "train_steps": result.steps,
         "train_seconds": round(result.seconds, 1),
+        "train_samples_per_s": round(result.samples_per_s, 2),
+        "processes": runtime.processes,
         "final_loss": result.last_loss,
         "teacher_steps": sampler.steps,
         "cfg": sampler.cfg,
@@ -150,15 +154,18 @@ def main(args: argparse.Namespace) -> None:
     shipped_decoder, shipped = autoencoder, after
     if settings.decoder_minutes > 0:
         shipped_decoder = load_autoencoder(args.autoencoder)  # a copy: the metrics above keep the finetuned_vae one
-        metrics.update(fine_tune_decoder(student, shipped_decoder, store, frames, settings,
-                                         np.random.default_rng(settings.seed + 1),
-                                         ResumableState(args.cache or None, fingerprint(key, "decoder"))))
+        shipped_decoder.vae.to(runtime.device)
+        metrics.update(fine_tune_decoder(student, shipped_decoder, store, frames, settings, runtime,
+                                         training.run_folder(args.cache, runtime, key, "decoder")))
         shipped = distillation_metrics(student, teacher, shipped_decoder, heldout, picks, with_teacher=False)
     metrics["student_psnr_shipped_decoder"] = shipped["student_psnr"]
     metrics["copy_last_psnr_shipped_decoder"] = shipped["copy_last_psnr"]
     metrics["decoder_minutes"] = settings.decoder_minutes
     log.info("with the decoder that ships: student %.2f dB, copy-last-latent %.2f dB", shipped["student_psnr"],
              shipped["copy_last_psnr"])
+    student.cpu()
+    shipped_decoder.vae.to("cpu")
     student.save(args.out, extra={"metrics": metrics, "curve": result.curve}, autoencoder=shipped_decoder)
     atomic_write_json(args.metrics, metrics)
-    log.info("wrote %s and %s", args.out, args.metrics)
+    training_charts(args.plots, result.losses, result.learning_rates, result.curve, "distilled_model")
+    log.info("wrote %s, %s and the curves in %s", args.out, args.metrics, args.plots)

@@ -47,6 +47,7 @@ def run(params: Any, export: Path, raw_root: Path, latents_root: Path, checkpoin
     """Evaluate the export (and the teacher unless ``teacher`` is false); returns metrics and image arrays."""
     from components import evaluation as ev
     from components.trajectory_store import TrajectoryStore
+    from components.training import resolve_device
 
     settings = params.evaluation
     raw = TrajectoryStore(raw_root)
@@ -68,7 +69,7 @@ def run(params: Any, export: Path, raw_root: Path, latents_root: Path, checkpoin
     metrics["onnx"], extras["onnx"] = ev.evaluate_model(onnx, int(manifest["K"]), raw, None, episodes, settings,
                                                         actions, motion)
     if with_teacher:
-        model, k = ev.teacher_model(checkpoint, vae, params.sampler)
+        model, k = ev.teacher_model(checkpoint, vae, params.sampler, resolve_device(params.device))
         metrics["teacher"], extras["teacher"] = ev.evaluate_model(model, k, raw, latents, episodes, settings,
                                                                   actions, motion)
     else:

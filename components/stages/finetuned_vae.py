@@ -45,7 +45,7 @@ def save_grid(path: Path, rows: list, scale: int = 3) -> None:
     n, _, height, width = rows[0].shape
     canvas = np.full((len(rows) * (height + gap) - gap, n * (width + gap) - gap, 3), 255, np.uint8)
     for r, frames in enumerate(rows):
-        pixels = (frames.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        pixels = (frames.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         for c in range(n):
             y, x = r * (height + gap), c * (width + gap)
             canvas[y : y + height, x : x + width] = pixels[c]
@@ -63,14 +63,18 @@ def main(args: argparse.Namespace) -> None:
     from components import autoencoder as aem
     from components import training
     from components.atomic import atomic_write_json
+    from components.evaluation_plots import training_charts
     from components.errors import PipelineError
     from components.trajectory_store import TrajectoryStore
 
     params = load_params(args.params)
     p = params.finetuned_vae
+    runtime = training.start_runtime(params.device)
     torch.manual_seed(p.seed)
     base = aem.load_autoencoder(args.autoencoder)
     ae = aem.load_autoencoder(args.autoencoder)  # the copy whose decoder is trained
+    base.vae.to(runtime.device)
+    ae.vae.to(runtime.device)
     trajectories = TrajectoryStore(args.trajectories)
     validated = {e.episode_id for e in TrajectoryStore(args.latents, verify_checksums=False).episodes}
     train_frames = aem.FrameSampler(trajectories, "train", validated)
@@ -89,10 +93,8 @@ def main(args: argparse.Namespace) -> None:
     import kornia
 
     augment = kornia.augmentation.ColorJiggle(brightness=0.15, contrast=0.15, p=0.5) if p.augment else None
-    rng = np.random.default_rng(p.seed)
-
-    def loss_fn(step: int) -> torch.Tensor:
-        frames = train_frames.random_batch(p.batch_size, rng)
+    def loss_fn(step: training.Step) -> torch.Tensor:
+        frames = train_frames.random_batch(p.batch_size, step.rng).to(step.device)
         if augment is not None:
             frames = augment(frames).clamp(0.0, 1.0)
         with torch.no_grad():
@@ -104,17 +106,14 @@ def main(args: argparse.Namespace) -> None:
              before["ssim"], before["sharpness"])
     weights = Path(args.autoencoder) / aem.VAE_SUBFOLDER / "diffusion_pytorch_model.safetensors"
     weights_hash = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else ""
-    key = training.fingerprint(p.model_dump(), base.config(), weights_hash, training.inputs_fingerprint(trajectories),
-                          sorted(validated))
-    result = training.train(
-        vae,
-        trainable,
-        loss_fn,
-        training.Budget(p.train_minutes, p.max_steps, p.warmup_steps),
-        p.learning_rate,
-        training.ResumableState(args.cache or None, key),
-        evaluate=None,
-    )
+    key = [p.model_dump(exclude={"checkpoint_every_s"}), base.config(), weights_hash,
+           training.inputs_fingerprint(trajectories), sorted(validated)]
+    recipe = training.Recipe(training.Budget(p.train_minutes, p.max_steps, p.warmup_steps), p.learning_rate,
+                             seed=p.seed, batch_size=p.batch_size, checkpoint_every_s=p.checkpoint_every_s)
+    result = training.train(vae, trainable, loss_fn, recipe, runtime, training.run_folder(args.cache, runtime, key),
+                            name="finetuned_vae")
+    if not result.is_main_process:
+        return  # under `accelerate launch` the main process writes the outputs
     vae.eval()
     vae.encoder.requires_grad_(True)  # saved weights are unaffected; keeps the loaded model ordinary
     after = aem.reconstruction_metrics(ae, eval_frames, view_rows=params.environment.view_rows)
@@ -124,6 +123,7 @@ def main(args: argparse.Namespace) -> None:
     grid = eval_frames[np.linspace(0, len(eval_frames) - 1, min(p.grid_frames, len(eval_frames))).round().astype(int)]
     with torch.no_grad():
         save_grid(Path(args.plots) / "reconstructions.png", [grid, base.reconstruct(grid), ae.reconstruct(grid)])
+    training_charts(args.plots, result.losses, result.learning_rates, [], "finetuned_vae")
     metrics = {
         "eval_split": eval_split,
         "eval_frames": before["frames"],
@@ -138,7 +138,10 @@ def main(args: argparse.Namespace) -> None:
         "steps": result.steps,
         "train_seconds": round(result.seconds, 1),
         "step_ms": round(1000 * result.seconds / result.steps, 1) if result.steps else None,
+        "train_samples_per_s": round(result.samples_per_s, 2),
+        "processes": runtime.processes,
     }
+    ae.vae.to("cpu")
     ae.save(args.out, extra={"source": "finetuned_decoder", "base": str(args.autoencoder), **{
         f"eval_{k}": v for k, v in metrics.items() if k.startswith(("psnr", "ssim", "sharpness"))}})
     atomic_write_json(args.metrics, metrics)

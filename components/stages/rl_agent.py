@@ -4,7 +4,8 @@ Outputs (``data/rl_agent/``, written atomically as one folder):
   policy.safetensors / policy.json          the final policy (see ``components.agent``)
   checkpoints/step-*.safetensors / .json    snapshots evenly spaced over training
   checkpoints.json                          every snapshot, least to most trained (the last is the final one)
-Also ``metrics/rl_agent.json`` and DVCLive curves (episode reward and length) in ``dvclive/rl_agent/``.
+Also ``metrics/rl_agent.json``, DVCLive curves (episode reward and length; SB3's ``train/*`` statistics after each
+update) in ``dvclive/rl_agent/`` and the same as PNG charts in ``plots/rl_agent/``.
 An interrupted run resumes from its last snapshot (state kept in ``.cache/rl_agent/``).
 """
 
@@ -22,11 +23,13 @@ OUT_DIR = Path("data/rl_agent")
 CACHE_DIR = Path(".cache/rl_agent")
 METRICS = Path("metrics/rl_agent.json")
 DVCLIVE_DIR = "dvclive/rl_agent"
+PLOTS = Path("plots/rl_agent")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=OUT_DIR, help=f"output folder (default: {OUT_DIR})")
     parser.add_argument("--metrics", type=Path, default=METRICS, help=f"metrics JSON (default: {METRICS})")
+    parser.add_argument("--plots", type=Path, default=PLOTS, help=f"PNG charts (default: {PLOTS})")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -42,14 +45,24 @@ def main(args: argparse.Namespace) -> None:
              params.environment.scenario, params.environment.map, *params.environment.resolution)
     with Live(dir=DVCLIVE_DIR, dvcyaml=False, save_dvc_exp=False, report=None) as live:
 
+        episode_steps: list[int] = []
+        updates: list[tuple[int, dict[str, float]]] = []
+
         def on_episode(index: int, reward: float, length: int, timesteps: int) -> None:
             live.log_metric("episode_reward", reward)
             live.log_metric("episode_length", length)
             live.log_metric("timesteps", timesteps)
             live.next_step()
+            episode_steps.append(timesteps)
+
+        def on_update(timesteps: int, statistics: dict[str, float]) -> None:
+            for name, value in statistics.items():
+                live.log_metric(name, value)  # SB3's train/* names
+            updates.append((timesteps, statistics))
 
         with atomic_directory(args.out) as staging:
-            result = train(params, staging, CACHE_DIR, on_episode=on_episode)
+            result = train(params, staging, CACHE_DIR, on_episode=on_episode, on_update=on_update)
+    write_charts(args.plots, episode_steps, result.episode_rewards, result.episode_lengths, updates)
 
     recent = slice(-max(1, min(20, result.episodes)), None)
     metrics = {
@@ -60,9 +73,27 @@ def main(args: argparse.Namespace) -> None:
         "episode_length_mean": float(np.mean(result.episode_lengths)) if result.episodes else None,
         "episode_length_last20": float(np.mean(result.episode_lengths[recent])) if result.episodes else None,
         "train_seconds": round(result.seconds, 2),
-        "steps_per_second": round((result.timesteps - result.resumed_from) / max(result.seconds, 1e-9), 1),
+        "steps_per_second": round((result.timesteps - result.resumed_from_step) / max(result.seconds, 1e-9), 1),
         "checkpoints": len(result.checkpoints),
-        "resumed_from": result.resumed_from,
+        "resumed_from_step": result.resumed_from_step,
     }
     atomic_write_json(args.metrics, metrics)
     log.info("rl_agent done: %s", metrics)
+
+
+def write_charts(folder: Path, episode_steps: list[int], rewards: list[float], lengths: list[int],
+                 updates: list[tuple[int, dict[str, float]]]) -> None:
+    """Episode reward and length, and each of SB3's train/* statistics, against timesteps, as PNG."""
+    from components.evaluation_plots import CURVE_PREFIX, line_chart
+
+    folder.mkdir(parents=True, exist_ok=True)  # a DVC out, even for a run too short to finish an episode
+    if rewards and len(episode_steps) == len(rewards):
+        line_chart(folder / f"{CURVE_PREFIX}episode_reward.png", {"reward": rewards}, "rl_agent: episode reward",
+                   y_label="reward", x_label="timesteps", x=episode_steps)
+        line_chart(folder / f"{CURVE_PREFIX}episode_length.png", {"length": [float(n) for n in lengths]},
+                   "rl_agent: episode length", y_label="steps", x_label="timesteps", x=episode_steps)
+    names = sorted({name for _, statistics in updates for name in statistics})
+    for name in names:
+        points = [(t, s[name]) for t, s in updates if name in s]
+        line_chart(folder / f"{CURVE_PREFIX}{name.replace('/', '_')}.png", {name: [v for _, v in points]},
+                   f"rl_agent: {name}", y_label=name.split("/")[-1], x_label="timesteps", x=[t for t, _ in points])

@@ -44,17 +44,21 @@ def to_unit_chw(frames: Any) -> Any:
     return np.ascontiguousarray(frames.transpose(0, 3, 1, 2), np.float32) / np.float32(255.0)
 
 
-def make_encoder(ae: Any, settings: Any, trajectories: Any, scratch: str) -> Callable[[Any], Any]:
+def make_encoder(ae: Any, settings: Any, trajectories: Any, scratch: str, device: str = "auto"
+                 ) -> Callable[[Any], Any]:
     """frames float32 [B, 3, H, W] -> scaled latents, by ``settings.engine`` (ONNX Runtime checked against PyTorch
-    on the first frames, or PyTorch itself)."""
+    on the first frames, or PyTorch itself on ``device``, the ``device`` setting)."""
     import torch
+
+    from components.training import resolve_device
 
     if settings.engine == "torch":
         torch.set_num_threads(settings.threads or torch.get_num_threads())
+        ae.vae.to(resolve_device(device))
 
         def encode(frames: Any) -> Any:
             with torch.no_grad():
-                return ae.encode(torch.from_numpy(frames)).numpy()
+                return ae.encode(torch.from_numpy(frames)).cpu().numpy()
 
         return encode
     from components.export import onnx_encoder
@@ -94,7 +98,7 @@ def main(args: argparse.Namespace) -> None:
              ae.latent_shape, p.dtype, p.engine)
     try:
         with atomic_directory(args.out) as staging, tempfile.TemporaryDirectory(prefix="encoder-") as scratch:
-            encode = make_encoder(ae, p, trajectories, scratch)
+            encode = make_encoder(ae, p, trajectories, scratch, params.device)
             with tqdm(total=total, unit="frame", desc="encoding", mininterval=2.0) as bar:
                 for shard_index, path in enumerate(shard_paths(args.trajectories)):
                     attributes = {
