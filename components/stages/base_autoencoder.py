@@ -86,11 +86,12 @@ def main(args: argparse.Namespace) -> None:
                                      training.inputs_fingerprint(store))
         result = training.train(vae, list(vae.parameters()), loss_fn, recipe, runtime, folder, name="base_autoencoder",
                                 evaluate=lambda: aem.reconstruction_metrics(ae, eval_frames, view_rows=view_rows))
-        if not result.is_main_process:
-            return  # under `accelerate launch` the main process writes the outputs
+    if not runtime.is_main:
+        return  # under `accelerate launch` the main process writes the outputs
     vae.eval()
     ae.scaling_factor = aem.measure_scaling_factor(ae, train_frames.evenly_spaced(p.scaling_frames))
-    final = aem.reconstruction_metrics(ae, eval_frames, view_rows=view_rows)
+    # the engine's last curve point is these weights' held-out numbers (the scaling factor does not change them)
+    final = result.curve[-1] if result else aem.reconstruction_metrics(ae, eval_frames, view_rows=view_rows)
     log.info("scaling factor %.5f; %s PSNR %.2f dB, SSIM %.4f, sharpness %.3f", ae.scaling_factor, eval_split,
              final["psnr"], final["ssim"], final["sharpness"])
 
