@@ -54,8 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fetch(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return response.read()
+    from components.errors import PipelineError
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except OSError as error:  # no network, DNS, HTTP errors: one line, and the committed template stays as it is
+        raise PipelineError(f"{url}: cannot download ({error}); the committed .dvc/plots/offline.html is unchanged")
 
 
 def library_source(name: str, version: str, member: str) -> str:
