@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="data/diffusion_checkpoint", help="folder for the trained model")
     parser.add_argument("--metrics", default="metrics/diffusion_checkpoint.json")
     parser.add_argument("--samples", default="plots/diffusion_checkpoint/samples.png")
-    parser.add_argument("--live-dir", default="dvclive/diffusion_checkpoint", help="DVCLive folder")
+    parser.add_argument("--live-dir", default="dvclive/diffusion_checkpoint", help="DVCLive folder; '' disables it")
     parser.add_argument("--cache-dir", default=".cache/diffusion_checkpoint", help="resumable checkpoints")
     parser.add_argument("--no-preview", action="store_true", help="skip the decoded sample PNG (debugging)")
 
@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> None:
         from components.autoencoder import load_autoencoder
 
         autoencoder = load_autoencoder(args.autoencoder)
-    run = train(params, args.latents, cache_root=args.cache_dir, live_dir=args.live_dir,
+    run = train(params, args.latents, cache_root=args.cache_dir, live_dir=args.live_dir or None,
                 frames_root=args.trajectories)
     result, net = run.result, run.net
     if not result.is_main_process:
