@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh clone (Python 3.11 is all you need):
-#   make run    set up .venv, then run the whole pipeline on the default profile (dvc repro)
+#   make run    set up .venv, then run the whole pipeline on the default profile (params checked, then dvc repro)
 #   make test   set up .venv, then run the test suite
 #   make play   play the learned game in a browser (ONNX export, 127.0.0.1)
 SHELL := /bin/bash
@@ -28,7 +28,7 @@ browser:
 	  echo "warning: could not install chromium; browser tests will be skipped"; }
 
 run: venv
-	dvc repro
+	python -m components repro
 
 # Dagster UI on http://127.0.0.1:$(UI_PORT) (DAGSTER_HOME=dagster_home/, telemetry off); Ctrl-C or SIGTERM stops it.
 UI_PORT ?= 3000
@@ -43,7 +43,7 @@ test: venv browser
 #   make play PLAY_ARGS="--port 9000 --export path/to/export"
 PLAY_ARGS ?=
 play: venv
-	@test -f data/onnx_export/manifest.json || [[ "$(PLAY_ARGS)" == *--export* ]] || dvc repro onnx_export
+	@test -f data/onnx_export/manifest.json || [[ "$(PLAY_ARGS)" == *--export* ]] || python -m components repro onnx_export
 	python -m components play $(PLAY_ARGS)
 
 # The paper's ablations as DVC experiments (README "Evaluation, ablations and promotion"); tables to docs/results.md.
@@ -55,7 +55,7 @@ ablations: venv
 
 # Champion/challenger: promote data/onnx_export to artifacts/champion if it is no worse on held-out play.
 promote: venv
-	dvc repro evaluation
+	python -m components repro evaluation
 	python -m components promote
 
 clean-venv:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import PipelineError
+from components.params import parse_overrides
 from components.promotion import metric_value
 
 log = logging.getLogger(__name__)
@@ -63,14 +64,6 @@ class Experiment:
 
 def _yaml_scalar(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
-
-
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """``["a.b=1", "c.d=text"]`` -> ``{"a.b": 1, "c.d": "text"}`` (values read as YAML, as ``dvc exp run -S`` does)."""
-    import yaml
-
-    pairs = (item.split("=", 1) for item in items)
-    return {key.strip(): yaml.safe_load(value) for key, value in pairs}
 
 
 GROUPS = ("warp", "noise", "context", "data")

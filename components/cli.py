@@ -29,6 +29,12 @@ STAGES: dict[str, str] = {
 
 # other commands: name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("components.stages.check", "validate params.yaml (a profile, -S overrides) before anything runs; exit 2 "
+              "naming the bad keys"),
+    "repro": ("components.stages.repro", "check params.yaml, then `dvc repro ...` with this interpreter running "
+              "every stage"),
+    "restore": ("components.stages.restore", "bring every output back to what dvc.lock records (after a failed or "
+                "killed stage)"),
     "profile": ("components.stages.profile", "merge a params profile (micro, paper) into params.yaml"),
     "play": ("components.play", "play the learned game in a browser from the ONNX export (ONNX Runtime only)"),
     "rollout_video": ("components.stages.rollout_video", "GIF of an autoregressive rollout beside the real frames"),
@@ -93,9 +99,30 @@ def check_device(params_path: str) -> None:
     resolve_device(load_params(params_path).device)
 
 
+# Commands whose arguments all go to another program as they are (argparse would take `--force` as its own).
+PASSTHROUGH = {"repro": "dvc_args"}
+
+
+def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``[..., "repro", "--force", "x"]`` -> ``([..., "repro"], ["--force", "x"])``; other commands unchanged.
+    ``repro -h`` keeps its own help."""
+    argv = list(argv)
+    for index, token in enumerate(argv):
+        if token.startswith("-") or (index and argv[index - 1] == "--params"):
+            continue  # a global option or its value
+        rest = argv[index + 1 :]
+        if token in PASSTHROUGH and rest[:1] not in (["-h"], ["--help"]):
+            return argv[: index + 1], rest
+        break
+    return argv, []
+
+
 def run_command(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command (what :func:`main` does, without its check of the interpreter)."""
-    args = build_parser().parse_args(argv)
+    own, passed = split_passthrough(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    if args.command in PASSTHROUGH:
+        setattr(args, PASSTHROUGH[args.command], passed)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -587,6 +588,10 @@ class OrchestrationParams(Section):
     require_remote: bool = Field(
         False, description="fail the asset when the push fails (set true on distributed executors)"
     )
+    check_command: str = Field(
+        "python -m components check",
+        description="validates params.yaml before each `dvc repro` / `dvc exp run` (gets -S KEY=VALUE too); '' = none",
+    )
 
     @field_validator("retraining_cron")
     @classmethod
@@ -718,6 +723,46 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "c.d=text"]`` -> ``{"a.b": 1, "c.d": "text"}`` (values read as YAML, as ``dvc exp run -S`` does)."""
+    overrides = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ParamsError(f"override {item!r}: write it as section.key=value (as dvc exp run -S takes it)")
+        overrides[key.strip()] = yaml.load(value, Loader=_Yaml12BoolLoader)
+    return overrides
+
+
+def with_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with each dotted key of ``overrides`` set (``{"sampler.cfg": 2}``), as ``dvc exp run -S`` sets it."""
+    merged = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise ParamsError(f"override {dotted}: {part!r} is a value, not a section")
+            node = node[part]
+        node[leaf] = value
+    return merged
+
+
+def check_params(params_path: str | Path = DEFAULT_PARAMS_PATH, profile: str | None = None,
+                 overrides: Sequence[str] = ()) -> Params:
+    """Validate ``params_path`` as a run would see it: with ``profile`` merged and ``-S`` ``overrides`` set.
+    Reads only; raises ``ParamsError`` naming every bad key."""
+    raw = read_yaml(Path(params_path))
+    source = str(params_path)
+    if profile:
+        raw = profile_params(profile, raw)
+        source += f" + profile {profile!r}"
+    if overrides:
+        raw = with_overrides(raw, parse_overrides(overrides))
+        source += " + " + " ".join(f"-S {item}" for item in overrides)
+    return parse_params(raw, source=source)
 
 
 def available_profiles() -> list[str]:

@@ -98,6 +98,7 @@ def _build_stage_asset(pipeline: DvcPipeline, group: StageGroup, code_version: s
         settings = orchestration_params(dvc.root)
         keys = list(context.partition_keys) if group.partitioned else [None]
         items = [group.item(key) for key in keys]
+        dvc.check_params(settings.check_command, context.log)
         pull = settings.pull_before_repro and dvc.remote_reachable()[0]
         actions = {}
         for item in items:

@@ -75,6 +75,7 @@ def retraining_experiment(context: dg.OpExecutionContext, config: RetrainingConf
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     name = config.experiment_name or f"retrain-{stamp}-seed{seed}"
     param = settings.retraining_seed_param
+    dvc.check_params(settings.check_command, context.log, overrides=(f"{param}={seed}",))
     if settings.pull_before_repro and dvc.remote_reachable()[0]:
         dvc.run(["pull", "--run-cache", "--allow-missing"], context.log, check=False)
     dvc.run(

@@ -8,6 +8,7 @@ own ``ERROR:`` text plus the tail of the output, not just an exit code.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -73,6 +74,25 @@ class DvcResource(dg.ConfigurableResource):
         dvc = Path(sys.executable).parent / "dvc"
         flags = ["--wait-for-lock"] if self.wait_for_lock else []
         return [str(dvc) if dvc.exists() else "dvc", *flags, *args]
+
+    def check_params(self, command: str, log: Any, overrides: tuple[str, ...] = ()) -> None:
+        """The project's params check (``orchestration.check_command``, with ``-S`` for each override) before DVC
+        touches the workspace: a wrong value fails the step here, naming the key, and every output stays."""
+        if not command.strip():
+            return
+        cmd = [*shlex.split(command), *(arg for item in overrides for arg in ("-S", item))]
+        log.info(f"$ {' '.join(cmd)}  (in {self.root})")
+        try:
+            done = subprocess.run(cmd, cwd=self.root, env=self.env(), capture_output=True, text=True)
+        except OSError as error:
+            raise dg.Failure(description=f"params check `{command}` could not start ({error}); fix "
+                             "orchestration.check_command in params.yaml ('' turns the check off)") from None
+        if done.returncode != 0:
+            raise dg.Failure(
+                description=f"params check failed (exit {done.returncode}); nothing was run and no output was "
+                f"touched:\n{(done.stderr or done.stdout).strip()}",
+                metadata={"command": dg.MetadataValue.text(" ".join(cmd)), "exit code": done.returncode},
+            )
 
     def run(self, args: list[str], log: Any, check: bool = True, what: str | None = None) -> CommandResult:
         """Run ``dvc <args>``, streaming each output line to ``log.info`` as it comes."""

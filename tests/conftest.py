@@ -50,13 +50,18 @@ def write_params(path: Path, raw: dict[str, Any]) -> Path:
     return path
 
 
+# Pipeline outputs that git does not ignore (a `make run` in this checkout leaves them); copies start without them.
+PIPELINE_OUTPUTS = {"dvc.lock", "metrics", "plots", "reports"}
+
+
 def project_files() -> list[str]:
-    """Tracked and untracked-but-not-ignored files: what a fresh clone plus local edits would hold."""
+    """Tracked and untracked-but-not-ignored files, pipeline outputs left out: what a fresh clone plus local edits
+    would hold."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     ).stdout.split("\n")
-    return [f for f in listed if f and (REPO_ROOT / f).is_file()]
+    return [f for f in listed if f and (REPO_ROOT / f).is_file() and Path(f).parts[0] not in PIPELINE_OUTPUTS]
 
 
 def make_repo_copy(destination: Path, profile: str | None = "micro") -> Path:

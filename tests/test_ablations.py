@@ -149,6 +149,19 @@ def test_ablation_command_queues_runs_and_reports_real_dvc_experiments(tmp_path:
     assert "| 1 | 22.40 |" in (repo / "docs/results.md").read_text()
 
 
+def test_a_wrong_experiment_value_queues_nothing(tmp_path: Path) -> None:
+    """Every experiment's `-S` values are checked before the first is queued: exit 2 naming the key, no experiment."""
+    repo = toy_repo(tmp_path / "repo")
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["evaluation"]["ablations"]["noise_off"] = {"sampler.context_noise_level": -1.0}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = run([sys.executable, "-m", "components", "ablations", "--groups", "noise"], repo, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "sampler.context_noise_level" in result.stderr and "-S sampler.context_noise_level=-1.0" in result.stderr
+    assert run(["dvc", "exp", "ls", "--name-only"], repo).stdout.split() == []
+    assert "abl-" not in run(["dvc", "queue", "status"], repo).stdout
+
+
 def _pipeline_ready() -> str | None:
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text()).get("stages", {})
     missing = [s for s in ("diffusion_checkpoint", "distilled_model", "onnx_export", "evaluation") if s not in stages]

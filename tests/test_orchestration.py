@@ -38,6 +38,7 @@ TOY_PARAMS = {
         "retraining_seed_param": "shards.seed",
         "pull_before_repro": False,  # faster; test_two_clones_share_a_dvc_remote turns the remote on
         "push_after_repro": False,
+        "check_command": "python src/check.py",
     },
 }
 
@@ -81,6 +82,16 @@ stages:
 """
 
 TOY_SCRIPTS = {
+    # the project's params check (orchestration.check_command): train.lr > 0, with `-S key=value` applied
+    "check.py": """
+        import sys, yaml
+        params = yaml.safe_load(open("params.yaml"))
+        for item in sys.argv[2::2]:
+            key, value = item.split("=", 1); section, name = key.split(".")
+            params[section][name] = yaml.safe_load(value)
+        if params["train"]["lr"] <= 0:
+            sys.exit(f"invalid params.yaml: train.lr: must be > 0, got {params['train']['lr']}")
+    """,
     # random bytes in the output: a recomputation is visible as a different hash
     "prepare.py": """
         import json, os, struct, zlib, yaml
@@ -489,6 +500,30 @@ def test_two_clones_share_a_dvc_remote(tmp_path: Path) -> None:
     assert (clone_b / "data/prepare/x.bin").read_bytes() == (clone_a / "data/prepare/x.bin").read_bytes()
     assert lock_data_version(clone_b, "prepare") == lock_data_version(clone_a, "prepare")
     assert (clone_b / "plots/prepare/grid.png").read_bytes() == (clone_a / "plots/prepare/grid.png").read_bytes()
+
+
+def test_a_wrong_param_fails_the_asset_before_dvc_touches_any_output(toy_repo: Path) -> None:
+    """orchestration.check_command runs before `dvc repro`: the step fails naming the key, and the stage's outputs,
+    dvc.lock and `dvc status` stay exactly as they were (DVC would have removed the outs before running the cmd)."""
+    instance = dg.DagsterInstance.ephemeral()
+    defs = build_definitions(toy_repo)
+    materialize_toy(defs, instance)
+    params = yaml.safe_load((toy_repo / "params.yaml").read_text())
+    params["train"]["lr"] = -1
+    (toy_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    outputs = ("dvc.lock", "data/train/model.txt", "metrics/train.json")
+    before = {p: (toy_repo / p).read_bytes() for p in outputs}
+    status = dvc_status(toy_repo)
+    assert status == {"train": [{"changed deps": {"params.yaml": {"train": "modified"}}}]}, status
+
+    train = [a for a in defs.assets if "train" in [k.to_user_string() for k in a.keys]]
+    result = dg.materialize(train, instance=instance, resources={"dvc": defs.resources["dvc"]}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    description = failure.step_failure_data.user_failure_data.description
+    assert "params check failed" in description and "train.lr: must be > 0, got -1" in description, description
+    assert {p: (toy_repo / p).read_bytes() for p in outputs} == before
+    assert dvc_status(toy_repo) == status
 
 
 def test_scheduled_retraining_runs_a_dvc_experiment(toy_repo: Path) -> None:

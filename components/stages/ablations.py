@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from components import ablations as ab
-    from components.params import load_params, read_yaml
+    from components.params import check_params, load_params, read_yaml
 
     log = logging.getLogger("components.ablations")
     params = load_params(args.params)
@@ -41,6 +41,8 @@ def main(args: argparse.Namespace) -> None:
     if not args.report_only:
         raw = read_yaml(Path(args.params))
         experiments = ab.plan(settings, raw, [g.strip() for g in args.groups.split(",") if g.strip()])
+        for experiment in experiments:  # every experiment's params valid before any is queued
+            check_params(args.params, overrides=experiment.set_params())
         tag = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S")
         log.info("running %d ablation experiments with tag %s: %s", len(experiments), tag,
                  ", ".join(e.label for e in experiments))
