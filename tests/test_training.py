@@ -70,6 +70,21 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path: P
         torch.testing.assert_close(value, uninterrupted[name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_checkpoint_stops_with_one_line_saying_to_delete_it(tmp_path: Path, damage: str) -> None:
+    recipe = Recipe(Budget(None, 6, warmup_steps=1), 0.05, seed=3)
+    model, loss_fn = _model_and_loss()
+    train(model, list(model.parameters()), loss_fn, recipe, start_runtime("cpu"), tmp_path, stop_after=3)
+    checkpoint = tmp_path / CHECKPOINT_FILE
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a checkpoint" * 64,
+                            "empty": b""}[damage])
+    model, loss_fn = _model_and_loss()
+    with pytest.raises(PipelineError, match="unreadable checkpoint .*delete it to start over") as raised:
+        train(model, list(model.parameters()), loss_fn, recipe, start_runtime("cpu"), tmp_path)
+    assert str(checkpoint) in str(raised.value) and "\n" not in str(raised.value)
+
+
 def test_the_run_key_covers_the_inputs_and_the_process_count(tmp_path: Path) -> None:
     runtime = start_runtime("cpu")
     first = run_folder(tmp_path, runtime, {"lr": 1e-3}, ["sha-a"])
