@@ -53,10 +53,10 @@ ABLATION_ARGS ?=
 ablations: venv
 	python -m components ablations $(ABLATION_ARGS)
 
-# Champion/challenger: promote data/onnx_export to artifacts/champion if it is no worse on held-out play.
+# Champion/challenger: the `champion` stage promotes data/onnx_export to artifacts/champion if it is no worse on
+# held-out play (reports/champion.json says which); after committing dvc.lock, `python -m components register`.
 promote: venv
-	python -m components repro evaluation
-	python -m components promote
+	python -m components repro champion
 
 clean-venv:
 	rm -rf $(VENV)

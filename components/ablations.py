@@ -67,6 +67,7 @@ def _yaml_scalar(value: Any) -> str:
 
 
 GROUPS = ("warp", "noise", "context", "data")
+TARGET_STAGE = "evaluation"
 SEED_MARK = "-seed"
 
 
@@ -133,6 +134,7 @@ def queue_and_run(experiments: Sequence[Experiment], repo: Path, tag: str, jobs:
         args = ["exp", "run", "--queue", "-n", name]
         for value in experiment.set_params():
             args += ["-S", value]
+        args.append(TARGET_STAGE)  # what the tables read; the champion stage after it is not an ablation
         _dvc(args, repo)
         names.append(name)
     _dvc(["exp", "run", "--run-all", "-j", str(jobs)], repo, capture=False)

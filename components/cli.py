@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "every stage"),
     "restore": ("components.stages.restore", "bring every output back to what dvc.lock records (after a failed or "
                 "killed stage)"),
+    "register": ("components.stages.register", "give the committed champion a GTO version and the prod stage"),
     "profile": ("components.stages.profile", "merge a params profile (micro, paper) into params.yaml"),
     "play": ("components.play", "play the learned game in a browser from the ONNX export (ONNX Runtime only)"),
     "rollout_video": ("components.stages.rollout_video", "GIF of an autoregressive rollout beside the real frames"),

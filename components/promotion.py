@@ -82,6 +82,19 @@ class Decision:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def report(self) -> dict[str, Any]:
+        """The decision as a check report (orchestration/checks.py): ``success`` is promoted, one check per
+        criterion, and the verdict with the criterion that decided it in ``summary``."""
+        verdict = "PROMOTED" if self.promoted else "REJECTED"
+        return {
+            "success": self.promoted,
+            "summary": f"{verdict}: {self.reason}",
+            "source": self.source,
+            "decided_at": self.decided_at,
+            "checks": [{"name": c.metric, "success": c.passed, "champion": c.champion, "challenger": c.challenger,
+                        "delta": c.delta, "tolerance": c.tolerance, "note": c.note} for c in self.comparisons],
+        }
+
     def metadata(self) -> dict[str, Any]:
         """Flat, JSON-able numbers and text for Dagster metadata: the decision and both metric values."""
         meta: dict[str, Any] = {"promoted": self.promoted, "reason": self.reason, "source": self.source}

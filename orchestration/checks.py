@@ -3,7 +3,7 @@
 Convention: a stage that gates its downstream writes ``reports/<name>.json`` and lists it in its dvc.yaml
 ``outs`` with ``cache: false``::
 
-    {"success": true, "checks": [{"name": "latents_finite", "success": true, ...}, ...]}
+    {"success": true, "checks": [{"name": "latents_finite", "success": true, ...}, ...], "summary": "..."}
 
 Each such report becomes one ``blocking=True`` asset check on the stage's asset, named after the report file
 (``reports/validated_latents.json`` -> check ``validated_latents``). The check fails (severity ERROR, so the
@@ -49,9 +49,12 @@ def evaluate_report(path: Path) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(passed=False, metadata={"problem": f"{path.name} is malformed: {error}"})
     failed = [str(e["name"]) for e in entries if e.get("success") is not True]
     rows = [f"| {e['name']} | {'pass' if e.get('success') is True else '**FAIL**'} |" for e in entries]
+    summary = {"summary": str(report["summary"])} if "summary" in report else {}
     return dg.AssetCheckResult(
         passed=bool(report["success"]) and not failed,
+        description=summary.get("summary"),
         metadata={
+            **summary,
             "report": dg.MetadataValue.path(str(path)),
             "checks passed": len(entries) - len(failed),
             "checks failed": dg.MetadataValue.json(failed),

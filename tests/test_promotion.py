@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from components import promotion as pr
+from tests.conftest import REPO_ROOT
 
 CRITERIA = [
     pr.Criterion("onnx.teacher_forced.psnr.model.pooled", tolerance=0.1),
@@ -109,3 +115,29 @@ def test_params_refuse_a_criterion_on_a_rollout_that_is_not_measured() -> None:
         parse_params(raw)
     raw["evaluation"]["promotion"] = {"criteria": [{"metric": "onnx.rollout.8.mean_psnr_over_steps.model"}]}
     assert parse_params(raw).evaluation.promotion.criteria[0].tolerance == 0.0
+
+
+def test_a_promotion_killed_during_the_copy_leaves_the_champion_byte_for_byte(tmp_path: Path) -> None:
+    champion_dir = tmp_path / "artifacts" / "champion"
+    pr.promote(make_export(tmp_path / "run1", b"weights-1"), metrics(25.0), champion_dir, CRITERIA, None)
+    before = snapshot(champion_dir)
+    big = make_export(tmp_path / "run2", b"")
+    with open(big / "world_model.onnx", "wb") as handle:  # large enough that the copy takes a while
+        for _ in range(384):
+            handle.write(os.urandom(1 << 20))
+    script = ("import sys; from pathlib import Path; from components import promotion as pr; "
+              "from tests.test_promotion import CRITERIA, metrics; "
+              "pr.promote(Path(sys.argv[1]), metrics(30.0), Path(sys.argv[2]), CRITERIA, None)")
+    process = subprocess.Popen([sys.executable, "-c", script, str(big), str(champion_dir)], cwd=REPO_ROOT)
+    deadline = time.monotonic() + 60
+    staging = []
+    while not staging and process.poll() is None and time.monotonic() < deadline:
+        staging = [p for p in champion_dir.parent.glob(".champion.*.tmp") if list(p.rglob("*.onnx"))]
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert staging, "the promotion ended before the copy could be interrupted"
+    assert snapshot(champion_dir) == before  # the previous champion, byte for byte
+    # the next promotion finishes the job; the leftover staging folder of the killed one is only litter
+    decision = pr.promote(make_export(tmp_path / "run3", b"weights-3"), metrics(30.0), champion_dir, CRITERIA, None)
+    assert decision.promoted and (champion_dir / "export" / "world_model.onnx").read_bytes() == b"weights-3"

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reevaluate", action="store_true",
                         help="compare with the champion's stored metrics instead of scoring it again")
     parser.add_argument("--decision-json", default=None, help="also write the decision to this JSON file")
+    parser.add_argument("--report", default=None,
+                        help="also write the decision as a check report (success = promoted, one check per criterion)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -37,6 +39,8 @@ def main(args: argparse.Namespace) -> None:
               f"(tolerance {c.tolerance}) {'ok' if c.passed else 'WORSE'}")
     if args.decision_json:
         atomic_write_json(args.decision_json, decision.to_dict())
+    if args.report:
+        atomic_write_json(args.report, decision.report())
 
 
 def _git_rev() -> str:

@@ -1,0 +1,105 @@
+"""``gamengen register``: give the committed champion a GTO version and assign it the ``prod`` stage.
+
+A GTO version is a git tag on a commit, and ``dvc artifacts get`` reads the champion from that commit's dvc.lock,
+so a promotion is registered once it is committed; a rejected challenger, or a promotion not yet committed, is
+never registered, so GTO only names champions that exist:
+
+    python -m components repro champion     # promote (or reject) the fresh export: reports/champion.json
+    git add dvc.lock docs/promotion-log.md docs/promotion-log.jsonl && git commit -m "promote"
+    python -m components register           # doom-world-model@v0.0.N on that commit, assigned prod
+    gto show doom-world-model               # versions, stages and commits
+    dvc artifacts get . doom-world-model --stage prod -o champion   # what is in production
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.errors import PipelineError
+
+STAGE = "champion"  # the dvc.yaml stage that writes the champion folder
+PROD = "prod"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", default="reports/champion.json", help="the promotion decision to register")
+    parser.add_argument("--artifact", default=None, help="artifact name in dvc.yaml `artifacts:` (default: the one)")
+
+
+def artifact_entry(root: Path, name: str | None) -> tuple[str, str]:
+    """(name, path) of the dvc.yaml artifact: ``name``, or the only one declared."""
+    declared: dict[str, Any] = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("artifacts") or {}
+    if name is None and len(declared) == 1:
+        name = next(iter(declared))
+    if name not in declared:
+        raise PipelineError(f"dvc.yaml declares artifacts {sorted(declared)}; pass --artifact with one of them")
+    return name, str(declared[name]["path"])
+
+
+def locked_hash(lock_text: str | None, path: str) -> str | None:
+    """The md5 that a dvc.lock text records for output ``path`` of the champion stage (None if absent)."""
+    stages = ((yaml.safe_load(lock_text) or {}).get("stages") or {}) if lock_text else {}
+    outs = (stages.get(STAGE) or {}).get("outs") or []
+    return next((out.get("md5") for out in outs if out.get("path") == path), None)
+
+
+def git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+
+def check_committed_promotion(root: Path, report_path: Path, path: str) -> dict[str, Any]:
+    """The promotion report, once sure it promoted and that HEAD holds the dvc.lock that records its champion."""
+    if not report_path.is_file():
+        raise PipelineError(f"{report_path}: no promotion decision; run `python -m components repro {STAGE}` first")
+    report = json.loads(report_path.read_text())
+    if not report.get("success"):
+        raise PipelineError(f"the last decision was {report.get('summary', 'a rejection')}; the champion did not "
+                            "change, so there is nothing to register")
+    workspace = locked_hash((root / "dvc.lock").read_text() if (root / "dvc.lock").is_file() else None, path)
+    if workspace is None:
+        raise PipelineError(f"dvc.lock records no {path} for stage {STAGE!r}; run `python -m components repro "
+                            f"{STAGE}` first")
+    head = git(root, "show", "HEAD:dvc.lock")
+    if locked_hash(head.stdout if head.returncode == 0 else None, path) != workspace:
+        raise PipelineError("the promotion is not committed: GTO versions a commit, and that commit's dvc.lock must "
+                            "record this champion. Commit it first: git add dvc.lock docs/promotion-log.md "
+                            "docs/promotion-log.jsonl && git commit -m 'promote'")
+    return report
+
+
+def registered_versions(root: Path, name: str) -> list[dict[str, Any]]:
+    """GTO's versions of ``name`` (none before the first registration)."""
+    import gto.api
+    from gto.exceptions import ArtifactNotFound
+
+    try:
+        return gto.api.show(root, name)
+    except ArtifactNotFound:
+        return []
+
+
+def main(args: argparse.Namespace) -> None:
+    import gto.api
+
+    root = Path(".").resolve()
+    name, path = artifact_entry(root, args.artifact)
+    report = check_committed_promotion(root, root / args.report, path)
+    head = git(root, "rev-parse", "HEAD").stdout.strip()
+    message = f"{report.get('summary', 'PROMOTED')} (source: {report.get('source') or 'unknown'})"
+    champion = locked_hash(git(root, "show", "HEAD:dvc.lock").stdout, path)
+    existing = next((v for v in registered_versions(root, name)
+                     if locked_hash(git(root, "show", f"{v['commit_hexsha']}:dvc.lock").stdout, path) == champion), None)
+    if existing is None:
+        version = gto.api.register(root, name, "HEAD", message=message).version
+    else:  # this champion was registered before (a second run, or one cut short before the assignment)
+        version = existing["version"]
+    if existing is None or PROD not in [s.get("stage") for s in existing.get("stages") or []]:
+        gto.api.assign(root, name, PROD, version=version, message=message)
+    commit = existing["commit_hexsha"] if existing else head
+    print(f"{name}@{version} (commit {commit[:8]}, champion {champion}) is in stage {PROD}: {message}")
