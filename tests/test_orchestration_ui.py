@@ -12,7 +12,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -79,12 +82,8 @@ def alive(processes: list[psutil.Process]) -> list[str]:
     return left
 
 
-@pytest.mark.timeout(420)
-def test_ui_graphql_browser_and_clean_stop(tmp_path: Path) -> None:
-    repo = make_toy_repo(tmp_path / "toy")
-    defs = build_definitions(repo)
-    nodes, edges = asset_graph_edges(defs)
-    run(["dvc", "repro"], repo)  # by hand, as `make run` does: Dagster has not seen it
+def start_ui(repo: Path, tmp_path: Path) -> tuple[str, subprocess.Popen, Path]:
+    """``python -m orchestration.ui`` on ``repo`` (what ``make ui`` runs): its URL, launcher process and log."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "ui.log"
@@ -94,6 +93,80 @@ def test_ui_graphql_browser_and_clean_stop(tmp_path: Path) -> None:
         launcher = subprocess.Popen(
             command, cwd=repo, env=pipeline_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+    return url, launcher, log
+
+
+def stop_ui(launcher: subprocess.Popen) -> None:
+    launcher.send_signal(signal.SIGTERM)
+    try:
+        launcher.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+
+
+def wait_until_materialized(url: str, nodes: set[str], log: Path, timeout: float = 180) -> dict[str, dict]:
+    """Asset node -> its GraphQL node, once the daemon's dvc.lock sensor has recorded every one of ``nodes``."""
+    deadline, materialized = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline and set(materialized) != nodes:
+        answer = graphql(url, GRAPHQL_MATERIALIZED)
+        assert "errors" not in answer, answer
+        materialized = {"/".join(n["assetKey"]["path"]): n for n in answer["data"]["assetNodes"]
+                        if n["assetMaterializations"]}
+        time.sleep(2)
+    assert set(materialized) == nodes, f"materialized: {sorted(materialized)}; log: {log.read_text()[-2000:]}"
+    return materialized
+
+
+def dismiss_newsletter_dialog(page, timeout_ms: int = 10_000) -> None:
+    """The first-visit "Join the Dagster community" dialog covers the graph; skip it if it comes."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.get_by_role("button", name="Skip").first.click(timeout=timeout_ms)
+    except PlaywrightTimeout:
+        pass
+
+
+@contextmanager
+def chromium_page(width: int, height: int) -> Iterator[Any]:
+    """A page of Debian's headless Chromium (the test skips its browser part without it)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian package `chromium`, `make browser`): browser part skipped")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
+
+
+def open_asset_graph(page, url: str, nodes: set[str], screenshot: Path) -> dict[str, int]:
+    """The asset graph page with every node drawn, screenshot saved: how often each asset name appears on it
+    (once in the sidebar list and once on its node of the graph)."""
+    page.goto(f"{url}/asset-groups", wait_until="domcontentloaded", timeout=120_000)
+    for name in sorted(nodes):
+        page.get_by_text(name, exact=True).first.wait_for(timeout=120_000)
+    dismiss_newsletter_dialog(page)
+    page.wait_for_timeout(1500)  # let the graph layout settle for the screenshot
+    counts = {name: page.get_by_text(name, exact=True).count() for name in nodes}
+    page.screenshot(path=str(screenshot), full_page=True)
+    return counts
+
+
+def check_statuses(node: dict) -> dict[str, str | None]:
+    return {c["name"]: (c["executionForLatestMaterialization"] or {}).get("status")
+            for c in node["assetChecksOrError"]["checks"]}
+
+
+@pytest.mark.timeout(420)
+def test_ui_graphql_browser_and_clean_stop(tmp_path: Path) -> None:
+    repo = make_toy_repo(tmp_path / "toy")
+    defs = build_definitions(repo)
+    nodes, edges = asset_graph_edges(defs)
+    run(["dvc", "repro"], repo)  # by hand, as `make run` does: Dagster has not seen it
+    url, launcher, log = start_ui(repo, tmp_path)
     seen: list[psutil.Process] = []
     try:
         wait_for_server(url, launcher, log)
@@ -113,55 +186,25 @@ def test_ui_graphql_browser_and_clean_stop(tmp_path: Path) -> None:
         assert len(seen) >= 3, "expected the launcher, dagster dev, its webserver and daemon"
 
         # The daemon's dvc.lock sensor records every stage as materialized, with dvc.lock's data version.
-        deadline, materialized = time.monotonic() + 180, {}
-        while time.monotonic() < deadline and set(materialized) != nodes:
-            answer = graphql(url, GRAPHQL_MATERIALIZED)
-            assert "errors" not in answer, answer
-            materialized = {"/".join(n["assetKey"]["path"]): n for n in answer["data"]["assetNodes"]
-                            if n["assetMaterializations"]}
-            time.sleep(2)
-        assert set(materialized) == nodes, f"materialized: {sorted(materialized)}; log: {log.read_text()[-2000:]}"
+        materialized = wait_until_materialized(url, nodes, log)
         tags = {t["key"]: t["value"] for t in materialized["prepare"]["assetMaterializations"][0]["tags"]}
         assert tags["dagster/data_version"] == lock_data_version(repo, "prepare")
-        checks = {c["name"]: c["executionForLatestMaterialization"]
-                  for c in materialized["validate"]["assetChecksOrError"]["checks"]}
-        assert checks["validate"] is not None and checks["validate"]["status"] == "SUCCEEDED", checks
+        assert check_statuses(materialized["validate"]) == {"validate": "SUCCEEDED"}
 
         # The asset graph page in headless Chromium.
-        if not CHROMIUM.exists():
-            pytest.skip(f"{CHROMIUM} is absent (Debian package `chromium`, `make browser`): browser part skipped")
-        from playwright.sync_api import sync_playwright
-
         screenshot = tmp_path / "asset_graph.png"
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.goto(f"{url}/asset-groups", wait_until="domcontentloaded", timeout=120_000)
-                for name in sorted(nodes):
-                    page.get_by_text(name, exact=True).first.wait_for(timeout=120_000)
-                skip = page.get_by_role("button", name="Skip")  # the first-visit newsletter dialog
-                if skip.count():
-                    skip.first.click()
-                page.wait_for_timeout(1500)  # let the graph layout settle for the screenshot
-                # each name is in the sidebar list AND on a node of the graph
-                counts = {name: page.get_by_text(name, exact=True).count() for name in nodes}
-                page.screenshot(path=str(screenshot), full_page=True)
-                text = page.inner_text("body")
+        with chromium_page(1400, 900) as page:
+            counts = open_asset_graph(page, url, nodes, screenshot)
+            text = page.inner_text("body")
 
-                # The asset page shows the stage's metadata, its PNG plot rendered as an image.
-                page.goto(f"{url}/assets/prepare", wait_until="domcontentloaded", timeout=120_000)
-                page.get_by_text("preview", exact=True).first.wait_for(timeout=120_000)
-                page.wait_for_timeout(1000)
-                images = page.eval_on_selector_all(
-                    "img[src^='data:image/png']", "els => els.map(e => e.naturalWidth)"
-                )
-                if skip.count():
-                    skip.first.click()
-                page.get_by_text("preview", exact=True).first.scroll_into_view_if_needed()
-                page.screenshot(path=str(tmp_path / "asset_prepare.png"))
-            finally:
-                browser.close()
+            # The asset page shows the stage's metadata, its PNG plot rendered as an image.
+            page.goto(f"{url}/assets/prepare", wait_until="domcontentloaded", timeout=120_000)
+            page.get_by_text("preview", exact=True).first.wait_for(timeout=120_000)
+            page.wait_for_timeout(1000)
+            images = page.eval_on_selector_all("img[src^='data:image/png']", "els => els.map(e => e.naturalWidth)")
+            dismiss_newsletter_dialog(page, timeout_ms=1000)
+            page.get_by_text("preview", exact=True).first.scroll_into_view_if_needed()
+            page.screenshot(path=str(tmp_path / "asset_prepare.png"))
         assert all(name in text for name in nodes), text[:2000]
         assert all(count >= 2 for count in counts.values()), counts
         assert screenshot.stat().st_size > 10_000
@@ -169,11 +212,7 @@ def test_ui_graphql_browser_and_clean_stop(tmp_path: Path) -> None:
         print(f"screenshot: {screenshot}")
     finally:
         seen = seen or process_tree(launcher.pid)
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            launcher.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
+        stop_ui(launcher)
     assert launcher.returncode == 0, log.read_text()[-3000:]
     deadline = time.monotonic() + 10
     while alive(seen) and time.monotonic() < deadline:
@@ -181,3 +220,35 @@ def test_ui_graphql_browser_and_clean_stop(tmp_path: Path) -> None:
     assert alive(seen) == [], f"processes left after SIGTERM: {alive(seen)}"
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/server_info", timeout=5)
+
+
+@pytest.mark.timeout(600)
+def test_ui_shows_the_micro_pipeline_run_by_hand_materialized_with_its_checks(
+        micro_pipeline: Path, tmp_path: Path) -> None:
+    """`make ui` after a micro `dvc repro` outside Dagster: every stage asset materialized with dvc.lock's data
+    version, the blocking checks (latent gate, export parity, champion) with their status, and the asset graph in
+    headless Chromium, screenshot saved beside the test."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(micro_pipeline, repo, symlinks=True)
+    nodes, _ = asset_graph_edges(build_definitions(repo))
+    url, launcher, log = start_ui(repo, tmp_path)
+    try:
+        wait_for_server(url, launcher, log)
+        materialized = wait_until_materialized(url, nodes, log, timeout=300)
+        for name in ("rl_agent", "diffusion_checkpoint", "evaluation", "champion"):
+            tags = {t["key"]: t["value"] for t in materialized[name]["assetMaterializations"][0]["tags"]}
+            assert tags["dagster/data_version"] == lock_data_version(repo, name), name
+        statuses = {name: check_statuses(materialized[name]) for name in ("validated_latents", "onnx_export", "champion")}
+        assert statuses == {"validated_latents": {"validated_latents": "SUCCEEDED"},
+                            "onnx_export": {"onnx_export": "SUCCEEDED"}, "champion": {"champion": "SUCCEEDED"}}, statuses
+        screenshot = tmp_path / "micro_asset_graph.png"
+        with chromium_page(1600, 1000) as page:
+            counts = open_asset_graph(page, url, nodes, screenshot)
+        assert all(count >= 2 for count in counts.values()), counts  # in the sidebar and on the graph
+        assert screenshot.stat().st_size > 10_000
+        print(f"screenshot: {screenshot}")
+    finally:
+        stop_ui(launcher)
+    assert launcher.returncode == 0, log.read_text()[-3000:]
