@@ -445,6 +445,14 @@ class PlayParams(Section):
         2, gt=0, description="cores for the player: the world model and the decoder sessions get threads // 2 "
         "intra-op threads each (at least 1)"
     )
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="WebSocket Origins allowed besides the server's own (e.g. a page "
+        "served elsewhere); a browser tab from any other origin is refused (403)"
+    )
+    max_players: int = Field(4, gt=0, description="tabs played at once; one more is refused (503)")
+    max_messages_per_s: float = Field(
+        200.0, gt=0.0, description="key messages a tab may send per second (over 1 s); a flood closes that tab only"
+    )
 
 
 class PromotionCriterionParams(Section):

@@ -431,25 +431,70 @@ def _http_response(status: int, body: bytes, content_type: str) -> Any:
     from websockets.datastructures import Headers
     from websockets.http11 import Response
 
-    reasons = {200: "OK", 404: "Not Found"}
+    reasons = {200: "OK", 403: "Forbidden", 404: "Not Found", 503: "Service Unavailable"}
     headers = Headers(
         [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
     )
     return Response(status, reasons.get(status, "Error"), headers, body)
 
 
-class PlayServer:
-    """Serves the page over HTTP and the game over a WebSocket, on one port."""
+# Bounds on one tab's messages: a key list longer than this, or key names longer than this, are ignored.
+MAX_KEYS = 32
+MAX_KEY_LENGTH = 32
 
-    def __init__(self, game: OnnxGame, fps: float) -> None:
+
+class MessageRate:
+    """Messages of one connection over the last second: ``allow()`` is False once more than ``per_s`` arrived."""
+
+    def __init__(self, per_s: float) -> None:
+        self.per_s = per_s
+        self.times: deque[float] = deque()
+
+    def allow(self, now: float) -> bool:
+        self.times.append(now)
+        while self.times and self.times[0] < now - 1.0:
+            self.times.popleft()
+        return len(self.times) <= self.per_s
+
+
+def origin_allowed(origin: str | None, host: str | None, extra: Iterable[str] = ()) -> bool:
+    """A browser's WebSocket ``Origin`` must be the page's own (``http(s)://<Host header>``) or listed in
+    ``extra``; a client that sends no Origin (not a browser page) is not a cross-site page and is let in."""
+    if origin is None:
+        return True
+    own = {f"http://{host}", f"https://{host}"} if host else set()
+    return origin in own or origin in set(extra)
+
+
+class PlayServer:
+    """Serves the page over HTTP and the game over a WebSocket, on one port.
+
+    Each tab is bounded: its Origin must be this server's (or ``allowed_origins``), at most ``max_players`` tabs
+    play at once, a message is at most 64 KiB and a key list at most ``MAX_KEYS`` names, and a tab sending more
+    than ``max_messages_per_s`` messages in a second is closed (1008). Whatever one tab does, the others play on.
+    """
+
+    def __init__(self, game: OnnxGame, fps: float, allowed_origins: Iterable[str] = (), max_players: int = 4,
+                 max_messages_per_s: float = 200.0) -> None:
         self.game = game
         self.fps = fps
         self.page = (PAGE_DIR / "index.html").read_bytes()
         self.next_context = 0
+        self.allowed_origins = tuple(allowed_origins)
+        self.max_players = max_players
+        self.max_messages_per_s = max_messages_per_s
+        self.players = 0
 
     def process_request(self, connection: Any, request: Any) -> Any:
         path = request.path.split("?")[0]
         if path == "/ws":
+            origin = request.headers.get("Origin")
+            if not origin_allowed(origin, request.headers.get("Host"), self.allowed_origins):
+                log.warning("refused a WebSocket from origin %s (play.allowed_origins lets others in)", origin)
+                return _http_response(403, b"origin not allowed", "text/plain")
+            if self.players >= self.max_players:
+                return _http_response(503, f"{self.max_players} players already (play.max_players)".encode(),
+                                      "text/plain")
             return None  # continue with the WebSocket handshake
         if path in ("/", "/index.html"):
             return _http_response(200, self.page, "text/html; charset=utf-8")
@@ -458,6 +503,13 @@ class PlayServer:
         return _http_response(404, b"not found", "text/plain")
 
     async def handler(self, websocket: Any) -> None:
+        self.players += 1
+        try:
+            await self.play(websocket)
+        finally:
+            self.players -= 1
+
+    async def play(self, websocket: Any) -> None:
         from websockets.exceptions import ConnectionClosed
 
         state = self.game.new_state(self.next_context)
@@ -487,13 +539,23 @@ class PlayServer:
 
         async def read_messages() -> None:
             nonlocal state
+            rate = MessageRate(self.max_messages_per_s)
             async for raw in websocket:
+                if not rate.allow(time.monotonic()):
+                    log.warning("a tab sent more than %g messages in a second; closing it", self.max_messages_per_s)
+                    await websocket.close(1008, "too many messages")
+                    return
                 try:
                     message = json.loads(raw)
                 except (json.JSONDecodeError, TypeError):
                     continue
+                if not isinstance(message, dict):
+                    continue
                 if message.get("type") == "keys":
-                    keys = {str(k) for k in message.get("keys", [])}
+                    names = message.get("keys", [])
+                    if not isinstance(names, list) or len(names) > MAX_KEYS:
+                        continue
+                    keys = {str(k)[:MAX_KEY_LENGTH] for k in names}
                     tapped.update(keys - held)
                     held.clear()
                     held.update(keys)
@@ -576,7 +638,8 @@ def main(args: argparse.Namespace) -> None:
     settings = load_params(args.params).play
     # The pipelined loop runs two sessions at once: play.threads cores are split between them.
     game = OnnxGame(args.export or settings.export_dir, threads=pipelined_threads(settings.threads), balance=True)
-    server = PlayServer(game, settings.fps if args.fps is None else args.fps)
+    server = PlayServer(game, settings.fps if args.fps is None else args.fps, settings.allowed_origins,
+                        settings.max_players, settings.max_messages_per_s)
     log.info("loaded %s: %d actions, K=%d, %d held-out contexts; decoder split: %s", game.folder,
              len(game.actions), game.K, game.num_contexts, game.split)
     try:

@@ -5,6 +5,7 @@ The browser test drives Debian's headless Chromium through Playwright (never ``p
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,13 +14,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from components.play import FRAME_HEADER, OnnxGame, action_for_keys, frame_message
+from components.play import FRAME_HEADER, OnnxGame, action_for_keys, frame_message, origin_allowed
 from tests.conftest import REPO_ROOT, pipeline_env
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -241,6 +243,74 @@ def test_server_stops_cleanly_on_a_signal_even_if_it_inherited_sigterm_ignored(e
     assert process.returncode == 0, output
     assert f"{signal.Signals(stop).name} received" in output
     assert "Traceback" not in output
+
+
+def test_origin_rule() -> None:
+    assert origin_allowed("http://127.0.0.1:8765", "127.0.0.1:8765")
+    assert not origin_allowed("http://evil.example", "127.0.0.1:8765")
+    assert origin_allowed("https://game.example", "127.0.0.1:8765", ["https://game.example"])
+    assert origin_allowed(None, "127.0.0.1:8765")  # not a browser page
+
+
+def frames_after(connection, count: int, timeout: float = 30.0) -> int:
+    """Receive until ``count`` binary frames came (a dead game raises); returns how many arrived."""
+    received, deadline = 0, time.monotonic() + timeout
+    while received < count and time.monotonic() < deadline:
+        if isinstance(connection.recv(timeout=deadline - time.monotonic()), bytes):
+            received += 1
+    return received
+
+
+def closed_with(connection, timeout: float = 30.0) -> int | None:
+    """Read until the server closes ``connection``: its close code."""
+    from websockets.exceptions import ConnectionClosed
+
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            connection.recv(timeout=deadline - time.monotonic())
+    except ConnectionClosed as closed:
+        return closed.rcvd.code if closed.rcvd else None
+    return None
+
+
+def test_the_server_refuses_other_origins_bounds_each_tab_and_keeps_the_others_playing(export: Path) -> None:
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    process, url = start_server(export)
+    endpoint, own = url.replace("http://", "ws://") + "ws", url.rstrip("/")
+    try:
+        with pytest.raises(InvalidStatus) as refused:
+            connect(endpoint, origin="http://evil.example", open_timeout=20)
+        assert refused.value.response.status_code == 403
+        with connect(endpoint, origin=own, open_timeout=20) as good:
+            assert json.loads(good.recv(timeout=20))["type"] == "hello"
+            assert frames_after(good, 3) == 3
+            with connect(endpoint, origin=own, open_timeout=20) as big:  # a 128 KiB message: that tab is closed
+                big.recv(timeout=20)
+                big.send("x" * (1 << 17))
+                assert closed_with(big) == 1009
+            with connect(endpoint, origin=own, open_timeout=20) as flood:  # 2000 messages at once: closed too
+                flood.recv(timeout=20)
+                try:
+                    for _ in range(2000):
+                        flood.send('{"type": "keys", "keys": ["ArrowLeft"]}')
+                except ConnectionClosed:
+                    pass
+                assert closed_with(flood) == 1008
+            good.send(json.dumps({"type": "keys", "keys": ["x" * 1000] * 1000}))  # too many keys: ignored
+            assert frames_after(good, 5) == 5  # this tab played on through all of it
+
+            with ExitStack() as others:  # with `good`, play.max_players (4) tabs
+                for _ in range(3):
+                    others.enter_context(connect(endpoint, origin=own, open_timeout=20))
+                with pytest.raises(InvalidStatus) as full:
+                    connect(endpoint, origin=own, open_timeout=20)
+                assert full.value.response.status_code == 503
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser)")
