@@ -1,0 +1,72 @@
+"""dvc.yaml's code deps are complete: every module of components/ that a stage's command imports (directly or
+through other modules, at the top or inside a function) is a dep of the stage, so editing it reruns the stage."""
+
+from __future__ import annotations
+
+import ast
+
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+# The command-line machinery every stage runs through; editing it changes no stage's output.
+ENTRY_POINT = {"components/__init__.py", "components/__main__.py", "components/cli.py", "components/errors.py",
+               "components/stages/__init__.py"}
+# `python -m components <command>` -> the module it runs, where it is not components/stages/<command>.py
+COMMAND_MODULES = {"play": "components/play.py"}
+
+
+def module_path(dotted: str) -> str | None:
+    """``components.world_model`` -> ``components/world_model.py`` (None for a name that is not a module)."""
+    path = REPO_ROOT.joinpath(*dotted.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return str(candidate.relative_to(REPO_ROOT))
+    return None
+
+
+def project_imports(path: str) -> set[str]:
+    """The components/ modules that ``path`` imports anywhere in its body."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse((REPO_ROOT / path).read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return {found for name in names if name.split(".")[0] == "components" if (found := module_path(name))}
+
+
+def imported_closure(path: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo += project_imports(current)
+    return seen - ENTRY_POINT
+
+
+def stage_command_module(cmd: str) -> str:
+    words = cmd.split()
+    assert words[:3] == ["python", "-m", "components"], f"not a components command: {cmd}"
+    return COMMAND_MODULES.get(words[3], f"components/stages/{words[3]}.py")
+
+
+def test_every_stage_lists_the_components_modules_its_command_imports() -> None:
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    missing = {}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)  # a foreach stage's template
+        deps = {dep if isinstance(dep, str) else next(iter(dep)) for dep in body.get("deps", [])}
+        needed = imported_closure(stage_command_module(body["cmd"]))
+        if needed - deps:
+            missing[name] = sorted(needed - deps)
+    assert missing == {}, f"dvc.yaml stages miss code deps (a change there would not rerun them): {missing}"
+
+
+def test_the_import_walk_sees_imports_inside_functions() -> None:
+    closure = imported_closure("components/stages/promote.py")
+    assert "components/promotion.py" in closure  # imported inside main()
+    assert "components/evaluation.py" in closure  # through promotion.reevaluate_champion, inside a function
+    assert "components/cli.py" not in closure
