@@ -18,6 +18,8 @@ Versions (see ``code_version`` and ``data_version``):
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -337,10 +339,19 @@ def code_versions(pipeline: DvcPipeline) -> dict[str, str]:
 
 
 def read_lock(root: Path, lockfile: str) -> dict[str, Any]:
+    """The ``stages`` of a dvc.lock ({} when there is none). Parsed once per version of the file (its size,
+    mtime and inode), so the sensor's many lookups per tick cost one parse; callers get their own copy."""
     path = root / lockfile
-    if not path.is_file():
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
         return {}
-    return (yaml.safe_load(path.read_text()) or {}).get("stages", {}) or {}
+    return copy.deepcopy(_parse_lock(str(path), (stat.st_size, stat.st_mtime_ns, stat.st_ino)))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_lock(path: str, version: tuple[int, int, int]) -> dict[str, Any]:
+    return (yaml.safe_load(Path(path).read_text()) or {}).get("stages", {}) or {}
 
 
 def locked_outs(root: Path, item: StageItem) -> list[dict[str, Any]]:
