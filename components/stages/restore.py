@@ -11,13 +11,10 @@ touched: the stage a change left stale stays stale, exactly as ``dvc status`` sa
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Any
 
 from components.errors import PipelineError
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
