@@ -53,8 +53,14 @@ def git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
 
 
-def check_committed_promotion(root: Path, report_path: Path, path: str) -> dict[str, Any]:
-    """The promotion report, once sure it promoted and that HEAD holds the dvc.lock that records its champion."""
+def champion_at(root: Path, rev: str, path: str) -> str | None:
+    """The champion's md5 that commit ``rev``'s dvc.lock records (None if it records none)."""
+    shown = git(root, "show", f"{rev}:dvc.lock")
+    return locked_hash(shown.stdout if shown.returncode == 0 else None, path)
+
+
+def check_committed_promotion(root: Path, report_path: Path, path: str) -> tuple[dict[str, Any], str]:
+    """The promotion report and the champion's md5, once sure it promoted and that HEAD's dvc.lock records it."""
     if not report_path.is_file():
         raise PipelineError(f"{report_path}: no promotion decision; run `python -m components repro {STAGE}` first")
     report = json.loads(report_path.read_text())
@@ -65,12 +71,11 @@ def check_committed_promotion(root: Path, report_path: Path, path: str) -> dict[
     if workspace is None:
         raise PipelineError(f"dvc.lock records no {path} for stage {STAGE!r}; run `python -m components repro "
                             f"{STAGE}` first")
-    head = git(root, "show", "HEAD:dvc.lock")
-    if locked_hash(head.stdout if head.returncode == 0 else None, path) != workspace:
+    if champion_at(root, "HEAD", path) != workspace:
         raise PipelineError("the promotion is not committed: GTO versions a commit, and that commit's dvc.lock must "
                             "record this champion. Commit it first: git add dvc.lock docs/promotion-log.md "
                             "docs/promotion-log.jsonl && git commit -m 'promote'")
-    return report
+    return report, workspace
 
 
 def registered_versions(root: Path, name: str) -> list[dict[str, Any]]:
@@ -89,12 +94,11 @@ def main(args: argparse.Namespace) -> None:
 
     root = Path(".").resolve()
     name, path = artifact_entry(root, args.artifact)
-    report = check_committed_promotion(root, root / args.report, path)
+    report, champion = check_committed_promotion(root, root / args.report, path)
     head = git(root, "rev-parse", "HEAD").stdout.strip()
     message = f"{report.get('summary', 'PROMOTED')} (source: {report.get('source') or 'unknown'})"
-    champion = locked_hash(git(root, "show", "HEAD:dvc.lock").stdout, path)
     existing = next((v for v in registered_versions(root, name)
-                     if locked_hash(git(root, "show", f"{v['commit_hexsha']}:dvc.lock").stdout, path) == champion), None)
+                     if champion_at(root, v["commit_hexsha"], path) == champion), None)
     if existing is None:
         version = gto.api.register(root, name, "HEAD", message=message).version
     else:  # this champion was registered before (a second run, or one cut short before the assignment)
