@@ -16,8 +16,9 @@ A rejected challenger leaves the champion folder untouched, byte for byte; a pro
 with one atomic rename. Every decision, with both metric sets, is appended to the promotion log
 (``docs/promotion-log.md`` for people, ``docs/promotion-log.jsonl`` for programs).
 
-No dagster here: orchestration/ calls :func:`promote` (or ``python -m components promote``) and turns the
-returned :class:`Decision` into Dagster metadata with :meth:`Decision.metadata`.
+No dagster here: the DVC stage ``champion`` runs ``python -m components promote --report``, whose
+:meth:`Decision.report` is the Dagster check ``champion``; scheduled retraining reads the same report from its
+experiment's commit (``orchestration/retraining.py``).
 """
 
 from __future__ import annotations
@@ -94,15 +95,6 @@ class Decision:
             "checks": [{"name": c.metric, "success": c.passed, "champion": c.champion, "challenger": c.challenger,
                         "delta": c.delta, "tolerance": c.tolerance, "note": c.note} for c in self.comparisons],
         }
-
-    def metadata(self) -> dict[str, Any]:
-        """Flat, JSON-able numbers and text for Dagster metadata: the decision and both metric values."""
-        meta: dict[str, Any] = {"promoted": self.promoted, "reason": self.reason, "source": self.source}
-        for c in self.comparisons:
-            meta[f"champion/{c.metric}"] = c.champion
-            meta[f"challenger/{c.metric}"] = c.challenger
-            meta[f"delta/{c.metric}"] = c.delta
-        return meta
 
 
 def metric_value(metrics: Mapping[str, Any], path: str) -> float | None:
@@ -288,7 +280,7 @@ def promote_challenger(
     reevaluate: bool | None = None,
     root: str | Path = ".",
 ) -> Decision:
-    """The promotion step of retraining, for the CLI and for Dagster's ``scheduled_retraining``.
+    """The promotion step (``python -m components promote``, the ``champion`` stage).
 
     Reads the challenger's ``metrics/evaluation.json``; when ``evaluation.promotion.reevaluate_champion`` (or
     ``reevaluate``) is on and a champion exists, scores the champion again on the challenger's held-out
@@ -308,52 +300,3 @@ def promote_challenger(
                                                Path(latents_root) if latents_root else None)
     return promote(export_dir, challenger, champion_dir, criteria_from_params(settings), Path(root) / settings.log,
                    source=source, champion_metrics=champion_metrics)
-
-
-def fetch_from_experiment(project_dir: Path, experiment: str, path: str, destination: Path) -> None:
-    """Copy ``path`` (a git file or a DVC out, from the cache) as it is in DVC experiment ``experiment``.
-
-    Uses ``dvc get <project> <path> --rev <experiment>``, so the workspace is not touched (the experiment may
-    have run with ``dvc exp run --temp``).
-    """
-    import subprocess
-    import sys
-
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "dvc", "get", str(project_dir), path, "--rev", experiment, "-o", str(destination)]
-    result = subprocess.run(command, cwd=project_dir, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise PromotionError(f"cannot read {path} of experiment {experiment!r}: {result.stderr.strip()}")
-
-
-def promote_experiment(project_dir: str | Path, experiment: str, source: str = "") -> Decision:
-    """Promote-or-reject a finished DVC experiment (the ``scheduled_retraining`` loop's last step).
-
-    Fetches the experiment's params, ``metrics/evaluation.json``, ``data/onnx_export`` and its held-out play
-    (``data/raw_trajectories`` shards, ``data/validated_latents``) into a scratch folder under ``.dvc/tmp``, then
-    runs :func:`promote_challenger` with the champion folder and log of ``project_dir``.
-    """
-    import tempfile
-
-    from components.params import load_params
-
-    project_dir = Path(project_dir).resolve()
-    scratch_root = project_dir / ".dvc" / "tmp"
-    scratch_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="promotion-", dir=scratch_root) as scratch:
-        fetched = Path(scratch)
-        for path in ("params.yaml", "metrics/evaluation.json", "data/onnx_export"):
-            fetch_from_experiment(project_dir, experiment, path, fetched / path)
-        params = load_params(fetched / "params.yaml")
-        for shard in params.raw_trajectories.shards:
-            path = f"data/raw_trajectories/shard-{shard}"
-            fetch_from_experiment(project_dir, experiment, path, fetched / path)
-        latents: Path | None = None
-        if params.evaluation.teacher:
-            fetch_from_experiment(project_dir, experiment, "data/validated_latents", fetched / "data/validated_latents")
-            latents = fetched / "data/validated_latents"
-        return promote_challenger(
-            params, fetched / "data/onnx_export", fetched / "metrics/evaluation.json",
-            source=source or f"DVC experiment {experiment}", raw_root=fetched / "data/raw_trajectories",
-            latents_root=latents, root=project_dir,
-        )

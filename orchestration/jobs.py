@@ -6,7 +6,8 @@ partition is ``full_pipeline_run_tags(defs)`` passed as run tags (see tests/test
 
 ``retraining_experiment`` reruns the pipeline with a fresh seed for one param (``orchestration.
 retraining_seed_param``) as ``dvc exp run --temp -S <param>=<seed>``: DVC runs it in a temporary copy, so
-the workspace stays untouched; the result is a named DVC experiment handed to ``promotion.promote``.
+the workspace stays untouched. Its last stage, ``champion``, decides there; ``retraining.settle`` then branches
+and registers a promoted experiment (GTO ``prod``) and keeps a rejected one as a DVC experiment.
 """
 # No `from __future__ import annotations` here: Dagster reads config/resource types from the signature.
 
@@ -18,7 +19,7 @@ import dagster as dg
 
 from orchestration.assets import DVC_POOL
 from orchestration.metadata import flatten
-from orchestration.promotion import Candidate, promote
+from orchestration.retraining import has_champion_stage, settle
 from orchestration.resources import DvcResource
 from orchestration.settings import orchestration_params
 
@@ -68,7 +69,8 @@ def experiment_metrics(output: str, name: str) -> dict:
     return found
 
 
-@dg.op(pool=DVC_POOL, description="`dvc exp run --temp -S <seed param>=<fresh seed>`, then the promotion hook")
+@dg.op(pool=DVC_POOL, description="`dvc exp run --temp -S <seed param>=<fresh seed>`; its champion stage decides, "
+       "a promotion is branched and registered in GTO as prod")
 def retraining_experiment(context: dg.OpExecutionContext, config: RetrainingConfig, dvc: DvcResource) -> bool:
     settings = orchestration_params(dvc.root)
     seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
@@ -84,13 +86,20 @@ def retraining_experiment(context: dg.OpExecutionContext, config: RetrainingConf
         what=f"retraining experiment {name!r}",
     )
     shown = dvc.run(["exp", "show", "--json"], dg.get_dagster_logger(), check=False)
-    candidate = Candidate(dvc.root, name, seed, param, experiment_metrics(shown.output, name))
-    promoted = promote(candidate, context.log)
-    context.add_output_metadata(
-        {"experiment": name, "seed": seed, "seed param": param, "promoted": promoted,
-         "metrics": dg.MetadataValue.json(candidate.metrics)}
-    )  # fmt: skip
-    return promoted
+    metadata: dict = {"experiment": name, "seed": seed, "seed param": param,
+                      "metrics": dg.MetadataValue.json(experiment_metrics(shown.output, name))}
+    if not has_champion_stage(dvc.root):
+        context.log.info(f"experiment {name!r} kept as a DVC experiment; this project has no champion stage, so "
+                         f"nothing is promoted (by hand: dvc exp apply {name})")
+        context.add_output_metadata({**metadata, "promoted": False})
+        return False
+    outcome = settle(dvc.root, name, lambda experiment, branch: dvc.run(
+        ["exp", "branch", experiment, branch], context.log, what=f"branch {branch!r} of experiment {experiment!r}"))
+    context.log.info(f"experiment {name!r}: {outcome.summary}"
+                     + (f"; {outcome.version} on branch {outcome.branch} is now prod" if outcome.promoted else ""))
+    context.log_event(dg.AssetObservation(asset_key="champion", metadata={"experiment": name, **outcome.metadata()}))
+    context.add_output_metadata({**metadata, **outcome.metadata()})
+    return outcome.promoted
 
 
 @dg.job(description="Re-collect with a fresh seed and rerun downstream as a DVC experiment (workspace untouched).")

@@ -17,7 +17,8 @@ def build_retraining_schedule(settings: OrchestrationParams) -> dg.ScheduleDefin
         execution_timezone=settings.retraining_timezone,
         default_status=dg.DefaultScheduleStatus.STOPPED,
         description=f"Every `{settings.retraining_cron}` ({settings.retraining_timezone}): "
-        f"`dvc exp run --temp -S {settings.retraining_seed_param}=<fresh seed>`, then the promotion hook.",
+        f"`dvc exp run --temp -S {settings.retraining_seed_param}=<fresh seed>`; a promotion by its champion "
+        "stage is branched and registered as prod.",
     )
     def _scheduled_retraining(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         seed = int(context.scheduled_execution_time.timestamp()) % (2**31)

@@ -80,3 +80,64 @@ def test_the_champion_stage_promotes_registers_once_and_a_rejection_moves_nothin
     assert tags(repo) == registered_tags and prod(repo) == f"{ARTIFACT}@v0.0.1"
     log = (repo / "docs/promotion-log.md").read_text()
     assert log.count("PROMOTED") == 1 and log.count("REJECTED") == 1
+
+
+def test_scheduled_retraining_registers_what_its_champion_stage_promoted(micro_pipeline: Path, tmp_path: Path) -> None:
+    """The retraining job's experiment runs the champion stage in its temporary copy: a promotion becomes the branch
+    retrain/<experiment> and a new GTO version in prod, which `dvc artifacts get` fetches from the cache; a rejection
+    moves neither GTO nor the branches. The workspace, its champion and dvc.lock stay as they were throughout."""
+    import dagster as dg
+
+    from orchestration.builder import build_definitions
+
+    repo = tmp_path / "repo"
+    shutil.copytree(micro_pipeline, repo, symlinks=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for criterion in params["evaluation"]["promotion"]["criteria"]:
+        criterion["tolerance"] = 1000.0  # any fresh model is "no worse": this run promotes
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro", "champion"], repo)  # params changed: evaluation and champion run again
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "first champion"], repo)
+    run([*COMPONENTS, "register"], repo)
+    assert prod(repo) == f"{ARTIFACT}@v0.0.1"
+    workspace = {"champion": tree(repo / "artifacts/champion"), "lock": (repo / "dvc.lock").read_text()}
+
+    def retrain(name: str) -> tuple[bool, dict]:
+        instance = dg.DagsterInstance.ephemeral()
+        result = build_definitions(repo).resolve_job_def("retraining_job").execute_in_process(
+            instance=instance, run_config={"ops": {"retraining_experiment": {"config": {
+                "seed": 7, "experiment_name": name}}}})
+        assert result.success
+        output = next(e for e in result.all_events if e.event_type_value == "STEP_OUTPUT")
+        observed = instance.fetch_observations(dg.AssetKey("champion"), limit=1).records
+        assert observed and observed[0].asset_observation.metadata["experiment"].value == name
+        return result.output_for_node("retraining_experiment"), {
+            k: v.value for k, v in output.step_output_data.metadata.items()}
+
+    promoted, metadata = retrain("retrain-a")
+    assert promoted is True and metadata["decision"].startswith("PROMOTED")
+    assert metadata["version"] == f"{ARTIFACT}@v0.0.2" and metadata["branch"] == "retrain/retrain-a"
+    assert prod(repo) == f"{ARTIFACT}@v0.0.2"
+    branch_commit = run(["git", "rev-parse", "retrain/retrain-a"], repo).stdout.strip()
+    assert metadata["experiment commit"] == branch_commit
+    assert "DVC experiment retrain-a" in run(["git", "show", "retrain/retrain-a:docs/promotion-log.md"], repo).stdout
+    run(["dvc", "artifacts", "get", ".", ARTIFACT, "--stage", "prod", "-o", str(tmp_path / "prod")], repo)
+    run(["dvc", "get", ".", "data/onnx_export", "--rev", "retrain/retrain-a", "-o", str(tmp_path / "exp_export")],
+        repo)
+    assert tree(tmp_path / "prod" / "export") == tree(tmp_path / "exp_export")
+    assert tree(tmp_path / "prod" / "export") != workspace["champion"]  # a new seed, a new model
+
+    # A criterion the challenger cannot meet (a metric it does not have): the experiment's champion stage rejects.
+    params["evaluation"]["promotion"]["criteria"].append({"metric": "onnx.no_such_metric", "tolerance": 0.0})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-q", "-am", "a stricter gate"], repo)
+    registered_tags = tags(repo)
+    promoted, metadata = retrain("retrain-b")
+    assert promoted is False and metadata["decision"].startswith("REJECTED") and "no_such_metric" in metadata[
+        "decision"]
+    assert "version" not in metadata and "branch" not in metadata
+    assert prod(repo) == f"{ARTIFACT}@v0.0.2" and tags(repo) == registered_tags
+    assert "retrain/retrain-b" not in run(["git", "branch", "--list"], repo).stdout
+    assert tree(repo / "artifacts/champion") == workspace["champion"]
+    assert (repo / "dvc.lock").read_text() == workspace["lock"]

@@ -204,48 +204,6 @@ def test_promote_command_both_ways(evaluated: Path) -> None:
     assert log.count("PROMOTED") == 2 and log.count("REJECTED") == 1
 
 
-def test_promote_experiment_reads_a_temp_dvc_experiment(evaluated: Path, tmp_path: Path) -> None:
-    """The scheduled-retraining gate: a `dvc exp run --temp` experiment is promoted from the DVC cache, the
-    workspace untouched (the fixture's artifacts stand in for the upstream stages; evaluation is the real stage)."""
-    from components.promotion import promote_experiment
-    from tests.conftest import run
-
-    repo = tmp_path / "project"
-    repo.mkdir()
-    params = yaml.safe_load((evaluated / "params.yaml").read_text())
-    params["raw_trajectories"]["shards"] = [0]
-    params["evaluation"]["promotion"].update(champion_dir="artifacts/champion", log="docs/promotion-log.md")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    copy = ("import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])")
-    upstream = {"data/onnx_export": "data/onnx_export", "data/raw_trajectories/shard-0": "data/raw_trajectories/shard-0",
-                "data/validated_latents": "data/validated_latents", "data/finetuned_vae": "data/finetuned_vae",
-                "data/diffusion_checkpoint": "data/diffusion_checkpoint"}
-    stages = {
-        f"copy_{i}": {"cmd": f'python -c "{copy}" {evaluated / source} {target}', "params": ["raw_trajectories.seed"],
-                      "outs": [target]}
-        for i, (source, target) in enumerate(upstream.items())
-    }
-    stages["evaluation"] = {"cmd": f"{sys.executable} -m components evaluation", "deps": list(upstream.values()),
-                            "params": ["evaluation"], "metrics": [{"metrics/evaluation.json": {"cache": False}}],
-                            "outs": ["plots/evaluation"]}
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    for command in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.invalid"],
-                    ["git", "config", "user.name", "ci"], ["dvc", "init", "-q"],
-                    ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"],
-                    ["git", "commit", "-q", "-m", "toy"]):
-        run(command, repo)
-    run(["dvc", "exp", "run", "--temp", "-n", "retrain-1", "-S", "raw_trajectories.seed=7"], repo)
-    assert not (repo / "data").exists()  # the experiment ran in a temporary copy
-
-    decision = promote_experiment(repo, "retrain-1")
-    assert decision.promoted and decision.reason == "first champion"
-    assert _tree(repo / "artifacts/champion/export") == _tree(evaluated / "data/onnx_export")
-    again = promote_experiment(repo, "retrain-1")  # the champion re-scored on the same held-out play: equal
-    assert again.promoted and all(c.delta == pytest.approx(0.0, abs=1e-9) for c in again.comparisons)
-    assert "DVC experiment retrain-1" in (repo / "docs/promotion-log.md").read_text()
-    assert not (repo / "data").exists() and not list((repo / ".dvc/tmp").glob("promotion-*"))
-
-
 # --------------------------------------------------------------------------- what reruns the stage
 
 

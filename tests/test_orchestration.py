@@ -547,7 +547,7 @@ def test_scheduled_retraining_runs_a_dvc_experiment(toy_repo: Path) -> None:
         instance=instance, run_config=request.run_config
     )
     assert result.success
-    assert result.output_for_node("retraining_experiment") is False  # no promotion gate yet
+    assert result.output_for_node("retraining_experiment") is False  # the toy has no champion stage
     metadata = next(e for e in result.all_events if e.event_type_value == "STEP_OUTPUT").step_output_data.metadata
     assert metadata["seed"].value == seed and metadata["promoted"].value is False
     assert metadata["metrics"].value["metrics/train.json:loss"] == 0.5

@@ -97,7 +97,8 @@ def test_champion_metrics_override_is_what_gets_compared(tmp_path: Path) -> None
     decision = pr.promote(make_export(tmp_path / "b", b"b"), metrics(25.0), champion_dir, CRITERIA, None,
                           champion_metrics=metrics(30.0))
     assert not decision.promoted
-    assert decision.metadata()["champion/onnx.teacher_forced.psnr.model.pooled"] == 30.0
+    compared = decision.report()["checks"][0]
+    assert compared["name"] == "onnx.teacher_forced.psnr.model.pooled" and compared["champion"] == 30.0
 
 
 def test_missing_export_is_a_clear_error(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> None:
 
     params = load_params(args.params)
     decision = promote_challenger(
-        params, args.export, args.metrics, source=args.source or _git_rev(), raw_root=args.raw,
+        params, args.export, args.metrics, source=args.source or default_source(), raw_root=args.raw,
         latents_root=args.latents, reevaluate=False if args.no_reevaluate else None,
     )
     print(("PROMOTED: " if decision.promoted else "REJECTED: ") + decision.reason)
@@ -43,8 +43,14 @@ def main(args: argparse.Namespace) -> None:
         atomic_write_json(args.report, decision.report())
 
 
-def _git_rev() -> str:
+def default_source() -> str:
+    """The log's label for the challenger: the DVC experiment running this stage (DVC sets ``DVC_EXP_NAME`` in
+    ``dvc exp run``), else the git commit."""
+    import os
     import subprocess
 
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        return f"DVC experiment {experiment}"
     result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return f"git {result.stdout.strip()}" if result.returncode == 0 else ""

@@ -9,6 +9,9 @@ never registered, so GTO only names champions that exist:
     python -m components register           # doom-world-model@v0.0.N on that commit, assigned prod
     gto show doom-world-model               # versions, stages and commits
     dvc artifacts get . doom-world-model --stage prod -o champion   # what is in production
+
+Scheduled retraining registers what its experiments' own ``champion`` stage promoted through
+:func:`register_champion` too, on the experiment's commit (``orchestration/retraining.py``).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import yaml
 from components.errors import PipelineError
 
 STAGE = "champion"  # the dvc.yaml stage that writes the champion folder
+REPORT = "reports/champion.json"  # its decision (an uncached out: committed to git, also in each experiment)
 PROD = "prod"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--report", default="reports/champion.json", help="the promotion decision to register")
+    parser.add_argument("--report", default=REPORT, help="the promotion decision to register")
     parser.add_argument("--artifact", default=None, help="artifact name in dvc.yaml `artifacts:` (default: the one)")
 
 
@@ -89,21 +93,31 @@ def registered_versions(root: Path, name: str) -> list[dict[str, Any]]:
         return []
 
 
-def main(args: argparse.Namespace) -> None:
+def register_champion(root: Path, rev: str, report: dict[str, Any], name: str, path: str) -> tuple[str, str]:
+    """(version, commit): the champion that commit ``rev`` records, registered as a GTO version of ``name`` once
+    (a champion registered before keeps its version) and assigned ``prod`` unless it already is."""
     import gto.api
 
-    root = Path(".").resolve()
-    name, path = artifact_entry(root, args.artifact)
-    report, champion = check_committed_promotion(root, root / args.report, path)
-    head = git(root, "rev-parse", "HEAD").stdout.strip()
+    champion = champion_at(root, rev, path)
+    if champion is None:
+        raise PipelineError(f"commit {rev} records no {path} in dvc.lock; nothing to register")
     message = f"{report.get('summary', 'PROMOTED')} (source: {report.get('source') or 'unknown'})"
     existing = next((v for v in registered_versions(root, name)
                      if champion_at(root, v["commit_hexsha"], path) == champion), None)
     if existing is None:
-        version = gto.api.register(root, name, "HEAD", message=message).version
+        version = gto.api.register(root, name, rev, message=message).version
     else:  # this champion was registered before (a second run, or one cut short before the assignment)
         version = existing["version"]
     if existing is None or PROD not in [s.get("stage") for s in existing.get("stages") or []]:
         gto.api.assign(root, name, PROD, version=version, message=message)
-    commit = existing["commit_hexsha"] if existing else head
-    print(f"{name}@{version} (commit {commit[:8]}, champion {champion}) is in stage {PROD}: {message}")
+    commit = existing["commit_hexsha"] if existing else git(root, "rev-parse", rev).stdout.strip()
+    return version, commit
+
+
+def main(args: argparse.Namespace) -> None:
+    root = Path(".").resolve()
+    name, path = artifact_entry(root, args.artifact)
+    report, champion = check_committed_promotion(root, root / args.report, path)
+    version, commit = register_champion(root, "HEAD", report, name, path)
+    print(f"{name}@{version} (commit {commit[:8]}, champion {champion}) is in stage {PROD}: "
+          f"{report.get('summary', 'PROMOTED')} (source: {report.get('source') or 'unknown'})")
