@@ -11,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 
-.PHONY: venv run test browser ui play ablations promote clean-venv
+.PHONY: venv web run test browser ui play ablations promote clean-venv
 
 # Reinstalls only when pyproject.toml or constraints.txt change; otherwise a no-op.
 $(STAMP): pyproject.toml constraints.txt
@@ -27,6 +27,14 @@ browser:
 	@command -v chromium >/dev/null || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 	  echo "warning: could not install chromium; browser tests will be skipped"; }
 
+# ONNX Runtime Web for the in-browser player (pinned in package.json and package-lock.json): npm ci, again only
+# when the lock file changes. Without npm the browser-engine tests are skipped.
+node_modules/.package-lock.json: package.json package-lock.json
+	@command -v npm >/dev/null && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error || \
+	  echo "warning: npm ci failed or npm is missing; the in-browser player (make web) is unavailable"
+
+web: node_modules/.package-lock.json
+
 run: venv
 	python -m components repro
 
@@ -35,14 +43,15 @@ UI_PORT ?= 3000
 ui: venv
 	exec python -m orchestration.ui --host 127.0.0.1 --port $(UI_PORT)
 
-test: venv browser
+test: venv browser web
 	python -m pytest -q
 
 # Play the learned game in a browser from the ONNX export (README "Play"). Builds the export first if needed:
 #   make play                   serve http://127.0.0.1:8765/ (params play.*)
+#   make play PLAY_ARGS="--engine browser"   the page runs the model itself (ONNX Runtime Web, dist/play)
 #   make play PLAY_ARGS="--port 9000 --export path/to/export"
 PLAY_ARGS ?=
-play: venv
+play: venv web
 	@test -f data/onnx_export/manifest.json || [[ "$(PLAY_ARGS)" == *--export* ]] || python -m components repro onnx_export
 	python -m components play $(PLAY_ARGS)
 

@@ -37,7 +37,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "killed stage)"),
     "register": ("components.stages.register", "give the committed champion a GTO version and the prod stage"),
     "profile": ("components.stages.profile", "merge a params profile (micro, paper) into params.yaml"),
-    "play": ("components.play", "play the learned game in a browser from the ONNX export (ONNX Runtime only)"),
+    "play": ("components.stages.play", "play the learned game in a browser from the ONNX export (ONNX Runtime only)"),
+    "bundle": ("components.stages.bundle", "the static in-browser player: page, ONNX Runtime Web and the export, "
+               "for any static file server"),
     "rollout_video": ("components.stages.rollout_video", "GIF of an autoregressive rollout beside the real frames"),
     "ablations": ("components.stages.ablations", "run the paper's ablations as DVC experiments; tables to docs/results.md"),
     "promote": ("components.stages.promote", "promote the fresh export to champion if no worse on held-out play"),

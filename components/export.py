@@ -166,14 +166,6 @@ def parity(module: nn.Module, session: Any, inputs: dict[str, np.ndarray], batch
 # --------------------------------------------------------------------------- manifest helpers
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def params_hash(sections: dict[str, Any]) -> str:
     """sha256 of the params sections (as validated JSON) that made the export."""
     return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()

@@ -17,6 +17,7 @@ increases ``FORMAT_VERSION``; adding a new optional manifest field does not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,21 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ExportNotFoundError(f"{path}: corrupt JSON ({error}); re-run `dvc repro onnx_export`") from None
     return _check_manifest(manifest, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def corrupt_files(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """The files of ``manifest["files"]`` whose sha256 in ``folder`` differs from the manifest's (or that are gone)."""
+    folder = Path(folder)
+    return [name for name, digest in sorted(manifest["files"].items())
+            if not (folder / name).is_file() or file_sha256(folder / name) != digest]
 
 
 def axis_sizes(manifest: dict[str, Any]) -> dict[str, int]:

@@ -436,6 +436,11 @@ class PlayParams(Section):
     """The real-time browser player (components/play.py, ``make play``): ONNX Runtime only."""
 
     export_dir: str = Field("data/onnx_export", min_length=1, description="export folder to play")
+    engine: Literal["server", "browser"] = Field(
+        "server", description="server: ONNX Runtime in Python streams frames to the page over a WebSocket; "
+        "browser: the page runs the model itself with ONNX Runtime Web (the static bundle in bundle_dir)"
+    )
+    bundle_dir: str = Field("dist/play", min_length=1, description="where the browser engine's bundle is written")
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8765, ge=0, le=65535, description="0 picks a free port")
     fps: float = Field(

@@ -27,7 +27,6 @@ Only numpy, onnxruntime and websockets are imported here (and onnx, if installed
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -479,6 +478,7 @@ class PlayServer:
         self.game = game
         self.fps = fps
         self.page = (PAGE_DIR / "index.html").read_bytes()
+        self.screen_js = (PAGE_DIR / "screen.js").read_bytes()  # the canvas and FPS counter both pages share
         self.next_context = 0
         self.allowed_origins = tuple(allowed_origins)
         self.max_players = max_players
@@ -498,6 +498,8 @@ class PlayServer:
             return None  # continue with the WebSocket handshake
         if path in ("/", "/index.html"):
             return _http_response(200, self.page, "text/html; charset=utf-8")
+        if path == "/screen.js":
+            return _http_response(200, self.screen_js, "text/javascript; charset=utf-8")
         if path == "/manifest.json":
             return _http_response(200, json.dumps(self.game.manifest).encode(), "application/json")
         return _http_response(404, b"not found", "text/plain")
@@ -620,31 +622,3 @@ def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) 
     for number in signals:
         loop.add_signal_handler(number, received, number)
     return stop
-
-
-# --------------------------------------------------------------------------- command
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--export", default=None, help="export folder (default: params play.export_dir)")
-    parser.add_argument("--host", default=None, help="address to bind (default: params play.host, 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: params play.port; 0 = any free)")
-    parser.add_argument("--fps", type=float, default=None, help="frame rate cap (default: params play.fps)")
-
-
-def main(args: argparse.Namespace) -> None:
-    from components.params import load_params
-
-    settings = load_params(args.params).play
-    # The pipelined loop runs two sessions at once: play.threads cores are split between them.
-    game = OnnxGame(args.export or settings.export_dir, threads=pipelined_threads(settings.threads), balance=True)
-    server = PlayServer(game, settings.fps if args.fps is None else args.fps, settings.allowed_origins,
-                        settings.max_players, settings.max_messages_per_s)
-    log.info("loaded %s: %d actions, K=%d, %d held-out contexts; decoder split: %s", game.folder,
-             len(game.actions), game.K, game.num_contexts, game.split)
-    try:
-        asyncio.run(server.serve(args.host or settings.host, settings.port if args.port is None else args.port))
-    except OSError as error:
-        from components.errors import PipelineError
-
-        raise PipelineError(f"cannot serve on {args.host or settings.host}: {error}; try --port 0") from None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,39 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> 
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def wait_for_url(process: subprocess.Popen, pattern: str, what: str, timeout: float = 60.0) -> str:
+    """The first match of ``pattern`` (one group: the URL) in ``process``'s output lines; if it exits or ``timeout``
+    passes first, kill its group and fail the test with what it printed."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match.group(1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    pytest.fail(f"{what} did not start:\n" + "".join(lines))
+
+
+def stop_process(process: subprocess.Popen, what: str, timeout: float = 10.0) -> None:
+    """SIGTERM ``process``'s group (started with ``start_new_session``) and wait; past ``timeout``, SIGKILL it and
+    fail the test with its last output, so a server that ignores SIGTERM is reported as that."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate(timeout=10)
+        pytest.fail(f"{what} did not stop within {timeout:g} s of SIGTERM (killed); its last output:\n"
+                    f"{(output or '')[-3000:]}")
 
 
 def micro_params_dict(**overrides: Any) -> dict[str, Any]:

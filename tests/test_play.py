@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 from PIL import Image
 
 from components.play import FRAME_HEADER, OnnxGame, action_for_keys, frame_message, origin_allowed
-from tests.conftest import REPO_ROOT, pipeline_env
+from tests.conftest import REPO_ROOT, pipeline_env, stop_process, wait_for_url
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -202,19 +201,7 @@ def start_server(export: Path, ignore_sigterm: bool = False) -> tuple[subprocess
         cwd=REPO_ROOT, env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True, preexec_fn=inherit_ignored_sigterm if ignore_sigterm else None,
     )
-    url, lines = None, []
-    deadline = time.monotonic() + 60
-    while url is None and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line)
-        url = match.group(1) if match else None
-    if url is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-        pytest.fail("the player server did not start:\n" + "".join(lines))
+    url = wait_for_url(process, r"serving (http://127\.0\.0\.1:\d+/)", "the player server")
     return process, url
 
 
@@ -224,8 +211,7 @@ def server(export: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
+        stop_process(process, "the player server")
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -243,6 +229,18 @@ def test_server_stops_cleanly_on_a_signal_even_if_it_inherited_sigterm_ignored(e
     assert process.returncode == 0, output
     assert f"{signal.Signals(stop).name} received" in output
     assert "Traceback" not in output
+
+
+def test_the_stopping_fixture_kills_a_server_that_ignores_sigterm_and_reports_it() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('serving, deaf to SIGTERM', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    assert process.stdout.readline().startswith("serving")
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)a deaf server did not stop within 1 s.*killed"):
+        stop_process(process, "a deaf server", timeout=1.0)
+    assert process.returncode == -signal.SIGKILL
 
 
 def test_origin_rule() -> None:
@@ -324,6 +322,7 @@ def test_browser_play(server: str, tmp_path: Path) -> None:
             page = browser.new_page()
             page.goto(server)
             page.wait_for_function("window.playerStats.frames >= 3", timeout=30_000)
+            assert page.inner_text("#engine").startswith("engine: server")
 
             def canvas_pixels() -> list[int]:
                 return page.evaluate(

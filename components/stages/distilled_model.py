@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> None:
         teacher_sample,
     )
     from components.errors import PipelineError
-    from components.export import file_sha256
+    from components.export_contract import file_sha256
     from components.params import load_params
     from components.rollout_decoder import fine_tune_decoder, rollout_windows
     from components.trajectory_store import TrajectoryStore

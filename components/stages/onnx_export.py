@@ -56,12 +56,12 @@ def main(args: argparse.Namespace) -> None:
         EncoderGraph,
         dvc_lock_hashes,
         export_graph,
-        file_sha256,
         heldout_windows,
         ort_session,
         parity,
         params_hash,
     )
+    from components.export_contract import file_sha256
     from components.params import load_params
     from components.trajectory_store import ShardError, TrajectoryStore
 

@@ -1,0 +1,296 @@
+// The in-browser engine of the player (components/web_bundle.py writes the bundle this page runs in).
+// ONNX Runtime Web runs world_model.onnx and decoder.onnx here; the game loop is components/play.py's
+// GameState.step: the same keymap (bundle.json "keymap"), the same action matching, the same rolling context
+// and the same float -> uint8 conversion, so the frames match ONNX Runtime in Python up to WASM arithmetic.
+"use strict";
+import { FpsCounter, Screen } from "./screen.js";
+
+const $ = (id) => document.getElementById(id);
+const query = new URLSearchParams(location.search);
+// Read by the browser tests and benchmarks/browser_play_speed.py.
+const stats = {
+  ready: false, error: null, engine: "browser", threads: 0, isolated: self.crossOriginIsolated === true,
+  frames: 0, frameIndex: -1, contextIndex: -1, action: -1, actionsSeen: [], modelMs: 0, fps: 0, sha256: "",
+};
+window.playerStats = stats;
+
+function fail(message) {
+  stats.error = message;
+  $("status").textContent = message;
+  $("status").className = "error";
+}
+
+function hex(buffer) {
+  return [...new Uint8Array(buffer)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// A bundle file, refused when it is missing or differs from bundle.json (bytes, and sha256 where the page may
+// hash: crypto.subtle exists only in secure contexts, https or localhost).
+async function fetchChecked(name, expected) {
+  if (!expected) throw new Error(`${name} is not listed in bundle.json: rebuild the bundle (python -m components bundle)`);
+  const response = await fetch(name);
+  if (!response.ok) {
+    throw new Error(`${name} is missing from the bundle (HTTP ${response.status}): rebuild it with python -m components bundle`);
+  }
+  const bytes = await response.arrayBuffer();
+  if (bytes.byteLength !== expected.bytes) {
+    throw new Error(`${name} is corrupt: ${bytes.byteLength} bytes where bundle.json says ${expected.bytes}; rebuild the bundle`);
+  }
+  if (crypto.subtle) {
+    const digest = hex(await crypto.subtle.digest("SHA-256", bytes));
+    if (digest !== expected.sha256) {
+      throw new Error(`${name} is corrupt: sha256 ${digest.slice(0, 12)}... where bundle.json says ${expected.sha256.slice(0, 12)}...; rebuild the bundle`);
+    }
+    stats.sha256 = "checked";
+  } else {
+    stats.sha256 = "sizes only (no crypto.subtle outside a secure context)";
+  }
+  return bytes;
+}
+
+// components/play.py action_for_buttons: an action whose buttons equal the held ones wins; else the one that
+// presses the most held buttons and none that are not held; else the no-op (no buttons), else id 0.
+function actionForButtons(held, actions) {
+  let best = null;
+  let bestOverlap = 0;
+  for (const action of actions) {
+    const buttons = new Set(action.buttons);
+    const subset = [...buttons].every((b) => held.has(b));
+    if (held.size > 0 && subset && buttons.size === held.size) return action.id;
+    if (buttons.size > 0 && subset && buttons.size > bestOverlap) {
+      best = action.id;
+      bestOverlap = buttons.size;
+    }
+  }
+  if (best !== null) return best;
+  const noop = actions.find((a) => a.buttons.length === 0);
+  return noop ? noop.id : 0;
+}
+
+function actionForKeys(keys, actions, keymap) {
+  return actionForButtons(new Set(keys.filter((k) => k in keymap).map((k) => keymap[k])), actions);
+}
+
+// decoder output float [1, 3, H, W] in [0, 1] -> RGB bytes [H, W, 3], as to_uint8_frames does it in float32.
+function toRgb(planes, height, width) {
+  const size = height * width;
+  const rgb = new Uint8Array(size * 3);
+  for (let c = 0; c < 3; c++) {
+    for (let i = 0; i < size; i++) {
+      const x = Math.min(1, Math.max(0, planes[c * size + i]));
+      rgb[i * 3 + c] = Math.trunc(Math.fround(Math.fround(x * 255) + 0.5));
+    }
+  }
+  return rgb;
+}
+
+class Contexts {
+  constructor(buffer, layout, sizes) {
+    const { K, C, h, w, H, W } = sizes;
+    this.count = layout.count;
+    this.latents = new Float32Array(buffer, layout.latents.offset, this.count * K * C * h * w);
+    this.actions = new Int32Array(buffer, layout.actions.offset, this.count * K);
+    this.frames = new Uint8Array(buffer, layout.frames.offset, this.count * H * W * 3);
+    this.sizes = sizes;
+  }
+}
+
+// One player's rolling context: the last K latents and the K-1 actions before the current one.
+class Game {
+  constructor(ort, world, decoder, contexts) {
+    Object.assign(this, { ort, world, decoder, contexts });
+    this.sizes = contexts.sizes;
+    this.latentSize = this.sizes.C * this.sizes.h * this.sizes.w;
+  }
+
+  reset(index) {
+    const { K, H, W } = this.sizes;
+    const i = ((index % this.contexts.count) + this.contexts.count) % this.contexts.count;
+    const n = this.latentSize;
+    this.contextIndex = i;
+    this.latents = [];
+    for (let k = 0; k < K; k++) {
+      this.latents.push(this.contexts.latents.slice((i * K + k) * n, (i * K + k + 1) * n));
+    }
+    const recorded = Array.from(this.contexts.actions.subarray(i * K, (i + 1) * K));
+    this.actions = recorded.slice(0, K - 1);
+    this.frame = this.contexts.frames.slice(i * H * W * 3, (i + 1) * H * W * 3);
+    this.frameAction = K > 1 ? recorded[K - 2] : 0;
+    this.frameIndex = 0;
+    this.modelMs = 0;
+  }
+
+  async step(action) {
+    const { K, C, h, w, H, W } = this.sizes;
+    const started = performance.now();
+    const context = new Float32Array(K * this.latentSize);
+    this.latents.forEach((latent, k) => context.set(latent, k * this.latentSize));
+    const actions = BigInt64Array.from([...this.actions, action].map((a) => BigInt(a)));
+    const predicted = await this.world.run({
+      context_latents: new this.ort.Tensor("float32", context, [1, K, C, h, w]),
+      context_actions: new this.ort.Tensor("int64", actions, [1, K]),
+    });
+    const predictedAt = performance.now();
+    const next = new Float32Array(predicted.next_latent.data);
+    this.latents.push(next);
+    this.latents.shift();
+    if (K > 1) {
+      this.actions.push(action);
+      this.actions.shift();
+    }
+    const decoded = await this.decoder.run({ latents: new this.ort.Tensor("float32", next, [1, C, h, w]) });
+    this.frame = toRgb(decoded.frames.data, H, W);
+    this.frameAction = action;
+    this.frameIndex += 1;
+    this.modelMs = performance.now() - started;
+    this.worldModelMs = predictedAt - started;
+    return this.frame;
+  }
+}
+
+async function main() {
+  let ort;
+  try {
+    ort = await import("./ort/ort.wasm.min.mjs");
+  } catch (error) {
+    fail(`cannot load ONNX Runtime Web from ort/ (${error}); rebuild the bundle after make web`);
+    return;
+  }
+  const bundleResponse = await fetch("bundle.json");
+  if (!bundleResponse.ok) {
+    fail(`bundle.json is missing (HTTP ${bundleResponse.status}): serve a folder written by python -m components bundle`);
+    return;
+  }
+  const bundle = await bundleResponse.json();
+  const requested = Number(query.get("threads") || 0);
+  const threads = stats.isolated ? (requested || Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+  ort.env.wasm.wasmPaths = new URL("./ort/", location.href).href;
+  ort.env.wasm.numThreads = threads;
+  stats.threads = threads;
+  stats.onnxruntimeWeb = bundle.onnxruntime_web;
+  $("engine").textContent = `engine: browser (ONNX Runtime Web ${bundle.onnxruntime_web}, WASM, ${threads} thread${threads > 1 ? "s" : ""}` +
+    (stats.isolated ? ")" : "; not cross-origin isolated, so one thread: see README \"Play in the browser\")");
+
+  let game;
+  try {
+    const [worldBytes, decoderBytes, contextBytes] = await Promise.all([
+      fetchChecked(bundle.graphs.world_model, bundle.files[bundle.graphs.world_model]),
+      fetchChecked(bundle.graphs.decoder, bundle.files[bundle.graphs.decoder]),
+      fetchChecked("contexts.bin", bundle.files["contexts.bin"]),
+    ]);
+    // The batch axis is dynamic in the export; the page plays at batch 1, and saying so lets ORT plan for it.
+    const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all", freeDimensionOverrides: { B: 1 } };
+    const world = await ort.InferenceSession.create(worldBytes, options);
+    const decoder = await ort.InferenceSession.create(decoderBytes, options);
+    game = new Game(ort, world, decoder, new Contexts(contextBytes, bundle.contexts, bundle.sizes));
+  } catch (error) {
+    fail(String(error.message || error));
+    return;
+  }
+
+  const canvas = $("screen");
+  const screen = new Screen(canvas);
+  const { H, W } = bundle.sizes;
+  screen.resize(W, H);
+  const draw = (rgb) => screen.draw(rgb, W, H);
+
+  const held = new Set();
+  const keys = new Set(Object.keys(bundle.keymap));
+  const fpsCap = query.has("fps") ? Number(query.get("fps")) : bundle.fps;
+  let nextContext = 0;
+  let resetWanted = true;
+  let paused = false;
+  let onPaused = null;  // pause()'s promise: resolved once the loop has stopped between two steps
+  let resumeLoop = null;
+  const fps = new FpsCounter($("fps"), (value) => { stats.fps = value; });
+
+  async function loop() {
+    for (;;) {
+      if (paused) {
+        if (onPaused) onPaused();
+        onPaused = null;
+        await new Promise((resume) => { resumeLoop = resume; });
+        continue;
+      }
+      const started = performance.now();
+      if (resetWanted) {
+        resetWanted = false;
+        game.reset(nextContext++);
+        draw(game.frame);
+      }
+      const action = actionForKeys([...held], bundle.actions, bundle.keymap);
+      try {
+        draw(await game.step(action));
+      } catch (error) {
+        fail(`the model failed: ${error.message || error}`);
+        return;
+      }
+      fps.frame();
+      stats.frames += 1;
+      stats.frameIndex = game.frameIndex;
+      stats.contextIndex = game.contextIndex;
+      stats.action = action;
+      stats.modelMs = game.modelMs;
+      if (!stats.actionsSeen.includes(action)) stats.actionsSeen.push(action);
+      $("action").textContent = "action: " + (bundle.actions[action] ? bundle.actions[action].name : action);
+      $("model").textContent = "model: " + game.modelMs.toFixed(1) + " ms";
+      const wait = fpsCap > 0 ? Math.max(0, 1000 / fpsCap - (performance.now() - started)) : 0;
+      await new Promise((resolve) => setTimeout(resolve, wait));
+    }
+  }
+
+  window.addEventListener("keydown", (event) => {
+    if (!keys.has(event.code)) return;
+    event.preventDefault();
+    held.add(event.code);
+  });
+  window.addEventListener("keyup", (event) => {
+    if (!keys.has(event.code)) return;
+    event.preventDefault();
+    held.delete(event.code);
+  });
+  window.addEventListener("blur", () => held.clear());
+  $("reset").addEventListener("click", () => { resetWanted = true; canvas.focus(); });
+  $("reset").disabled = false;
+
+  // For the tests and the benchmark: stop the loop between two steps, then play a fixed sequence on a second
+  // game that shares the sessions.
+  window.player = {
+    actionForKeys: (keysHeld) => actionForKeys(keysHeld, bundle.actions, bundle.keymap),
+    pause: () => new Promise((stopped) => { paused = true; onPaused = stopped; }),
+    resume: () => {
+      paused = false;
+      if (resumeLoop) resumeLoop();
+      resumeLoop = null;
+    },
+    // Frames (arrays of RGB bytes) of `actions` played from shipped context `contextIndex`.
+    rollout: async (contextIndex, actions) => {
+      const replay = new Game(ort, game.world, game.decoder, game.contexts);
+      replay.reset(contextIndex);
+      const frames = [];
+      for (const action of actions) frames.push(Array.from(await replay.step(action)));
+      return frames;
+    },
+    // ms per frame over `count` steps (world model + decoder, one after the other, as the loop runs them).
+    benchmark: async (count) => {
+      const replay = new Game(ort, game.world, game.decoder, game.contexts);
+      replay.reset(0);
+      for (let i = 0; i < 3; i++) await replay.step(0);  // warm-up
+      let worldModelMs = 0;
+      const started = performance.now();
+      for (let i = 0; i < count; i++) {
+        await replay.step(i % bundle.actions.length);
+        worldModelMs += replay.worldModelMs;
+      }
+      const ms = (performance.now() - started) / count;
+      return { frames: count, ms_per_frame: ms, fps: 1000 / ms, world_model_ms: worldModelMs / count,
+               decoder_ms: ms - worldModelMs / count, threads };
+    },
+  };
+  stats.ready = true;
+  $("status").textContent = `playing; model files ${stats.sha256}`;
+  canvas.focus();
+  loop();
+}
+
+main().catch((error) => fail(`the page failed: ${error.message || error}`));

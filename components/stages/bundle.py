@@ -1,0 +1,31 @@
+"""``python -m components bundle``: the static bundle of the in-browser player (components/web_bundle.py).
+
+    make web                                                     # npm ci: onnxruntime-web, pinned
+    python -m components bundle --export data/onnx_export --out dist/play
+    python -m components play --engine browser                   # the same, then served on http://127.0.0.1:8765/
+
+Any static file server can serve the folder; WASM threads need the two cross-origin isolation headers (README
+"Play in the browser"). Without them the page plays on one thread and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", default=None, help="the ONNX export to bundle (default: params play.export_dir)")
+    parser.add_argument("--out", default=None, help="the bundle folder, replaced whole (default: play.bundle_dir)")
+    parser.add_argument("--fps", type=float, default=None, help="frame-rate cap in the page (default: play.fps; "
+                        "0 = as fast as the model runs)")
+
+
+def main(args: argparse.Namespace) -> None:
+    from components.params import load_params
+    from components.web_bundle import build_bundle
+
+    settings = load_params(args.params).play
+    out = args.out or settings.bundle_dir
+    build_bundle(args.export or settings.export_dir, out, settings.fps if args.fps is None else args.fps)
+    print(f"wrote {out}: serve it with any static file server (README \"Play in the browser\"), or play it with "
+          "python -m components play --engine browser")

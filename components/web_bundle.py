@@ -1,0 +1,188 @@
+"""The static bundle of the in-browser player (``python -m components bundle``): the game with no Python server.
+
+``build_bundle(export, out)`` writes one folder that any static file server can serve::
+
+    index.html, player.js,  the page (components/play_page/web.html, web_player.js, screen.js): ONNX Runtime
+    screen.js               Web runs world_model.onnx and decoder.onnx in it (WASM with SIMD; with threads when
+                            the page is cross-origin isolated, else one thread, and the page says so)
+    ort/                    ort.wasm.min.mjs and ort-wasm-simd-threaded.{mjs,wasm}, copied from
+                            node_modules/onnxruntime-web/dist of this repository (``make web`` = ``npm ci``; the version
+                            pinned in package.json and package-lock.json)
+    world_model.onnx        byte copies of the export's graphs (the encoder is not needed: the contexts ship as
+    decoder.onnx            latents)
+    contexts.bin            the export's held-out contexts, little-endian, one after the other: latents float32
+                            [N, K, C, h, w], actions int32 [N, K], last real frame uint8 [N, H, W, 3]
+    bundle.json             what the page reads first: sizes, actions, the keymap, the frame-rate cap, the layout
+                            of contexts.bin, and the bytes and sha256 of every other file (the page checks them)
+
+The page plays exactly as ``components.play.GameState.step`` does (same keymap, same action matching, same
+rolling context, same uint8 conversion), so from the same context and actions it makes the same frames up to
+ONNX Runtime Web's arithmetic (tests/test_web_bundle.py measures it).
+
+``python -m components play --engine browser`` writes it and ``serve_bundle(folder, host, port)`` serves it with the cross-origin isolation headers that WASM threads need
+(``Cross-Origin-Opener-Policy: same-origin``, ``Cross-Origin-Embedder-Policy: require-corp``) and stops cleanly
+on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import signal
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.atomic import atomic_directory
+from components.errors import PipelineError
+from components.export_contract import (
+    CONTEXTS_FILE,
+    DECODER_FILE,
+    WORLD_MODEL_FILE,
+    ExportNotFoundError,
+    corrupt_files,
+    file_sha256,
+    load_manifest,
+)
+from components.play import KEY_BUTTONS, PAGE_DIR
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "gamengen-web-bundle/1"
+BUNDLE_FILE = "bundle.json"
+CONTEXTS_BIN = "contexts.bin"
+ORT_PACKAGE = Path(__file__).resolve().parent.parent / "node_modules" / "onnxruntime-web"  # make web
+ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+PAGE_FILES = {"index.html": "web.html", "player.js": "web_player.js", "screen.js": "screen.js"}
+ISOLATION_HEADERS = {
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+
+def ort_web_files(package: Path) -> tuple[str, list[Path]]:
+    """(version, the files the page loads) of the installed onnxruntime-web; a clear error when it is missing."""
+    manifest = package / "package.json"
+    files = [package / "dist" / name for name in ORT_FILES]
+    missing = [str(p) for p in [manifest, *files] if not p.is_file()]
+    if missing:
+        raise PipelineError(f"onnxruntime-web is not installed ({missing[0]} is missing): run `make web` "
+                            "(npm ci, the version pinned in package.json) in the repository root")
+    return str(json.loads(manifest.read_text())["version"]), files
+
+
+def write_contexts(export: Path, path: Path) -> dict[str, Any]:
+    """``contexts.npz`` as one raw little-endian file; returns its layout (offsets in bytes, shapes, dtypes)."""
+    with np.load(export / CONTEXTS_FILE) as data:
+        parts = {
+            "latents": np.ascontiguousarray(data["context_latents"], "<f4"),
+            "actions": np.ascontiguousarray(data["context_actions"], "<i4"),
+            "frames": np.ascontiguousarray(data["context_frames"][:, -1], np.uint8),
+        }
+    layout: dict[str, Any] = {"count": int(len(parts["latents"]))}
+    offset = 0
+    with open(path, "wb") as handle:
+        for name, array in parts.items():
+            layout[name] = {"offset": offset, "shape": list(array.shape), "dtype": array.dtype.name}
+            handle.write(array.tobytes())
+            offset += array.nbytes
+    return layout
+
+
+def build_bundle(export: str | Path, out: str | Path, fps: float, package: str | Path = ORT_PACKAGE) -> dict[str, Any]:
+    """Write the bundle of ``export`` into ``out`` (replaced whole, atomically); returns its ``bundle.json``.
+
+    Refuses an export that fails the contract check (``load_manifest``) or whose files differ from the manifest's
+    sha256, and a missing onnxruntime-web."""
+    export, out = Path(export), Path(out)
+    manifest = load_manifest(export)
+    corrupt = corrupt_files(export, manifest)
+    if corrupt:
+        raise ExportNotFoundError(f"{export}: {corrupt} differ from the sha256 in manifest.json; rebuild the export "
+                                  "(`dvc repro onnx_export`) or pass --export with an intact one")
+    ort_version, ort_files = ort_web_files(Path(package))
+    with atomic_directory(out) as staging:
+        for target, source in PAGE_FILES.items():
+            shutil.copyfile(PAGE_DIR / source, staging / target)
+        (staging / "ort").mkdir()
+        for path in ort_files:
+            shutil.copyfile(path, staging / "ort" / path.name)
+        for name in (WORLD_MODEL_FILE, DECODER_FILE):
+            shutil.copyfile(export / name, staging / name)
+        contexts = write_contexts(export, staging / CONTEXTS_BIN)
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        bundle = {
+            "format": BUNDLE_FORMAT,
+            "sizes": {name: int(manifest[name]) for name in ("K", "C", "h", "w", "H", "W")},
+            "actions": manifest["actions"],
+            "keymap": KEY_BUTTONS,
+            "fps": float(fps),
+            "contexts": contexts,
+            "graphs": {"world_model": WORLD_MODEL_FILE, "decoder": DECODER_FILE},
+            "onnxruntime_web": ort_version,
+            "export": {"params_hash": manifest["params_hash"], "sampling": manifest["sampling"],
+                       "scenario": manifest["scenario"]},
+            "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
+                      for name in files},
+        }
+        (staging / BUNDLE_FILE).write_text(json.dumps(bundle, indent=1))
+    log.info("wrote %s: %d files, %.1f MB (onnxruntime-web %s)", out, len(files) + 1,
+             sum(f["bytes"] for f in bundle["files"].values()) / 1e6, ort_version)
+    return bundle
+
+
+class BundleHandler(SimpleHTTPRequestHandler):
+    """Static files with the right types for ES modules and WASM, and the cross-origin isolation headers."""
+
+    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript",
+                      ".js": "text/javascript", ".wasm": "application/wasm", ".onnx": "application/octet-stream"}
+
+    def __init__(self, *args: Any, isolated: bool = True, **kwargs: Any) -> None:
+        self.isolated = isolated
+        super().__init__(*args, **kwargs)
+
+    def end_headers(self) -> None:
+        if self.isolated:
+            for name, value in ISOLATION_HEADERS.items():
+                self.send_header(name, value)
+        self.send_header("Cache-Control", "no-cache")
+        super().end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+def serve_bundle(folder: str | Path, host: str, port: int, isolated: bool = True,
+                 ready: threading.Event | None = None) -> None:
+    """Serve ``folder`` until SIGTERM or SIGINT (whatever the process inherited), then stop and return."""
+    folder = Path(folder)
+    if not (folder / BUNDLE_FILE).is_file():
+        raise PipelineError(f"{folder}: no {BUNDLE_FILE}; build it with `python -m components bundle`")
+    handler = functools.partial(BundleHandler, directory=str(folder), isolated=isolated)
+    stop = threading.Event()
+    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with ThreadingHTTPServer((host, port), handler) as server:
+            server.daemon_threads = True
+            thread = threading.Thread(target=server.serve_forever, name="bundle-server", daemon=True)
+            thread.start()
+            print(f"playing {folder} at http://{host}:{server.server_address[1]}/ "
+                  f"({'cross-origin isolated: WASM threads' if isolated else 'not isolated: one WASM thread'}); "
+                  "Ctrl-C stops", flush=True)
+            if ready is not None:
+                ready.set()
+            while not stop.wait(0.25):  # short waits: the signal handler runs between them
+                pass
+            server.shutdown()
+    finally:
+        for number, handler_before in previous.items():
+            signal.signal(number, handler_before)
+
+
+__all__ = ["build_bundle", "serve_bundle", "write_contexts", "ort_web_files"]
