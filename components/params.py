@@ -142,7 +142,7 @@ class PPOParams(Section):
     n_envs: int = Field(2, gt=0)  # paper: 8 parallel games
     features_dim: int = Field(256, gt=0)  # paper: 512
     hidden_sizes: list[int] = Field([64, 64], description="actor and critic MLP widths")  # paper: 2-layer MLPs
-    cnn_channels: tuple[int, int, int] = Field((32, 64, 64), description="channels of the 3 conv layers")  # paper: Mnih (32, 64, 64)
+    cnn_channels: tuple[int, int, int] = Field((16, 32, 32), description="channels of the 3 conv layers")  # paper: Mnih (32, 64, 64)
 
     @field_validator("cnn_channels", "hidden_sizes")
     @classmethod
@@ -153,7 +153,7 @@ class PPOParams(Section):
 
 
 class RLAgentParams(Section):
-    total_timesteps: int = Field(20_000, gt=0)  # paper: 50M
+    total_timesteps: int = Field(40_000, gt=0)  # paper: 50M
     checkpoints: int = Field(4, gt=0, description="policy snapshots saved evenly over training")
     seed: int = 0
     torch_threads: int = Field(1, ge=0, description="torch CPU threads for training; 0 = torch's default")
@@ -165,7 +165,7 @@ class RLAgentParams(Section):
 
 class RawTrajectoriesParams(Section):
     shards: list[int] = Field(min_length=1, description="shard ids; each is an independent DVC stage")
-    frames_per_shard: int = Field(20_000, gt=0)
+    frames_per_shard: int = Field(8_000, gt=0)
     parallel_games: int = Field(8, gt=0, description="games stepped in lockstep so the policy runs batched")
     policy: Literal["agent", "random"] = Field("agent", description="'random' makes the random-play ablation set")
     random_action_fraction: float = Field(0.2, ge=0.0, le=1.0, description="share of actions drawn at random")
@@ -202,18 +202,18 @@ class AutoencoderParams(Section):
     mid_block_attention: bool = False  # SD: true
     latent_multiple: int = Field(4, gt=0, description="latent h and w are padded to multiples of this")
     pad_mode: Literal["replicate", "constant"] = Field("replicate", description="edge-replicate or zero padding")
-    train_minutes: float = Field(7.5, gt=0.0, description="training-time budget; the LR schedule ends with it")
+    train_minutes: float = Field(10.5, gt=0.0, description="training-time budget; the LR schedule ends with it")
     max_steps: int = Field(100_000, gt=0)
     batch_size: int = Field(8, gt=0)
     learning_rate: float = Field(2e-3, gt=0.0)
     warmup_steps: int = Field(100, ge=0)
     kl_weight: float = Field(1e-6, ge=0.0)
     mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="bf16 autocast for the training forward pass (weights and evaluation stay float32)"
+        "bf16", description="bf16 autocast for the training forward pass (weights and evaluation stay float32)"
     )
     scaling_frames: int = Field(1024, gt=0, description="training frames used to measure the latent scaling factor")
     eval_frames: int = Field(256, gt=0, description="held-out frames for the PSNR curve and metrics")
-    eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between PSNR-curve points")
+    eval_every_s: float = Field(120.0, gt=0.0, description="seconds of training between PSNR-curve points")
     checkpoint_every_s: float = Field(
         60.0, gt=0.0, description="seconds of training between resumable checkpoints (.cache/); not in the run key"
     )
@@ -316,7 +316,7 @@ class WorldModelParams(Section):
         "(moved) last frame, sharp, rather than a blur; false: the paper's parametrisation"
     )
     warp_resampling: Literal["nearest", "linear"] = Field(
-        "nearest", description="how the warp moves the latent: to the nearest whole cell (codes stay intact) or "
+        "linear", description="how the warp moves the latent: to the nearest whole cell (codes stay intact) or "
         "by linear interpolation (sub-cell motion, blended codes)"
     )
 
@@ -334,7 +334,7 @@ class DiffusionCheckpointParams(Section):
     seed: int = 0
     steps: int = Field(20_000, gt=0, description="optimizer steps (the most, when train_minutes is set)")  # paper: 700k
     train_minutes: float | None = Field(
-        12.0, gt=0.0, description="wall-clock budget: after 25 steps the speed is measured and the step count "
+        9.0, gt=0.0, description="wall-clock budget: after 25 steps the speed is measured and the step count "
         "(and the LR schedule) fixed to fit, then stored in the checkpoint so a resumed run ends at the same "
         "step; null trains exactly `steps`"
     )  # paper: null (700k steps)
@@ -361,7 +361,7 @@ class SamplerParams(Section):
     """Inference-time sampling (components/sampler.py): DDIM with classifier-free guidance on past frames."""
 
     steps: int = Field(4, gt=0, description="DDIM steps per frame")  # paper: 4
-    cfg: float = Field(1.5, ge=0.0, description="guidance on the past frames only (1 = off)")  # paper: 1.5
+    cfg: float = Field(1.0, ge=0.0, description="guidance on the past frames only (1 = off)")  # paper: 1.5
     context_noise_level: float = Field(
         0.1, ge=0.0, description="std of the noise added to the context at inference; its bucket is given to the "
         "model, telling it the context may be imperfect (0 = clean context)"
@@ -374,7 +374,7 @@ class DistilledModelParams(Section):
     """Stage ``distilled_model`` (components/distillation.py): a 1-step student regressed onto the teacher's
     multi-step CFG sample (``params.sampler``). See README "Distillation"."""
 
-    minutes: float = Field(4.0, gt=0.0, description="training-time budget (the run also stops at max_steps)")
+    minutes: float = Field(8.0, gt=0.0, description="training-time budget (the run also stops at max_steps)")
     max_steps: int = Field(5000, gt=0)  # paper (DMD): 1000 steps at batch 128
     batch_size: int = Field(8, gt=0)  # paper: 128
     learning_rate: float = Field(1e-4, gt=0.0)
@@ -387,11 +387,11 @@ class DistilledModelParams(Section):
         "own noise, so the student copies one sample",
     )
     target: Literal["teacher", "data"] = Field(
-        "teacher", description="what the student regresses onto: the teacher's sampler output (distillation) or "
+        "data", description="what the student regresses onto: the teacher's sampler output (distillation) or "
         "the recorded next latent (data)"
     )
     rollout_steps: int = Field(
-        1, gt=0, description="steps of its own rollout the student trains on: after the first, its context ends "
+        3, gt=0, description="steps of its own rollout the student trains on: after the first, its context ends "
         "with its own predictions (training on its own predictions)"
     )
     detail_weight: float = Field(
@@ -490,7 +490,7 @@ class AblationsParams(Section):
     """The paper's ablations as DVC experiments (components/ablations.py, `python -m components ablations`)."""
 
     context_key: str = "world_model.context"
-    context_lengths: list[int] = Field([1, 2, 4, 8, 16], min_length=1)  # paper: 1, 2, 4, 8, 16, 32, 64
+    context_lengths: list[int] = Field([1, 2, 4, 8], min_length=1)  # paper: 1, 2, 4, 8, 16, 32, 64
     noise_off: dict[str, float | int | str | bool] = Field(
         default_factory=lambda: {"world_model.max_noise_level": 0.0, "sampler.context_noise_level": 0.0},
         description="-S values that turn noise augmentation off (training and inference)",
@@ -501,14 +501,19 @@ class AblationsParams(Section):
         default_factory=lambda: {"world_model.action_warp": False, "world_model.predict_residual": False},
         description="-S values that turn the action warp and residual targets off (the paper's plain UNet)",
     )
-    seeds: list[int] = Field([0], min_length=1, description="every setting runs once per seed (the tables show the "
+    seeds: list[int] = Field([0, 1], min_length=1, description="every setting runs once per seed (the tables show the "
                              "spread)")
     seed_keys: list[str] = Field(
         default_factory=lambda: ["diffusion_checkpoint.seed", "distilled_model.seed"],
         description="params set to each seed: what varies between the runs of one setting",
     )
     overrides: list[str] = Field(
-        default_factory=list,
+        default_factory=lambda: [  # in steps, not minutes: a busy machine changes the run time, not the result
+            "autoencoder.train_minutes=1000", "autoencoder.max_steps=600", "finetuned_vae.train_minutes=1000",
+            "finetuned_vae.max_steps=100", "diffusion_checkpoint.train_minutes=1000", "diffusion_checkpoint.steps=600",
+            "distilled_model.minutes=1000", "distilled_model.max_steps=200", "evaluation.teacher=false",
+            "evaluation.windows=128", "evaluation.rollout_windows=8",
+        ],
         description="'key=value' (dvc exp run -S syntax) applied to every ablation experiment: the smaller scale. A "
         "list, so that a profile replaces it whole",
     )

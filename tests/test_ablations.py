@@ -14,7 +14,7 @@ from components import ablations as ab
 from components.params import AblationsParams
 from tests.conftest import REPO_ROOT, make_repo_copy, run
 
-SETTINGS = AblationsParams(context_lengths=[1, 2, 4])
+SETTINGS = AblationsParams(context_lengths=[1, 2, 4], seeds=[0], overrides=[])  # one seed, full scale
 
 
 def metrics_for(context: int, noise: float, policy: str) -> dict:

@@ -38,6 +38,23 @@ def test_default_params_load() -> None:
     assert params.environment.actions[0].name == "noop"
 
 
+def test_code_defaults_are_the_values_in_params_yaml() -> None:
+    """One source for every value: each default written in components/params.py is params.yaml's value, so code
+    that builds a section without params.yaml (tests, notebooks) behaves as the pipeline does."""
+    params = parse_params(copy.deepcopy(DEFAULT))
+    differ = []
+    for name in type(params).model_fields:
+        section = getattr(params, name)
+        if not hasattr(type(section), "model_fields"):
+            continue
+        fields = type(section).model_fields
+        required = {key: getattr(section, key) for key, field in fields.items() if field.is_required()}
+        defaults = type(section).model_validate(required).model_dump()
+        differ += [f"{name}.{key}: code {defaults[key]!r}, params.yaml {value!r}"
+                   for key, value in section.model_dump().items() if defaults[key] != value]
+    assert differ == [], "\n".join(differ)
+
+
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
