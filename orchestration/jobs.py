@@ -19,7 +19,7 @@ import dagster as dg
 
 from orchestration.assets import DVC_POOL
 from orchestration.metadata import flatten
-from orchestration.retraining import has_champion_stage, settle
+from orchestration.retraining import STAGE, has_champion_stage, settle
 from orchestration.resources import DvcResource
 from orchestration.settings import orchestration_params
 
@@ -97,7 +97,7 @@ def retraining_experiment(context: dg.OpExecutionContext, config: RetrainingConf
         ["exp", "branch", experiment, branch], context.log, what=f"branch {branch!r} of experiment {experiment!r}"))
     context.log.info(f"experiment {name!r}: {outcome.summary}"
                      + (f"; {outcome.version} on branch {outcome.branch} is now prod" if outcome.promoted else ""))
-    context.log_event(dg.AssetObservation(asset_key="champion", metadata={"experiment": name, **outcome.metadata()}))
+    context.log_event(dg.AssetObservation(asset_key=STAGE, metadata={"experiment": name, **outcome.metadata()}))
     context.add_output_metadata({**metadata, **outcome.metadata()})
     return outcome.promoted
 
