@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from components.errors import PipelineError
 from components.sampler import guided_velocity
@@ -324,10 +325,54 @@ def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet
     return metrics
 
 
+# --------------------------------------------------------------------------- adversarial term
+
+
+class LatentCritic(nn.Module):
+    """A patch critic for the adversarial term: per latent cell, does ``next`` look like the latent that really
+    follows ``last`` under ``action``? Spectral-normalised convolutions over [last, next, one-hot action]."""
+
+    def __init__(self, channels: int, num_actions: int, width: int = 64) -> None:
+        super().__init__()
+        norm = nn.utils.parametrizations.spectral_norm
+        self.num_actions = num_actions
+        self.layers = nn.Sequential(
+            norm(nn.Conv2d(2 * channels + num_actions, width, 3, padding=1)), nn.LeakyReLU(0.2),
+            norm(nn.Conv2d(width, width, 3, padding=1)), nn.LeakyReLU(0.2),
+            norm(nn.Conv2d(width, width, 3, padding=2, dilation=2)), nn.LeakyReLU(0.2),
+            norm(nn.Conv2d(width, 1, 3, padding=1)),
+        )
+
+    def forward(self, last: torch.Tensor, next_latent: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Logits [B,1,h,w]: high means real."""
+        onehot = F.one_hot(action, self.num_actions).to(last.dtype)[:, :, None, None]
+        return self.layers(torch.cat([last, next_latent, onehot.expand(-1, -1, *last.shape[-2:])], dim=1))
+
+
+class StudentAndCritic(nn.Module):
+    """What trains when ``adversarial_weight`` > 0: the student and its critic, one optimizer and one checkpoint."""
+
+    def __init__(self, student: OneStepStudent, critic: LatentCritic) -> None:
+        super().__init__()
+        self.student, self.critic = student, critic
+
+
+def adversarial_terms(critic: LatentCritic, last: torch.Tensor, predicted: torch.Tensor, real: torch.Tensor,
+                      action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the student's term, the critic's hinge loss). The student's term ``-D(predicted)`` reaches the student
+    only: the critic is called with detached weights there. The critic's loss sees ``predicted`` detached."""
+    frozen = {name: value.detach() for name, value in critic.named_parameters()}
+    student_term = -torch.func.functional_call(critic, frozen, (last, predicted, action)).mean()
+    critic_loss = (F.relu(1.0 - critic(last, real, action)).mean()
+                   + F.relu(1.0 + critic(last, predicted.detach(), action)).mean())
+    return student_term, critic_loss
+
+
 def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, scheduler: Any,
                       windows: LatentWindows, batch_size: int, rng: np.random.Generator,
                       generator: torch.Generator | None = None, target: str = "teacher",
-                      rollout_steps: int = 1, detail_weight: float = 0.0, detail_patch: int = 1) -> torch.Tensor:
+                      rollout_steps: int = 1, detail_weight: float = 0.0, detail_patch: int = 1,
+                      critic: LatentCritic | None = None, adversarial_weight: float = 0.0) -> torch.Tensor:
     """The student's loss on a random batch, over ``rollout_steps`` steps of its own rollout.
 
     Step 1 starts from real context latents; each later step's context ends with the student's own (detached)
@@ -336,9 +381,13 @@ def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, s
     draws fresh noise, ``teacher_noise: fresh``; None uses the student's frozen noise), or ``data``, the real
     latent that followed (regression onto the recorded play). With ``detail_weight`` > 0 each step also pays
     ``detail_weight * detail_loss``: a blurred prediction that MSE alone would accept costs what it lacks in detail.
+    With a ``critic`` each step also pays ``adversarial_weight * -D(predicted)`` and the critic learns to tell the
+    recorded next latent from the student's (:func:`adversarial_terms`, conditioned on the real previous latent and
+    the action), so a blurred mean that MSE accepts is pushed towards latents that look like real ones.
     """
     context, actions, future = windows.rollout_batch(batch_size, rng, rollout_steps)
     k = context.shape[1]
+    real_last = context[:, -1]
     total = torch.zeros((), device=context.device)
     for step in range(rollout_steps):
         step_actions = actions[:, step : step + k]
@@ -350,5 +399,10 @@ def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, s
         total = total + torch.mean((predicted - goal) ** 2)
         if detail_weight > 0:
             total = total + detail_weight * detail_loss(predicted, goal, detail_patch)
+        if critic is not None:
+            student_term, critic_loss = adversarial_terms(critic, real_last, predicted, future[:, step],
+                                                          step_actions[:, -1])
+            total = total + adversarial_weight * student_term + critic_loss
+        real_last = future[:, step]
         context = torch.cat([context[:, 1:], predicted.detach()[:, None]], dim=1)
     return total / rollout_steps

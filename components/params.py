@@ -399,6 +399,11 @@ class DistilledModelParams(Section):
         "the target's, per detail_patch cells (0 = MSE only, which prefers the blurred mean)"
     )
     detail_patch: int = Field(1, gt=0, description="latent cells per side of the regions the detail term compares")
+    adversarial_weight: float = Field(
+        0.0, ge=0.0, description="weight of the adversarial term: a patch critic, trained beside the student, tells "
+        "the recorded next latent from the student's (0 = no critic)"
+    )
+    critic_width: int = Field(64, gt=0, description="channels of the critic's convolutions")
     decoder_minutes: float = Field(
         0.0, ge=0.0, description="then fine-tune the decoder on the student's own rollouts for this long (README "
         "\"Distillation\"); 0 = ship the finetuned_vae decoder unchanged"

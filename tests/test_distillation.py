@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from components.distillation import (
+    LatentCritic,
     OneStepStudent,
+    adversarial_terms,
     load_student,
     one_step_coefficients,
     teacher_sample,
@@ -91,6 +93,44 @@ def test_training_moves_the_student_towards_the_teacher(teacher: ActionCondition
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_adversarial_terms_train_each_side_against_the_other() -> None:
+    """The student's term moves only the prediction (the critic's weights get no gradient from it); the critic's
+    hinge loss moves only the critic (the prediction gets no gradient from it)."""
+    torch.manual_seed(0)
+    critic = LatentCritic(C, ACTIONS, width=8)
+    last, real = torch.randn(2, C, *SIZE), torch.randn(2, C, *SIZE)
+    predicted = torch.randn(2, C, *SIZE, requires_grad=True)
+    action = torch.tensor([0, 3])
+    student_term, critic_loss = adversarial_terms(critic, last, predicted, real, action)
+    student_term.backward(retain_graph=True)
+    assert predicted.grad is not None and predicted.grad.abs().sum() > 0
+    assert all(p.grad is None for p in critic.parameters())
+    predicted.grad = None
+    critic_loss.backward()
+    assert predicted.grad is None
+    assert all(p.grad is not None for p in critic.parameters())
+
+
+def test_critic_learns_to_tell_a_blurred_latent_from_a_real_one() -> None:
+    """Trained on its hinge loss alone, the critic scores real latents above their blurred copies: the signal the
+    student's term then follows towards detail."""
+    torch.manual_seed(0)
+    critic = LatentCritic(C, ACTIONS, width=16)
+    optimizer = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    action = torch.zeros(8, dtype=torch.long)
+    blur = torch.nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+    for _ in range(60):
+        last, real = torch.randn(8, C, *SIZE), torch.randn(8, C, *SIZE)
+        _, loss = adversarial_terms(critic, last, blur(real), real, action)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    critic.eval()
+    last, real = torch.randn(8, C, *SIZE), torch.randn(8, C, *SIZE)
+    with torch.no_grad():
+        assert critic(last, real, action).mean() > critic(last, blur(real), action).mean() + 0.5
 
 
 def test_fresh_teacher_noise_draws_new_samples_around_the_frozen_one(teacher: ActionConditionedUNet) -> None:
@@ -202,6 +242,32 @@ def test_stage_ships_a_decoder_tuned_on_the_students_rollouts(tmp_path: Path) ->
             torch.testing.assert_close(shipped[name], original[name], rtol=0, atol=0, msg=name)
     changed = [n for n in shipped if n.startswith("decoder.") and not torch.equal(shipped[n], original[n])]
     assert changed, "the shipped decoder is the finetuned_vae one: the fine-tune did not run"
+
+
+def test_stage_trains_a_critic_beside_the_student_and_checkpoints_both(tmp_path: Path) -> None:
+    """``adversarial_weight`` > 0: the stage trains the student with the critic's term, the resumable checkpoint
+    holds the critic too (a resumed run continues the same game), and the student that ships is the student only."""
+    from safetensors import safe_open
+
+    from tests.conftest import micro_params_dict, write_params
+    from tests.export_fixtures import CONTEXT, build_upstream, run_stage
+
+    paths = build_upstream(tmp_path)
+    write_params(tmp_path / "params.yaml", micro_params_dict(world_model={"context": CONTEXT}, distilled_model={
+        "adversarial_weight": 0.5, "critic_width": 8, "minutes": 100.0, "max_steps": 3}))
+    out, cache = tmp_path / "data" / "distilled_model", tmp_path / "cache"
+    run_stage(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
+              "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
+              "--trajectories", str(paths["raw_trajectories"]), "--out", str(out),
+              "--metrics", str(tmp_path / "metrics.json"), "--cache", str(cache))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["adversarial_weight"] == 0.5 and metrics["train_steps"] == 3
+    checkpoint = next(cache.rglob("checkpoint.safetensors"))
+    with safe_open(str(checkpoint), "pt") as handle:
+        keys = list(handle.keys())
+    assert any(k.startswith("model.critic.") for k in keys) and any(k.startswith("model.student.net.") for k in keys)
+    student = load_student(out)
+    assert not any("critic" in name for name in student.state_dict())
 
 
 @pytest.mark.parametrize("bad", ["trajectories", "rollout_steps"])

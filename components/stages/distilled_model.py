@@ -52,8 +52,10 @@ def main(args: argparse.Namespace) -> None:
     from components.autoencoder import load_autoencoder
     from components import training
     from components.distillation import (
+        LatentCritic,
         LatentWindows,
         OneStepStudent,
+        StudentAndCritic,
         distillation_loss,
         distillation_metrics,
         teacher_sample,
@@ -115,11 +117,18 @@ def main(args: argparse.Namespace) -> None:
     recipe = training.Recipe(training.Budget(settings.minutes, settings.max_steps, settings.warmup_steps),
                              settings.learning_rate, seed=settings.seed, batch_size=settings.batch_size,
                              eval_every_s=settings.eval_every_s, checkpoint_every_s=settings.checkpoint_every_s)
+    critic = None
+    trained: torch.nn.Module = student
+    if settings.adversarial_weight > 0:
+        critic = LatentCritic(teacher.config.latent_channels, teacher.config.num_actions,
+                              settings.critic_width).to(runtime.device)
+        trained = StudentAndCritic(student, critic)
     result = training.train(
-        student, list(student.net.parameters()),
+        trained, list(student.net.parameters()) + (list(critic.parameters()) if critic is not None else []),
         lambda step: distillation_loss(student, teacher, scheduler, train_windows, settings.batch_size, step.rng,
                                        teacher_generator(settings, step.index), settings.target,
-                                       settings.rollout_steps, settings.detail_weight, settings.detail_patch),
+                                       settings.rollout_steps, settings.detail_weight, settings.detail_patch,
+                                       critic, settings.adversarial_weight),
         recipe, runtime, training.run_folder(args.cache, runtime, key), evaluate=evaluate, name="distilled_model")
     if not result.is_main_process:
         return  # under `accelerate launch` the main process writes the outputs
@@ -150,6 +159,7 @@ def main(args: argparse.Namespace) -> None:
         "rollout_steps": settings.rollout_steps,
         "detail_weight": settings.detail_weight,
         "detail_patch": settings.detail_patch,
+        "adversarial_weight": settings.adversarial_weight,
     }
     shipped_decoder, shipped = autoencoder, after
     if settings.decoder_minutes > 0:
