@@ -22,6 +22,10 @@ and context noise of std ``context_noise_level``.
     ``teacher_noise: fresh`` ``z'`` and ``e'`` are new for every window, so the student learns ``E[y]``, the mean
     of the teacher's samples; with ``frozen`` ``z' = z`` and ``e' = e``: it copies one sample.
 
+  With ``adversarial_weight`` > 0 (off by default: README "Distillation") a patch critic on latents (``LatentCritic``) trains
+  beside the student and the student also pays ``-D(its latent)``: a blurred mean that MSE accepts costs what makes
+  it look unlike a real latent.
+
   README "Distillation" gives the measurements behind the default.
 * Guidance and the context noise are thereby baked into the student: it needs one UNet call per frame,
   against ``steps * 2`` for the teacher (two per step with guidance).

@@ -404,6 +404,7 @@ class DistilledModelParams(Section):
         "the recorded next latent from the student's (0 = no critic)"
     )
     critic_width: int = Field(64, gt=0, description="channels of the critic's convolutions")
+    critic_lr_scale: float = Field(4.0, gt=0.0, description="the critic learns at this multiple of learning_rate")
     decoder_minutes: float = Field(
         0.0, ge=0.0, description="then fine-tune the decoder on the student's own rollouts for this long (README "
         "\"Distillation\"); 0 = ship the finetuned_vae decoder unchanged"

@@ -298,8 +298,8 @@ class TrainResult:
     processes: int = 1
 
 
-def make_optimizer(name: str, parameters: Sequence[torch.nn.Parameter], learning_rate: float,
-                   weight_decay: float, key: str = "optimizer") -> torch.optim.Optimizer:
+def make_optimizer(name: str, parameters: Sequence[torch.nn.Parameter] | Sequence[dict[str, Any]],
+                   learning_rate: float, weight_decay: float, key: str = "optimizer") -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
     adafactor = getattr(torch.optim, "Adafactor", None)
@@ -347,24 +347,33 @@ def _restore(folder: Path | None, module: torch.nn.Module, optimizer: torch.opti
     return {**fresh, **saved.counters}, saved.ema
 
 
-def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter], loss_fn: Callable[[Step], torch.Tensor],
+ParamGroup = dict[str, Any]  # {"params": [...], "lr_scale": float}: a group that learns at lr_scale x the recipe's rate
+
+
+def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Sequence[ParamGroup],
+          loss_fn: Callable[[Step], torch.Tensor],
           recipe: Recipe, runtime: Runtime, folder: str | Path | None, *,
           evaluate: Callable[[], dict[str, float]] | None = None, live_dir: str | Path | None = None,
           name: str = "training", stop_after: int | None = None) -> TrainResult:
     """Train ``module`` (moved to ``runtime.device``) on ``loss_fn`` under ``recipe``; resume from ``folder``.
 
-    ``folder`` (from ``run_folder``) holds the checkpoint; None trains without one. ``evaluate`` runs on the main
-    process before the first step, every ``recipe.eval_every_s`` seconds of training time and after the last step
-    (the points of ``TrainResult.curve``). ``stop_after`` ends this call early after that
-    many steps (for tests); the plan is unchanged. On return ``module`` holds the final (or EMA) weights, in
+    ``parameters`` are tensors, or groups ``{"params": [...], "lr_scale": x}`` whose learning rate is ``x`` times
+    the recipe's (one optimizer, one checkpoint). ``folder`` (from ``run_folder``) holds the checkpoint; None
+    trains without one. ``evaluate`` runs on the main process before the first step, every
+    ``recipe.eval_every_s`` seconds of training time and after the last step (the points of
+    ``TrainResult.curve``). ``stop_after`` ends this call early after that many steps (for tests); the plan is
+    unchanged. On return ``module`` holds the final (or EMA) weights, in
     eval mode, on ``runtime.device``.
     """
     from tqdm import tqdm
 
     folder = Path(folder) if folder else None
-    budget, parameters = recipe.budget, list(parameters)
+    budget, groups = recipe.budget, list(parameters)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    parameters = [p for group in groups for p in group["params"]]
     module.to(runtime.device)
-    optimizer = make_optimizer(recipe.optimizer, parameters, recipe.learning_rate, recipe.weight_decay)
+    optimizer = make_optimizer(recipe.optimizer, groups, recipe.learning_rate, recipe.weight_decay)
     counters, ema = _restore(folder, module, optimizer)
     step, planned, elapsed = int(counters["step"]), counters["planned"], float(counters["elapsed"])
     curve, losses = list(counters["curve"]), [tuple(x) for x in counters["losses"]]
@@ -411,7 +420,7 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter], los
             plan_elapsed = elapsed
         lr = recipe.learning_rate * budget.lr_scale(step, planned or budget.max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with torch.autocast(runtime.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = loss_fn(make_step(recipe.seed, runtime, step))
         optimizer.zero_grad(set_to_none=True)

@@ -70,6 +70,27 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path: P
         torch.testing.assert_close(value, uninterrupted[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_parameter_groups_learn_at_their_own_rate_and_resume_with_it(tmp_path: Path) -> None:
+    """A group with ``lr_scale`` learns at that multiple of the recipe's rate (0: not at all), and a resumed run
+    keeps the scale."""
+    recipe = Recipe(Budget(None, 6, warmup_steps=0), 0.01, seed=3)
+    runtime = start_runtime("cpu")
+    model, loss_fn = _model_and_loss()
+    first, second = model[0], model[2]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = [{"params": list(first.parameters()), "lr_scale": 0.0},
+              {"params": list(second.parameters()), "lr_scale": 3.0}]
+    train(model, groups, loss_fn, recipe, runtime, tmp_path / "run", stop_after=3)
+    assert torch.equal(model[0].weight, before["0.weight"]) and not torch.equal(model[2].weight, before["2.weight"])
+    saved = load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE).optimizer["param_groups"]
+    assert [g["lr_scale"] for g in saved] == [0.0, 3.0] and saved[0]["lr"] == 0.0 and saved[1]["lr"] > 0.0
+    model, loss_fn = _model_and_loss()
+    groups = [{"params": list(model[0].parameters()), "lr_scale": 0.0},
+              {"params": list(model[2].parameters()), "lr_scale": 3.0}]
+    train(model, groups, loss_fn, recipe, runtime, tmp_path / "run")
+    assert torch.equal(model[0].weight, before["0.weight"])
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_a_damaged_checkpoint_stops_with_one_line_saying_to_delete_it(tmp_path: Path, damage: str) -> None:
     recipe = Recipe(Budget(None, 6, warmup_steps=1), 0.05, seed=3)

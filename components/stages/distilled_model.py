@@ -123,8 +123,11 @@ def main(args: argparse.Namespace) -> None:
         critic = LatentCritic(teacher.config.latent_channels, teacher.config.num_actions,
                               settings.critic_width).to(runtime.device)
         trained = StudentAndCritic(student, critic)
+    groups = [{"params": list(student.net.parameters())}]
+    if critic is not None:
+        groups.append({"params": list(critic.parameters()), "lr_scale": settings.critic_lr_scale})
     result = training.train(
-        trained, list(student.net.parameters()) + (list(critic.parameters()) if critic is not None else []),
+        trained, groups,
         lambda step: distillation_loss(student, teacher, scheduler, train_windows, settings.batch_size, step.rng,
                                        teacher_generator(settings, step.index), settings.target,
                                        settings.rollout_steps, settings.detail_weight, settings.detail_patch,
@@ -160,6 +163,7 @@ def main(args: argparse.Namespace) -> None:
         "detail_weight": settings.detail_weight,
         "detail_patch": settings.detail_patch,
         "adversarial_weight": settings.adversarial_weight,
+        "critic_lr_scale": settings.critic_lr_scale,
     }
     shipped_decoder, shipped = autoencoder, after
     if settings.decoder_minutes > 0:
