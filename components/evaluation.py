@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components import view_motion
+from components import long_play, view_motion
 from components.errors import PipelineError
 
 PSNR_CAP_DB = 50.0
@@ -508,14 +508,48 @@ def single_button_actions(actions: Sequence[Any], buttons: Sequence[str]) -> dic
     return found
 
 
+def play_keys(model: ModelUnderTest, windows: Windows, context: int, keys: np.ndarray,
+              batch_size: int) -> np.ndarray:
+    """Frames float ``[N, steps, 3, H, W]`` generated from each window's context with ``keys`` ``[N, steps]``
+    (action ids pressed after the context)."""
+    steps = keys.shape[1]
+    ctx = context_latents(model, windows, slice(0, context), batch_size)
+    pressed = np.concatenate([windows.actions[:, : context - 1], keys.astype(np.int64)], 1)
+    latents = batched(lambda c, a: rollout_latents(model.predict, c, a, steps), batch_size, ctx, pressed)
+    flat = latents.reshape(-1, *latents.shape[2:])
+    return batched(model.decode, batch_size, flat).reshape(len(windows), steps, 3, *windows.frames.shape[2:4])
+
+
 def hold_action(model: ModelUnderTest, windows: Windows, context: int, action: int, steps: int,
                 batch_size: int) -> np.ndarray:
     """Frames float ``[N, steps, 3, H, W]`` generated from each window's context while ``action`` is held."""
-    ctx = context_latents(model, windows, slice(0, context), batch_size)
-    held = np.concatenate([windows.actions[:, : context - 1], np.full((len(windows), steps), action, np.int64)], 1)
-    latents = batched(lambda c, a: rollout_latents(model.predict, c, a, steps), batch_size, ctx, held)
-    flat = latents.reshape(-1, *latents.shape[2:])
-    return batched(model.decode, batch_size, flat).reshape(len(windows), steps, 3, *windows.frames.shape[2:4])
+    return play_keys(model, windows, context, np.full((len(windows), steps), action, np.int64), batch_size)
+
+
+def measure_long_play(model: ModelUnderTest, raw: Any, latents: Any | None, episodes: Sequence[Any], context: int,
+              settings: Any, num_actions: int, view_rows: float,
+              real_pool: np.ndarray) -> tuple[dict[str, Any], np.ndarray | None]:
+    """``components.long_play`` for one model: ``settings.long_play_steps`` steps of player-like keys from held-out
+    contexts (with their recorded continuation where the episodes are that long). Returns the metrics and, for the
+    picture, uint8 ``[rows, 1 + shown steps, H, W, 3]``: the last context frame, then the shown steps."""
+    steps, count, seed = settings.long_play_steps, settings.long_play_contexts, settings.seed + 2
+    picks = pick_windows(episodes, context + steps, count, seed)
+    length = context + steps if picks else context
+    picks = picks or pick_windows(episodes, context, count, seed)
+    if not picks:
+        return {"skipped": f"no held-out episode has the {context} frames a context needs"}, None
+    windows = load_windows(raw, latents, picks, length)
+    keys = long_play.player_keys(num_actions, len(windows), steps, settings.long_play_hold, seed)
+    generated = play_keys(model, windows, context, keys, settings.batch_size)
+    last = windows.frames_chw(context - 1)
+    recorded = windows.frames_chw(slice(context, None)) if length > context else None
+    shown = _shown_steps(steps)
+    metrics = long_play.measure(generated, last, real_pool, view_rows, settings.long_play_hold, seed,
+                                        shown, recorded)
+    rows = slice(0, settings.long_play_rows)
+    picture = np.concatenate([windows.frames[rows, context - 1 : context],
+                              to_uint8_hwc(generated[rows][:, [s - 1 for s in shown]])], axis=1)
+    return metrics, picture
 
 
 MAX_STEP_SHIFT = 0.3  # of the width: a held turn pans about an eighth of the view a step
@@ -675,19 +709,21 @@ def evaluate_model(
     settings: Any,
     actions: Sequence[Any],
     motion: ViewMotion | None = None,
+    with_long_play: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Teacher-forced metrics, every rollout length and (with ``motion``) the turn response for one model.
-    ``settings`` is ``params.evaluation``.
+    """Teacher-forced metrics, every rollout length, (with ``motion``) the turn response and (with ``with_long_play``,
+    for the model people play) long play, for one model. ``settings`` is ``params.evaluation``.
 
     Returns ``(metrics, extras)``; extras holds arrays for the plots and the sample video (not JSON):
     ``rollout_<L>`` predicted frames and ``real_<L>`` the real ones, uint8 ``[N, L, H, W, 3]``, and
-    ``turn_test`` (see :func:`turn_test`).
+    ``turn_test`` (see :func:`turn_test`) and ``long_play`` (see :func:`measure_long_play`).
     """
     kinds, opposite = action_kinds(actions), counterfactual_actions(actions)
     picks = pick_windows(episodes, context + 1, settings.windows, settings.seed)
     if not picks:
         raise HeldOutError(f"no held-out episode has the {context + 1} frames a window needs; record longer episodes")
     windows = load_windows(raw, latents, picks, context + 1)
+    real_pool = windows.frames_chw(context)  # held-out real frames: what long play is compared with
     metrics: dict[str, Any] = {
         "context": context,
         "teacher_forced": teacher_forced(model, windows, context, kinds, opposite, settings.batch_size,
@@ -729,6 +765,11 @@ def evaluate_model(
                                             settings.turn_test_steps, settings.batch_size)
         else:
             metrics["turn_response"] = {"skipped": f"no held-out episode has {length} frames"}
+    if with_long_play:
+        metrics["long_play"], picture = measure_long_play(model, raw, latents, episodes, context, settings,
+                                                          len(actions), _view_rows(motion), real_pool)
+        if picture is not None:
+            extras["long_play"] = picture
     return metrics, extras
 
 
@@ -871,11 +912,15 @@ def headline(metrics: Mapping[str, Any]) -> dict[str, float | int | str | None]:
             if isinstance(response, Mapping):
                 flat[f"{model}/turn_{turn}_right_sign_share"] = response["right_sign_share"]
                 flat[f"{model}/turn_{turn}_fraction_of_real"] = response["fraction_of_real"]
+        for name, value in m.get("long_play", {}).get("end", {}).items():
+            flat[f"{model}/long_play_{name}"] = value
     if "onnx" in metrics:
         tf = metrics["onnx"]["teacher_forced"]
         for name in ("copy_last_frame", "copy_last_latent", "shift_last_frame", "autoencoder_ceiling"):
             if name in tf["psnr"]:
                 flat[f"baseline/{name}_psnr_pooled"] = tf["psnr"][name]["pooled"]
+        for name, value in metrics["onnx"].get("long_play", {}).get("recorded_end", {}).items():
+            flat[f"baseline/recorded_long_play_{name}"] = value
         shift = tf.get("baseline_controllability", {}).get("shift_last_frame", {})
         if "turning" in shift:
             flat["baseline/shift_last_frame_controllability_turning"] = shift["turning"]["share"]

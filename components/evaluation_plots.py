@@ -88,7 +88,9 @@ def _tick(value: float, span: float) -> str:
         return f"{value / 1000:.0f}k"
     if span >= 5:
         return f"{value:.0f}"
-    return f"{value:.1f}" if span >= 0.5 else f"{value:.3g}"
+    if span >= 2:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if span >= 0.2 else f"{value:.3g}"  # ticks a fifth of the span apart stay distinct
 
 
 def training_charts(folder: str | Path, losses: Sequence[tuple[int, float]], learning_rates: Sequence[float],

@@ -567,6 +567,13 @@ class EvaluationParams(Section):
     turn_steps: int = Field(4, gt=0, description="steps each turn is held for in the turn response")
     turn_test_steps: int = Field(8, gt=0, description="generated steps per action in plots/evaluation/turn_test.png")
     turn_test_rows: int = Field(3, gt=0, description="contexts shown in plots/evaluation/turn_test.png")
+    long_play_steps: int = Field(
+        256, gt=0, description="steps of player-like keys from held-out contexts, scored against the real frames' "
+        "sharpness, colours and HUD (components/long_play.py)"
+    )
+    long_play_contexts: int = Field(8, gt=0, description="held-out contexts long play starts from")
+    long_play_hold: int = Field(16, gt=0, description="long play holds each key for 1 to this many steps")
+    long_play_rows: int = Field(4, gt=0, description="contexts shown in plots/evaluation/long_play.png")
     promotion: PromotionParams = PromotionParams()
     ablations: AblationsParams = AblationsParams()
 

@@ -24,6 +24,7 @@ from tests.conftest import REPO_ROOT, pipeline_env
 from tests.export_fixtures import build_tiny_export, write_params
 
 ROLLOUTS = [4, 8]
+LONG_PLAY = 6
 
 
 def cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -92,7 +93,7 @@ def test_stage_fails_clearly_without_heldout_episodes(tmp_path: Path) -> None:
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = build_tiny_export(tmp_path_factory.mktemp("evaluation"))
     set_evaluation(root, windows=8, rollout_lengths=ROLLOUTS, rollout_windows=2, batch_size=4, sample_windows=2,
-                   turn_contexts=3, turn_test_rows=2,
+                   turn_contexts=3, turn_test_rows=2, long_play_steps=LONG_PLAY, long_play_contexts=2, long_play_rows=2,
                    promotion={"champion_dir": str(root / "champion"), "log": str(root / "docs/promotion-log.md"),
                               "criteria": [{"metric": "onnx.teacher_forced.psnr.model.pooled", "tolerance": 0.1},
                                            {"metric": "onnx.rollout.8.mean_psnr_over_steps.model", "tolerance": 0.2}]})
@@ -170,6 +171,23 @@ def test_stage_measures_sharpness_the_controllable_baseline_and_the_turn_respons
         assert png.format == "PNG" and png.size[0] > 9 * 32 and png.size[1] > 10 * 24
     assert {"onnx/margin_db_vs_shift_last_frame", "onnx/turn_turn_left_right_sign_share", "onnx/controllability_moving",
             "baseline/shift_last_frame_psnr_pooled"} <= set(metrics["headline"])
+
+
+def test_stage_plays_the_export_long_with_player_keys(evaluated: Path) -> None:
+    metrics = json.loads((evaluated / "metrics/evaluation.json").read_text())
+    played = metrics["onnx"]["long_play"]
+    assert played["steps"] == LONG_PLAY and played["contexts"] == 2
+    assert set(played["by_step"]) == {"sharpness", "colour_distance", "hud_change"}
+    assert all(len(curve) == LONG_PLAY for curve in played["by_step"].values())
+    assert list(played["at_step"]) == ["1", "2", "4", "6"]
+    assert 0.0 <= played["end"]["colour_distance"] <= 1.0 and played["end"]["sharpness"] > 0
+    assert set(played["recorded_end"]) == set(played["end"])  # the held-out episodes are long enough here
+    assert "long_play" not in metrics["teacher"]  # the teacher is not what people play
+    assert metrics["headline"]["onnx/long_play_hud_change"] == played["end"]["hud_change"]
+    with Image.open(evaluated / "plots/evaluation/long_play.png") as png:
+        assert png.format == "PNG" and png.size[0] > 5 * 32 and png.size[1] > 2 * 24  # context + 4 shown steps
+    with Image.open(evaluated / "plots/evaluation/long_play_by_step.png") as png:
+        assert png.size == (720, 440)
 
 
 def _tree(folder: Path) -> dict[str, str]:

@@ -67,7 +67,7 @@ def run(params: Any, export: Path, raw_root: Path, latents_root: Path, checkpoin
     log.info("the real game's view displacement per action (px, training split): %s",
              {k: round(v, 1) for k, v in metrics["view_motion"]["displacement_px"].items()})
     metrics["onnx"], extras["onnx"] = ev.evaluate_model(onnx, int(manifest["K"]), raw, None, episodes, settings,
-                                                        actions, motion)
+                                                        actions, motion, with_long_play=True)
     if with_teacher:
         model, k = ev.teacher_model(checkpoint, vae, params.sampler, resolve_device(params.device))
         metrics["teacher"], extras["teacher"] = ev.evaluate_model(model, k, raw, latents, episodes, settings,
@@ -148,6 +148,8 @@ def write_outputs(metrics: dict[str, Any], extras: dict[str, dict], metrics_path
                y_label="sharpness")
     if "turn_test" in extras["onnx"]:
         write_turn_test(plots_dir / "turn_test.png", extras["onnx"]["turn_test"])
+    if "long_play" in extras["onnx"]:
+        write_long_play(plots_dir, metrics, extras["onnx"]["long_play"])
 
     n = settings.sample_windows
     columns = {"real": extras["onnx"][f"real_{longest}"][:n], "ONNX": extras["onnx"][f"rollout_{longest}"][:n]}
@@ -173,3 +175,19 @@ def write_turn_test(path: Path, shown: dict[str, Any]) -> None:
                 rows.append((label, [context[index], *frames[index]]))
     frame_grid(path, rows, ["context", *[f"+{s + 1}" for s in range(steps)]],
                title="Turn test (ONNX, held-out contexts): each action held from the same context")
+
+
+def write_long_play(plots_dir: Path, metrics: dict[str, Any], picture: Any) -> None:
+    """``long_play.png`` (per held-out context: the last context frame, then the ONNX model's frames at the shown
+    steps of player-like keys) and ``long_play_by_step.png`` (its sharpness, colour distance and HUD change)."""
+    from components.evaluation_plots import frame_grid, line_chart
+
+    played = metrics["onnx"]["long_play"]
+    shown = list(played["at_step"])
+    frame_grid(plots_dir / "long_play.png", [(f"{i + 1}: onnx", list(row)) for i, row in enumerate(picture)],
+               ["context", *[f"+{s}" for s in shown]],
+               title=f"Long play (ONNX, held-out contexts): {played['steps']} steps, {played['keys']}")
+    curves = {name.replace("_", " "): values for name, values in played["by_step"].items()}
+    line_chart(plots_dir / "long_play_by_step.png", curves,
+               "Long play (ONNX) by step: sharpness (1 = as the game), colour distance, HUD change (0 = as the game)",
+               y_label="ratio / distance")
