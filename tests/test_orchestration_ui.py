@@ -12,23 +12,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-from conftest import pipeline_env, run
+from conftest import chromium_page, pipeline_env, run
 from test_orchestration import asset_graph_edges, lock_data_version, make_toy_repo
 
 from orchestration.builder import build_definitions
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--disable-quic",
-]  # fmt: skip
 GRAPHQL_ASSETS = "{ assetNodes { assetKey { path } dependencyKeys { path } isPartitioned } }"
 GRAPHQL_MATERIALIZED = """{ assetNodes { assetKey { path }
     assetMaterializations(limit: 1) { tags { key value } }
@@ -125,21 +117,6 @@ def dismiss_newsletter_dialog(page, timeout_ms: int = 10_000) -> None:
         page.get_by_role("button", name="Skip").first.click(timeout=timeout_ms)
     except PlaywrightTimeout:
         pass
-
-
-@contextmanager
-def chromium_page(width: int, height: int) -> Iterator[Any]:
-    """A page of Debian's headless Chromium (the test skips its browser part without it)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent (Debian package `chromium`, `make browser`): browser part skipped")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": width, "height": height})
-        finally:
-            browser.close()
 
 
 def open_asset_graph(page, url: str, nodes: set[str], screenshot: Path) -> dict[str, int]:

@@ -24,13 +24,11 @@ from components.errors import PipelineError
 from components.export_contract import ExportNotFoundError
 from components.play import OnnxGame, action_for_keys
 from components.web_bundle import ORT_PACKAGE, build_bundle
-from tests.conftest import REPO_ROOT, pipeline_env, stop_process, wait_for_url
-from tests.test_play import CHROMIUM, CHROMIUM_ARGS
+from tests.conftest import REPO_ROOT, chromium_page, needs_chromium, pipeline_env, stop_process, wait_for_url
 
 ORT = ORT_PACKAGE
 needs_ort_web = pytest.mark.skipif(not (ORT / "package.json").is_file(),
                                    reason="onnxruntime-web is not installed: run `make web` (npm ci)")
-needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser)")
 # uint8 levels: ONNX Runtime Web (WASM) and ONNX Runtime in Python round differently in the last float bits.
 PARITY_MAX_LEVELS = 2
 PARITY_MEAN_LEVELS = 0.05
@@ -91,18 +89,6 @@ def bundle_server(export: Path, root: Path, *extra: str) -> Iterator[tuple[str, 
         yield url, process
     finally:
         stop_process(process, "the bundle server")
-
-
-@contextmanager
-def chromium_page() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page()
-        finally:
-            browser.close()
 
 
 def open_player(page: Any, url: str) -> dict[str, Any]:
