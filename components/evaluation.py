@@ -527,8 +527,8 @@ def hold_action(model: ModelUnderTest, windows: Windows, context: int, action: i
 
 
 def measure_long_play(model: ModelUnderTest, raw: Any, latents: Any | None, episodes: Sequence[Any], context: int,
-              settings: Any, num_actions: int, view_rows: float,
-              real_pool: np.ndarray) -> tuple[dict[str, Any], np.ndarray | None]:
+                      settings: Any, num_actions: int, view_rows: float,
+                      real_pool: np.ndarray) -> tuple[dict[str, Any], np.ndarray | None]:
     """``components.long_play`` for one model: ``settings.long_play_steps`` steps of player-like keys from held-out
     contexts (with their recorded continuation where the episodes are that long). Returns the metrics and, for the
     picture, uint8 ``[rows, 1 + shown steps, H, W, 3]``: the last context frame, then the shown steps."""
@@ -544,8 +544,7 @@ def measure_long_play(model: ModelUnderTest, raw: Any, latents: Any | None, epis
     last = windows.frames_chw(context - 1)
     recorded = windows.frames_chw(slice(context, None)) if length > context else None
     shown = _shown_steps(steps)
-    metrics = long_play.measure(generated, last, real_pool, view_rows, settings.long_play_hold, seed,
-                                        shown, recorded)
+    metrics = long_play.measure(generated, last, real_pool, view_rows, settings.long_play_hold, seed, shown, recorded)
     rows = slice(0, settings.long_play_rows)
     picture = np.concatenate([windows.frames[rows, context - 1 : context],
                               to_uint8_hwc(generated[rows][:, [s - 1 for s in shown]])], axis=1)
