@@ -100,9 +100,9 @@ def end_of(curve: list[float]) -> float:
 def measure(generated: np.ndarray, last_context: np.ndarray, real_pool: np.ndarray,
             view_rows: float, hold: int, seed: int, shown_steps: list[int],
             recorded: np.ndarray | None = None) -> dict[str, Any]:
-    """The long-play metrics of ``generated`` float ``[N, T, 3, H, W]`` from
-    contexts whose last real frames are ``last_context``; ``recorded`` is the real continuation of the same
-    contexts (``[N, T, 3, H, W]``, recorded actions) where the episodes are long enough."""
+    """The long-play metrics of ``generated`` float ``[N, T, 3, H, W]`` from contexts whose last real frames are
+    ``last_context``, against ``real_pool`` (held-out real frames); ``recorded`` is the real continuation of the
+    same contexts (``[N, T, 3, H, W]``, recorded actions) where the episodes are long enough."""
     real = RealFrames.of(real_pool, view_rows)
     by_step = real.curves(generated, last_context)
     result: dict[str, Any] = {
@@ -118,4 +118,3 @@ def measure(generated: np.ndarray, last_context: np.ndarray, real_pool: np.ndarr
         tail = recorded[:, -max(1, recorded.shape[1] // 8):]
         result["recorded_end"] = {name: float(np.mean(c)) for name, c in real.curves(tail, last_context).items()}
     return result
-
