@@ -59,7 +59,7 @@ def browser_figures(url: str, threads: list[int], frames: int) -> list[dict[str,
         try:
             for count in threads:
                 page = browser.new_page()
-                page.goto(f"{url}?threads={count}&fps=0")
+                page.goto(f"{url}?threads={count}&fps=0&hooks")
                 page.wait_for_function("window.playerStats.ready || window.playerStats.error", timeout=120_000)
                 stats = page.evaluate("window.playerStats")
                 if stats["error"]:

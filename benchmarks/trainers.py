@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -26,18 +27,26 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-# stage -> (its params section and step key, its inputs and outputs as CLI arguments; {out} is a scratch folder)
+# the arguments naming a stage's inputs: these come from the stage's command in dvc.yaml
+INPUT_FLAGS = {"--agent", "--trajectories", "--latents", "--autoencoder", "--teacher", "--student", "--export"}
+# stage -> (its params section and step key, its outputs as CLI arguments; {out} is a scratch folder)
 TRAINERS: dict[str, tuple[str, str, list[str]]] = {
     "base_autoencoder": ("autoencoder", "max_steps", [
-        "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--curve", "{out}/curve.json", "--cache", ""]),
+        "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--curve", "{out}/curve.json", "--plots", "{out}/curves", "--cache", ""]),
     "finetuned_vae": ("finetuned_vae", "max_steps", [
         "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--plots", "{out}/plots", "--cache", ""]),
     "diffusion_checkpoint": ("diffusion_checkpoint", "steps", [
-        "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--samples", "{out}/samples.png",
-        "--live-dir", "{out}/dvclive", "--cache-dir", "{out}/cache", "--no-preview"]),
+        "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--plots", "{out}/plots",
+        "--live-dir", "{out}/dvclive", "--cache", "{out}/cache", "--no-preview"]),
     "distilled_model": ("distilled_model", "max_steps", [
-        "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--cache", ""]),
+        "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--plots", "{out}/plots", "--cache", ""]),
 }
+
+
+def stage_inputs(stage: str) -> list[str]:
+    """The input arguments of ``stage`` as its command in dvc.yaml passes them (``--latents data/...``)."""
+    words = shlex.split(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"])[4:]
+    return [word for flag, value in zip(words[::2], words[1::2]) if flag in INPUT_FLAGS for word in (flag, value)]
 
 
 def params_for(base: Path, section: str, step_key: str, steps: int, folder: Path) -> Path:
@@ -69,7 +78,8 @@ def run_trainer(stage: str, processes: int, steps: int, threads: int, params: Pa
             launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                       str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                       "--main_process_port", str(port), "-m", "components"]
-        command = launch + ["--params", str(stage_params), stage] + [a.format(out=folder) for a in arguments]
+        command = launch + ["--params", str(stage_params), stage, *stage_inputs(stage)]
+        command += [a.format(out=folder) for a in arguments]
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // processes)), DVC_NO_ANALYTICS="1")
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:

@@ -272,11 +272,11 @@ def reevaluate_champion(params: Any, champion_dir: Path, raw_root: Path, latents
 
 def promote_challenger(
     params: Any,
-    export_dir: str | Path = "data/onnx_export",
-    metrics_path: str | Path = "metrics/evaluation.json",
+    export_dir: str | Path,
+    metrics_path: str | Path,
+    raw_root: str | Path,
+    latents_root: str | Path | None,
     source: str = "",
-    raw_root: str | Path = "data/raw_trajectories",
-    latents_root: str | Path | None = "data/validated_latents",
     reevaluate: bool | None = None,
     root: str | Path = ".",
 ) -> Decision:

@@ -26,11 +26,11 @@ on SIGTERM or SIGINT.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import shutil
-import signal
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,7 +49,7 @@ from components.export_contract import (
     file_sha256,
     load_manifest,
 )
-from components.play import KEY_BUTTONS, PAGE_DIR
+from components.play import KEY_BUTTONS, PAGE_DIR, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ def build_bundle(export: str | Path, out: str | Path, fps: float, package: str |
         (staging / "ort").mkdir()
         for path in ort_files:
             shutil.copyfile(path, staging / "ort" / path.name)
-        for name in (WORLD_MODEL_FILE, DECODER_FILE):
+        verified = {name: manifest["files"][name] for name in (WORLD_MODEL_FILE, DECODER_FILE)}  # checked above
+        for name in verified:
             shutil.copyfile(export / name, staging / name)
         contexts = write_contexts(export, staging / CONTEXTS_BIN)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
@@ -128,8 +129,8 @@ def build_bundle(export: str | Path, out: str | Path, fps: float, package: str |
             "onnxruntime_web": ort_version,
             "export": {"params_hash": manifest["params_hash"], "sampling": manifest["sampling"],
                        "scenario": manifest["scenario"]},
-            "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
-                      for name in files},
+            "files": {name: {"bytes": (staging / name).stat().st_size,
+                             "sha256": verified.get(name) or file_sha256(staging / name)} for name in files},
         }
         (staging / BUNDLE_FILE).write_text(json.dumps(bundle, indent=1))
     log.info("wrote %s: %d files, %.1f MB (onnxruntime-web %s)", out, len(files) + 1,
@@ -165,24 +166,23 @@ def serve_bundle(folder: str | Path, host: str, port: int, isolated: bool = True
     if not (folder / BUNDLE_FILE).is_file():
         raise PipelineError(f"{folder}: no {BUNDLE_FILE}; build it with `python -m components bundle`")
     handler = functools.partial(BundleHandler, directory=str(folder), isolated=isolated)
-    stop = threading.Event()
-    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with ThreadingHTTPServer((host, port), handler) as server:
-            server.daemon_threads = True
-            thread = threading.Thread(target=server.serve_forever, name="bundle-server", daemon=True)
-            thread.start()
-            print(f"playing {folder} at http://{host}:{server.server_address[1]}/ "
-                  f"({'cross-origin isolated: WASM threads' if isolated else 'not isolated: one WASM thread'}); "
-                  "Ctrl-C stops", flush=True)
-            if ready is not None:
-                ready.set()
-            while not stop.wait(0.25):  # short waits: the signal handler runs between them
-                pass
-            server.shutdown()
-    finally:
-        for number, handler_before in previous.items():
-            signal.signal(number, handler_before)
+    asyncio.run(serve_until_signal(ThreadingHTTPServer((host, port), handler), folder, isolated, ready))
+
+
+async def serve_until_signal(server: ThreadingHTTPServer, folder: Path, isolated: bool,
+                             ready: threading.Event | None) -> None:
+    """Run ``server`` in a thread until the first SIGTERM or SIGINT (the player server's ``stop_on_signals``)."""
+    with server:
+        server.daemon_threads = True
+        stop = stop_on_signals()
+        threading.Thread(target=server.serve_forever, name="bundle-server", daemon=True).start()
+        print(f"playing {folder} at http://{server.server_address[0]}:{server.server_address[1]}/ "
+              f"({'cross-origin isolated: WASM threads' if isolated else 'not isolated: one WASM thread'}); "
+              "Ctrl-C stops", flush=True)
+        if ready is not None:
+            ready.set()
+        await stop
+        server.shutdown()
 
 
 __all__ = ["build_bundle", "serve_bundle", "write_contexts", "ort_web_files"]

@@ -22,7 +22,7 @@ minutes-or-steps plan, the atomic safetensors checkpoint every ``checkpoint_ever
 process count), exact resume after ``kill -9``. DVC deletes the stage's outs before a rerun; the cache lives outside
 them, so a killed run resumes from the last checkpoint and ends at the same step with the same final files.
 
-Several processes: ``accelerate launch --multi_gpu --num_processes N -m components diffusion_checkpoint``
+Several processes: ``accelerate launch --multi_gpu --num_processes N -m components diffusion_checkpoint <its arguments in dvc.yaml>``
 (on a machine without GPUs, or with ``device: cpu``, N CPU processes with gloo).
 ``batch_size`` is per process (the effective batch is ``N x batch_size``); at step ``s`` process ``r`` reads the
 windows at global positions ``(s * N + r) * batch_size + i`` of the epoch's permutation; gradients are averaged.
@@ -191,8 +191,8 @@ class WorldModelRun:
     result: TrainResult
 
 
-def train(params: Any, latents_root: str | Path, cache_root: str | Path = ".cache/diffusion_checkpoint",
-          live_dir: str | Path | None = "dvclive/diffusion_checkpoint", stop_after: int | None = None,
+def train(params: Any, latents_root: str | Path, cache_root: str | Path | None = None,
+          live_dir: str | Path | None = None, stop_after: int | None = None,
           frames_root: str | Path | None = None) -> WorldModelRun:
     """Train (or resume) the world model on the train split of ``latents_root`` with the shared engine
     (``components.training``); see the module docstring.

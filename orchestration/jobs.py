@@ -11,15 +11,13 @@ and registers a promoted experiment (GTO ``prod``) and keeps a rejected one as a
 """
 # No `from __future__ import annotations` here: Dagster reads config/resource types from the signature.
 
-import json
 import secrets
 from datetime import datetime, timezone
 
 import dagster as dg
 
 from orchestration.assets import DVC_POOL
-from orchestration.metadata import flatten
-from orchestration.retraining import STAGE, has_champion_stage, settle
+from orchestration.retraining import STAGE, experiment_commit, experiment_metrics, has_champion_stage, settle
 from orchestration.resources import DvcResource
 from orchestration.settings import orchestration_params
 
@@ -45,30 +43,6 @@ class RetrainingConfig(dg.Config):
     experiment_name: str | None = None  # None: retrain-<UTC time>-seed<seed>
 
 
-def experiment_metrics(output: str, name: str) -> dict:
-    """Metrics of experiment ``name`` from ``dvc exp show --json`` output (best effort: {} if not found)."""
-    try:
-        rows = json.loads(output)
-    except ValueError:
-        return {}
-    found: dict = {}
-
-    def visit(node: object) -> None:
-        if isinstance(node, dict):
-            if node.get("name") == name and isinstance(node.get("data"), dict):
-                for file, content in (node["data"].get("metrics") or {}).items():
-                    for key, value in flatten((content or {}).get("data") or {}).items():
-                        found[f"{file}:{key}"] = value
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
-
-    visit(rows)
-    return found
-
-
 @dg.op(pool=DVC_POOL, description="`dvc exp run --temp -S <seed param>=<fresh seed>`; its champion stage decides, "
        "a promotion is branched and registered in GTO as prod")
 def retraining_experiment(context: dg.OpExecutionContext, config: RetrainingConfig, dvc: DvcResource) -> bool:
@@ -85,15 +59,15 @@ def retraining_experiment(context: dg.OpExecutionContext, config: RetrainingConf
         context.log,
         what=f"retraining experiment {name!r}",
     )
-    shown = dvc.run(["exp", "show", "--json"], dg.get_dagster_logger(), check=False)
+    commit = experiment_commit(dvc.root, name)
     metadata: dict = {"experiment": name, "seed": seed, "seed param": param,
-                      "metrics": dg.MetadataValue.json(experiment_metrics(shown.output, name))}
+                      "metrics": dg.MetadataValue.json(experiment_metrics(dvc.root, commit))}
     if not has_champion_stage(dvc.root):
         context.log.info(f"experiment {name!r} kept as a DVC experiment; this project has no champion stage, so "
                          f"nothing is promoted (by hand: dvc exp apply {name})")
         context.add_output_metadata({**metadata, "promoted": False})
         return False
-    outcome = settle(dvc.root, name, lambda experiment, branch: dvc.run(
+    outcome = settle(dvc.root, name, commit, lambda experiment, branch: dvc.run(
         ["exp", "branch", experiment, branch], context.log, what=f"branch {branch!r} of experiment {experiment!r}"))
     context.log.info(f"experiment {name!r}: {outcome.summary}"
                      + (f"; {outcome.version} on branch {outcome.branch} is now prod" if outcome.promoted else ""))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import dagster as dg
 import yaml
@@ -40,15 +40,23 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def read_metrics(root: Path, metrics_files: list[str]) -> dict[str, Any]:
-    """``{"<file>:<dotted.key>": value}`` for the numbers, bools and short strings in the metrics files."""
+def workspace_text(root: Path) -> Callable[[str], str | None]:
+    """Reads a repo-relative file of the workspace (None when it is not there)."""
+    return lambda relpath: (root / relpath).read_text() if (root / relpath).is_file() else None
+
+
+def read_metrics(root: Path, metrics_files: list[str],
+                 read: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+    """``{"<file>:<dotted.key>": value}`` for the numbers, bools and short strings in the metrics files, as
+    ``read`` gives their text (default: the workspace's files)."""
+    read = read or workspace_text(root)
     values: dict[str, Any] = {}
     for relpath in metrics_files:
-        path = root / relpath
-        if not path.is_file():
+        text = read(relpath)
+        if text is None:
             continue
         try:
-            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+            data = json.loads(text) if relpath.endswith(".json") else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError):
             continue
         for key, value in flatten(data).items():

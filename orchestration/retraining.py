@@ -8,7 +8,8 @@
   GTO version of the ``dvc.yaml`` artifact, assigned ``prod`` (``components.stages.register``), so
   ``gto show`` and ``dvc artifacts get . <artifact> --stage prod`` name and fetch the new champion, whose files the
   experiment already left in the DVC cache;
-* **rejected**: the experiment stays a DVC experiment (``dvc exp show``); GTO and the branches do not move;
+* **rejected**: the experiment stays a DVC experiment (``dvc exp show`` lists it); GTO and the branches do not
+  move;
 * a project without a ``champion`` stage keeps the experiment and promotes nothing.
 """
 
@@ -23,6 +24,8 @@ import yaml
 
 from components.errors import PipelineError
 from components.stages.register import PROD, REPORT, STAGE, artifact_entry, git, register_champion
+from orchestration.dvc_graph import load_pipeline
+from orchestration.metadata import read_metrics
 
 BRANCH_PREFIX = "retrain/"
 
@@ -54,6 +57,18 @@ def experiment_commit(root: Path, name: str) -> str:
     raise PipelineError(f"no DVC experiment named {name!r} (dvc exp show lists them)")
 
 
+def experiment_metrics(root: Path, commit: str) -> dict[str, Any]:
+    """The metrics files of every stage (dvc.yaml's ``metrics``) as the experiment's commit holds them, flattened
+    to ``{"<file>:<dotted.key>": value}``."""
+    files = [m for group in load_pipeline(root).groups.values() for item in group.items.values() for m in item.metrics]
+
+    def committed(relpath: str) -> str | None:
+        shown = git(root, "show", f"{commit}:{relpath}")
+        return shown.stdout if shown.returncode == 0 else None
+
+    return read_metrics(root, files, committed)
+
+
 def has_champion_stage(root: Path) -> bool:
     return STAGE in ((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {})
 
@@ -68,10 +83,10 @@ def read_decision(root: Path, commit: str) -> dict[str, Any]:
                            f"stage run? {shown.stderr.strip()}") from None
 
 
-def settle(root: Path, name: str, branch_experiment: Callable[[str, str], Any]) -> Outcome:
-    """Read experiment ``name``'s champion decision; when it promoted, ``branch_experiment(name, branch)`` makes
-    the branch (``dvc exp branch``) and the commit is registered and assigned ``prod``."""
-    commit = experiment_commit(root, name)
+def settle(root: Path, name: str, commit: str, branch_experiment: Callable[[str, str], Any]) -> Outcome:
+    """Read experiment ``name``'s champion decision from its ``commit``; when it promoted,
+    ``branch_experiment(name, branch)`` makes the branch (``dvc exp branch``) and the commit is registered and
+    assigned ``prod``."""
     decision = read_decision(root, commit)
     summary = str(decision.get("summary") or ("PROMOTED" if decision.get("success") else "REJECTED"))
     if not decision.get("success"):

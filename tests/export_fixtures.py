@@ -94,7 +94,7 @@ def build_tiny_export(root: Path) -> Path:
     run_stage(root, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
               "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
               "--trajectories", str(paths["raw_trajectories"]), "--out", str(data / "distilled_model"),
-              "--metrics", str(root / "metrics/distilled_model.json"),
+              "--metrics", str(root / "metrics/distilled_model.json"), "--plots", str(root / "plots/distilled_model"),
               "--cache", "")
     run_stage(root, "onnx_export", "--student", str(data / "distilled_model"),
               "--autoencoder", str(data / "distilled_model" / "autoencoder"),

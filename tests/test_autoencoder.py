@@ -174,7 +174,8 @@ def test_pretrained_path_through_the_stage(tmp_path: Path, micro_set: Path) -> N
     params = micro_params(tmp_path, autoencoder={"pretrained": str(tmp_path / "sd")})
     args = argparse.Namespace(
         params=str(params), trajectories=str(micro_set), out=str(tmp_path / "base"),
-        metrics=str(tmp_path / "metrics.json"), curve=str(tmp_path / "curve.json"), cache="",
+        metrics=str(tmp_path / "metrics.json"), curve=str(tmp_path / "curve.json"), plots=str(tmp_path / "curves"),
+        cache="",
     )
     base_autoencoder.main(args)
     ae = load_autoencoder(tmp_path / "base")
@@ -193,7 +194,8 @@ def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set
     base = tmp_path / "data" / "base_autoencoder"
     base_autoencoder.main(argparse.Namespace(
         params=params, trajectories=str(micro_set), out=str(base), metrics=str(tmp_path / "m_base.json"),
-        curve=str(tmp_path / "curve.json"), cache=str(tmp_path / ".cache" / "base_autoencoder"),
+        curve=str(tmp_path / "curve.json"), plots=str(tmp_path / "curves"),
+        cache=str(tmp_path / ".cache" / "base_autoencoder"),
     ))
     ae = load_autoencoder(base)
     metrics = json.loads((tmp_path / "m_base.json").read_text())

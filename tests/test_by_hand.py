@@ -110,10 +110,11 @@ def test_restore_brings_back_every_output_of_dvc_lock_after_a_killed_stage(
 
 
 def readme_by_hand_commands() -> list[str]:
-    """The commands of the README's "Running one stage by hand" block, comments stripped."""
+    """The commands of the README's "Running one stage by hand" block, comments stripped, continued lines joined."""
     section = (REPO_ROOT / "README.md").read_text().split("### Running one stage by hand", 1)[1]
     block = section.split("```bash", 1)[1].split("```", 1)[0]
-    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
+    code = "\n".join(line.split("#", 1)[0].rstrip() for line in block.splitlines()).replace("\\\n", " ")
+    return [line.strip() for line in code.splitlines() if line.strip()]
 
 
 @pytest.fixture()

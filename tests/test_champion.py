@@ -118,6 +118,7 @@ def test_scheduled_retraining_registers_what_its_champion_stage_promoted(micro_p
     promoted, metadata = retrain("retrain-a")
     assert promoted is True and metadata["decision"].startswith("PROMOTED")
     assert metadata["version"] == f"{ARTIFACT}@v0.0.2" and metadata["branch"] == "retrain/retrain-a"
+    assert isinstance(metadata["metrics"][f"metrics/evaluation.json:{PSNR}"], float)  # read from the experiment
     assert prod(repo) == f"{ARTIFACT}@v0.0.2"
     branch_commit = run(["git", "rev-parse", "retrain/retrain-a"], repo).stdout.strip()
     assert metadata["experiment commit"] == branch_commit

@@ -229,7 +229,7 @@ def test_stage_ships_a_decoder_tuned_on_the_students_rollouts(tmp_path: Path) ->
     run_stage(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
               "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
               "--trajectories", str(paths["raw_trajectories"]), "--out", str(out),
-              "--metrics", str(tmp_path / "metrics.json"), "--cache", "")
+              "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path / "plots"), "--cache", "")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["decoder_minutes"] > 0 and metrics["decoder_steps"] >= 1 and metrics["decoder_pairs"] >= 2
     for key in ("student_psnr_shipped_decoder", "copy_last_psnr_shipped_decoder"):
@@ -259,7 +259,8 @@ def test_stage_trains_a_critic_beside_the_student_and_checkpoints_both(tmp_path:
     run_stage(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
               "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
               "--trajectories", str(paths["raw_trajectories"]), "--out", str(out),
-              "--metrics", str(tmp_path / "metrics.json"), "--cache", str(cache))
+              "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path / "plots"),
+              "--cache", str(cache))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["adversarial_weight"] == 0.5 and metrics["train_steps"] == 3
     checkpoint = next(cache.rglob("checkpoint.safetensors"))

@@ -4,7 +4,9 @@ through other modules, at the top or inside a function) is a dep of the stage, s
 from __future__ import annotations
 
 import ast
+import shlex
 
+import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
@@ -70,3 +72,59 @@ def test_the_import_walk_sees_imports_inside_functions() -> None:
     assert "components/promotion.py" in closure  # imported inside main()
     assert "components/evaluation.py" in closure  # through promotion.reevaluate_champion, inside a function
     assert "components/cli.py" not in closure
+
+
+# --------------------------------------------------------------------------- paths: written once, in dvc.yaml
+
+NOT_PATHS = {"--shard"}  # command options whose value is not a path
+# outs a stage finds through params.yaml rather than its command line: out -> the params key that must equal it
+OUTS_FROM_PARAMS = {"artifacts/champion": ("evaluation", "promotion", "champion_dir")}
+
+
+def declared_paths(body: dict, *fields: str) -> set[str]:
+    return {entry if isinstance(entry, str) else next(iter(entry)) for field in fields for entry in body.get(field, [])}
+
+
+def under(path: str, folders: set[str]) -> bool:
+    return any(path == folder or path.startswith(folder.rstrip("/") + "/") for folder in folders)
+
+
+def command_paths(cmd: str) -> dict[str, str]:
+    """``--flag value`` pairs of a stage command (``python -m components <stage> ...``), paths only."""
+    words = shlex.split(cmd)[4:]
+    assert len(words) % 2 == 0 and all(w.startswith("--") for w in words[::2]), f"not flag-value pairs: {cmd}"
+    return {flag: value for flag, value in zip(words[::2], words[1::2]) if flag not in NOT_PATHS}
+
+
+def test_every_stage_gets_its_paths_from_its_command_and_dvc_tracks_each_one() -> None:
+    """No stage has an artifact path of its own: each path option is required, dvc.yaml's command passes it, and
+    each passed path is a declared dep or out of the stage or a folder of its outs (so DVC tracks what the code
+    reads and writes), and each declared out is something the command names."""
+    from components.cli import build_parser
+
+    raw = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    parser = build_parser()
+    problems: list[str] = []
+    for name, stage in raw["stages"].items():
+        body = stage.get("do", stage)
+        words = shlex.split(body["cmd"].replace("${item}", "0"))
+        paths = command_paths(body["cmd"])
+        declared = declared_paths(body, "deps", "outs", "metrics", "plots")
+        problems += [f"{name}: {flag} {path} is not a dep or out, nor a folder of outs" for flag, path in paths.items()
+                     if not under(path, declared) and not any(under(d, {path}) for d in declared)]
+        for flag in paths:
+            index = words.index(flag)
+            with pytest.raises(SystemExit):
+                parser.parse_args(words[3:index] + words[index + 2:])  # without it: argparse refuses
+        for out in declared_paths(body, "outs", "metrics", "plots"):
+            if out in OUTS_FROM_PARAMS:
+                section, *keys = OUTS_FROM_PARAMS[out]
+                value = params[section]
+                for key in keys:
+                    value = value[key]
+                if value != out:
+                    problems.append(f"{name}: out {out} but params.yaml {'.'.join(OUTS_FROM_PARAMS[out])} is {value}")
+            elif not under(out, set(paths.values())):
+                problems.append(f"{name}: out {out} is named by no option of its command")
+    assert problems == [], "\n".join(problems)

@@ -66,11 +66,20 @@ def test_heldout_selection_refuses_training_episodes(tmp_path: Path) -> None:
         ev.pick_windows(store.split("train"), 3, 4, 0)
 
 
+def evaluation_args(root: Path, raw: Path, export: Path) -> list[str]:
+    """The evaluation stage's command line, as dvc.yaml writes it, on the folders under ``root``."""
+    data = root / "data"
+    return ["evaluation", "--export", str(export), "--teacher", str(data / "diffusion_checkpoint"),
+            "--autoencoder", str(data / "finetuned_vae"), "--latents", str(data / "validated_latents"),
+            "--trajectories", str(raw), "--metrics", str(root / "metrics/evaluation.json"),
+            "--plots", str(root / "plots/evaluation")]
+
+
 def test_stage_refuses_a_training_episode(tmp_path: Path) -> None:
     write_params(tmp_path)
     raw = tiny_store(tmp_path)
     set_evaluation(tmp_path, episodes=["ep0"])
-    result = cli(tmp_path, "evaluation", "--raw", str(raw), "--export", str(tmp_path / "missing"), check=False)
+    result = cli(tmp_path, *evaluation_args(tmp_path, raw, tmp_path / "missing"), check=False)
     assert result.returncode == 2
     assert "refusing to evaluate on episodes that are not held out: ep0 (split 'train')" in result.stderr
     assert "Traceback" not in result.stderr
@@ -82,7 +91,7 @@ def test_stage_fails_clearly_without_heldout_episodes(tmp_path: Path) -> None:
     writer = ShardWriter(tmp_path / "raw" / "shard-0", "frames")
     writer.add_episode({"frames": np.zeros((6, 24, 32, 3), np.uint8), "actions": np.zeros(6, np.int64)}, "train")
     writer.close()
-    result = cli(tmp_path, "evaluation", "--raw", str(tmp_path / "raw"), check=False)
+    result = cli(tmp_path, *evaluation_args(tmp_path, tmp_path / "raw", tmp_path / "missing"), check=False)
     assert result.returncode == 2 and "no held-out episodes" in result.stderr
 
 
@@ -98,10 +107,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               "criteria": [{"metric": "onnx.teacher_forced.psnr.model.pooled", "tolerance": 0.1},
                                            {"metric": "onnx.rollout.8.mean_psnr_over_steps.model", "tolerance": 0.2}]})
     data = root / "data"
-    cli(root, "evaluation", "--export", str(data / "onnx_export"), "--checkpoint", str(data / "diffusion_checkpoint"),
-        "--vae", str(data / "finetuned_vae"), "--latents", str(data / "validated_latents"),
-        "--raw", str(data / "raw_trajectories"), "--metrics", str(root / "metrics/evaluation.json"),
-        "--plots", str(root / "plots/evaluation"))
+    cli(root, *evaluation_args(root, data / "raw_trajectories", data / "onnx_export"))
     return root
 
 
@@ -197,8 +203,9 @@ def _tree(folder: Path) -> dict[str, str]:
 
 def test_promote_command_both_ways(evaluated: Path) -> None:
     data = evaluated / "data"
-    args = ["promote", "--export", str(data / "onnx_export"), "--raw", str(data / "raw_trajectories"),
-            "--latents", str(data / "validated_latents"), "--metrics", str(evaluated / "metrics/evaluation.json")]
+    args = ["promote", "--export", str(data / "onnx_export"), "--trajectories", str(data / "raw_trajectories"),
+            "--latents", str(data / "validated_latents"), "--metrics", str(evaluated / "metrics/evaluation.json"),
+            "--report", str(evaluated / "reports/champion.json")]
     first = cli(evaluated, *args, "--source", "first")
     assert "PROMOTED: first champion" in first.stdout
     champion = evaluated / "champion"
@@ -215,7 +222,7 @@ def test_promote_command_both_ways(evaluated: Path) -> None:
     worse["onnx"]["teacher_forced"]["psnr"]["model"]["pooled"] -= 1.0
     (evaluated / "worse.json").write_text(json.dumps(worse))
     before = _tree(champion)
-    rejected = cli(evaluated, *args[:-2], "--metrics", str(evaluated / "worse.json"), "--source", "worse")
+    rejected = cli(evaluated, *args, "--metrics", str(evaluated / "worse.json"), "--source", "worse")
     assert "REJECTED" in rejected.stdout and "onnx.teacher_forced.psnr.model.pooled" in rejected.stdout
     assert _tree(champion) == before
     log = (evaluated / "docs/promotion-log.md").read_text()

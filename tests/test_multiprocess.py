@@ -44,8 +44,8 @@ def _world_model(tmp: Path, name: str) -> list[str]:
     return _launch(tmp, [
         "diffusion_checkpoint", "--latents", str(tmp / "latents"), "--autoencoder", str(tmp / "autoencoder"),
         "--trajectories", str(tmp / "frames"), "--out", str(tmp / name / "model"),
-        "--metrics", str(tmp / name / "metrics.json"), "--samples", str(tmp / name / "samples.png"),
-        "--live-dir", str(tmp / name / "dvclive"), "--cache-dir", str(tmp / name / "cache"),
+        "--metrics", str(tmp / name / "metrics.json"), "--plots", str(tmp / name),
+        "--live-dir", str(tmp / name / "dvclive"), "--cache", str(tmp / name / "cache"),
     ])
 
 
@@ -114,7 +114,7 @@ def test_two_processes_train_the_autoencoder(tmp_path: Path) -> None:
     _inputs(tmp_path)
     done = _run(_launch(tmp_path, [
         "base_autoencoder", "--trajectories", str(tmp_path / "frames"), "--out", str(tmp_path / "ae"),
-        "--metrics", str(tmp_path / "metrics.json"), "--curve", str(tmp_path / "curve.json"),
+        "--metrics", str(tmp_path / "metrics.json"), "--curve", str(tmp_path / "curve.json"), "--plots", str(tmp_path / "curves"),
         "--cache", str(tmp_path / "cache"),
     ]), tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -154,7 +154,8 @@ def test_a_stage_asked_for_cuda_without_a_gpu_stops_before_any_work(tmp_path: Pa
         pytest.skip("this machine has a GPU")
     params = write_params(tmp_path / "params.yaml", micro_params_dict(device="cuda"))
     code = main(["--params", str(params), "base_autoencoder", "--trajectories", str(tmp_path / "missing"),
-                 "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "metrics.json")])
+                 "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "metrics.json"),
+                 "--curve", str(tmp_path / "curve.json"), "--plots", str(tmp_path / "curves")])
     assert code == 2
     assert "error: device: cuda, but torch sees no CUDA GPU" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [params]  # nothing written, not even the missing input noticed first

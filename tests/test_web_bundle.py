@@ -108,7 +108,7 @@ def test_the_browser_plays_the_bundle_as_python_does(export: Path, tmp_path: Pat
     names = {a["name"]: a["id"] for a in game.actions}
     sequence = [names["turn_left"]] * 3 + [names["forward"]] * 3 + [names["noop"], names["turn_right"]]
     with bundle_server(export, tmp_path) as (url, _), chromium_page() as page:
-        stats = open_player(page, url)
+        stats = open_player(page, url + "?hooks")  # window.player: the page's test hooks
         assert stats["error"] is None and stats["ready"] and stats["isolated"] and stats["threads"] >= 2, stats
         assert stats["sha256"] == "checked"
         page.wait_for_function("window.playerStats.frames >= 3", timeout=60_000)
@@ -140,6 +140,7 @@ def test_the_page_names_a_corrupt_file_and_plays_on_one_thread_without_isolation
         stats = open_player(page, url)
         assert stats["error"] is None and not stats["isolated"] and stats["threads"] == 1, stats
         assert "one thread" in page.inner_text("#engine")
+        assert page.evaluate("typeof window.player") == "undefined"  # no test hooks without ?hooks
         data = bytearray((folder / "decoder.onnx").read_bytes())
         data[len(data) // 2] ^= 0xFF
         (folder / "decoder.onnx").write_bytes(bytes(data))

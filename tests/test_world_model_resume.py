@@ -31,8 +31,8 @@ def _command(tmp: Path, name: str) -> list[str]:
         sys.executable, "-m", "components", "--params", str(tmp / "params.yaml"), "diffusion_checkpoint",
         "--latents", str(tmp / "latents"), "--autoencoder", str(tmp / "autoencoder"), "--trajectories", str(tmp / "frames"),
         "--out", str(tmp / name / "model"), "--metrics", str(tmp / name / "metrics.json"),
-        "--samples", str(tmp / name / "samples.png"), "--live-dir", str(tmp / name / "dvclive"),
-        "--cache-dir", str(tmp / name / "cache"),
+        "--plots", str(tmp / name), "--live-dir", str(tmp / name / "dvclive"),
+        "--cache", str(tmp / name / "cache"),
     ]
 
 

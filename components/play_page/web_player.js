@@ -253,9 +253,9 @@ async function main() {
   $("reset").addEventListener("click", () => { resetWanted = true; canvas.focus(); });
   $("reset").disabled = false;
 
-  // For the tests and the benchmark: stop the loop between two steps, then play a fixed sequence on a second
-  // game that shares the sessions.
-  window.player = {
+  // For the tests and the benchmark, and only with `?hooks` in the address: stop the loop between two steps,
+  // then play a fixed sequence on a second game that shares the sessions.
+  if (query.has("hooks")) window.player = {
     actionForKeys: (keysHeld) => actionForKeys(keysHeld, bundle.actions, bundle.keymap),
     pause: () => new Promise((stopped) => { paused = true; onPaused = stopped; }),
     resume: () => {

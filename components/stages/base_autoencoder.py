@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from components.params import load_params
 
@@ -22,10 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trajectories", default="data/raw_trajectories", help="trajectory shards to train on")
-    parser.add_argument("--out", default="data/base_autoencoder", help="autoencoder folder to write")
-    parser.add_argument("--metrics", default="metrics/base_autoencoder.json")
-    parser.add_argument("--curve", default="plots/base_autoencoder/psnr_curve.json")
+    parser.add_argument("--trajectories", required=True, help="trajectory shards to train on")
+    parser.add_argument("--out", required=True, help="autoencoder folder to write")
+    parser.add_argument("--metrics", required=True, help="metrics JSON")
+    parser.add_argument("--curve", required=True, help="held-out PSNR against training time (JSON, a DVC plot)")
+    parser.add_argument("--plots", required=True, help="folder for the training charts (PNG)")
     parser.add_argument("--cache", default=".cache/base_autoencoder", help="resumable state; '' disables it")
 
 
@@ -110,6 +110,6 @@ def main(args: argparse.Namespace) -> None:
     atomic_write_json(args.curve, [{"seconds": c["seconds"], "step": c["step"], "psnr": c["psnr"], "ssim": c["ssim"]}
                                    for c in curve])
     if result is not None:  # a pretrained autoencoder has no training curves
-        training_charts(Path(args.curve).parent / "curves", result.losses, result.learning_rates,
+        training_charts(args.plots, result.losses, result.learning_rates,
                         [{"seconds": c["seconds"], "step": c["step"], "psnr": c["psnr"]} for c in curve],
                         "base_autoencoder")

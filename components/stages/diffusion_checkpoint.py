@@ -8,7 +8,7 @@ and the DVCLive curves in ``dvclive/diffusion_checkpoint/``.
 Resumable: a killed run continues from ``.cache/diffusion_checkpoint/<key>/`` when rerun (see
 components/world_model_training.py). Several GPUs or processes (README "GPU machines and several processes")::
 
-    accelerate launch --multi_gpu --num_processes 8 -m components diffusion_checkpoint
+    accelerate launch --multi_gpu --num_processes 8 -m components diffusion_checkpoint <its arguments in dvc.yaml>
 """
 
 from __future__ import annotations
@@ -19,17 +19,19 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+SAMPLES_FILE = "samples.png"  # in --plots: held-out context | predicted | real
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--latents", default="data/validated_latents", help="shards of latents to train on")
-    parser.add_argument("--autoencoder", default="data/finetuned_vae", help="decodes the sample previews")
-    parser.add_argument("--trajectories", default="data/raw_trajectories",
+    parser.add_argument("--latents", required=True, help="shards of latents to train on")
+    parser.add_argument("--autoencoder", required=True, help="decodes the sample previews")
+    parser.add_argument("--trajectories", required=True,
                         help="the recorded frames behind the latents (the action warp is fitted on them)")
-    parser.add_argument("--out", default="data/diffusion_checkpoint", help="folder for the trained model")
-    parser.add_argument("--metrics", default="metrics/diffusion_checkpoint.json")
-    parser.add_argument("--samples", default="plots/diffusion_checkpoint/samples.png")
-    parser.add_argument("--live-dir", default="dvclive/diffusion_checkpoint", help="DVCLive folder; '' disables it")
-    parser.add_argument("--cache-dir", default=".cache/diffusion_checkpoint", help="resumable checkpoints")
+    parser.add_argument("--out", required=True, help="folder for the trained model")
+    parser.add_argument("--metrics", required=True, help="metrics JSON")
+    parser.add_argument("--plots", required=True, help="folder for samples.png and the training charts")
+    parser.add_argument("--live-dir", required=True, help="DVCLive folder; '' disables it")
+    parser.add_argument("--cache", default=".cache/diffusion_checkpoint", help="resumable checkpoints; '' disables them")
     parser.add_argument("--no-preview", action="store_true", help="skip the decoded sample PNG (debugging)")
 
 
@@ -49,7 +51,7 @@ def main(args: argparse.Namespace) -> None:
         from components.autoencoder import load_autoencoder
 
         autoencoder = load_autoencoder(args.autoencoder)
-    run = train(params, args.latents, cache_root=args.cache_dir, live_dir=args.live_dir or None,
+    run = train(params, args.latents, cache_root=args.cache or None, live_dir=args.live_dir or None,
                 frames_root=args.trajectories)
     result, net = run.result, run.net
     if not result.is_main_process:
@@ -70,8 +72,9 @@ def main(args: argparse.Namespace) -> None:
     evaluation = heldout_metrics(net, store, params, max(tp.eval_windows, tp.preview_windows), seed=tp.seed,
                                  device=resolve_device(params.device))
     if autoencoder is not None:
-        save_preview(args.samples, autoencoder, evaluation["batch"], evaluation["sampled"], tp.preview_windows)
-        log.info("sample predictions: %s", args.samples)
+        samples = Path(args.plots) / SAMPLES_FILE
+        save_preview(samples, autoencoder, evaluation["batch"], evaluation["sampled"], tp.preview_windows)
+        log.info("sample predictions: %s", samples)
     metrics = {
         "steps": result.steps,
         "planned_steps": result.planned_steps,
@@ -91,7 +94,7 @@ def main(args: argparse.Namespace) -> None:
         **{k: v for k, v in evaluation.items() if k not in ("batch", "sampled")},
     }
     atomic_write_json(args.metrics, metrics)
-    training_charts(Path(args.samples).parent, result.losses, result.learning_rates, [], "diffusion_checkpoint")
+    training_charts(args.plots, result.losses, result.learning_rates, [], "diffusion_checkpoint")
     log.info("metrics: %s", {k: metrics[k] for k in ("steps", "final_train_loss", "heldout_loss",
                                                      "sampled_latent_mse", "copy_last_latent_mse")})
 

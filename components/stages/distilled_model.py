@@ -23,14 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", default="data/diffusion_checkpoint", help="teacher world model folder")
-    parser.add_argument("--autoencoder", default="data/finetuned_vae", help="autoencoder folder (its decoder is "
+    parser.add_argument("--teacher", required=True, help="teacher world model folder")
+    parser.add_argument("--autoencoder", required=True, help="autoencoder folder (its decoder is "
                         "fine-tuned on the student's rollouts and shipped with it)")
-    parser.add_argument("--trajectories", default="data/raw_trajectories", help="real frames for the decoder")
-    parser.add_argument("--latents", default="data/validated_latents", help="validated latent shards")
-    parser.add_argument("--out", default="data/distilled_model", help="output folder")
-    parser.add_argument("--metrics", default="metrics/distilled_model.json", help="metrics file")
-    parser.add_argument("--plots", default="plots/distilled_model", help="folder for the training curves (PNG)")
+    parser.add_argument("--trajectories", required=True, help="real frames for the decoder")
+    parser.add_argument("--latents", required=True, help="validated latent shards")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--metrics", required=True, help="metrics file")
+    parser.add_argument("--plots", required=True, help="folder for the training curves (PNG)")
     parser.add_argument("--cache", default=".cache/distilled_model", help="resumable training state ('' = none)")
 
 

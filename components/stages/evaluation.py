@@ -24,25 +24,25 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--export", default="data/onnx_export", help="the ONNX export to score (what ships)")
-    parser.add_argument("--checkpoint", default="data/diffusion_checkpoint", help="the PyTorch teacher")
-    parser.add_argument("--vae", default="data/finetuned_vae", help="the teacher's decoder")
-    parser.add_argument("--latents", default="data/validated_latents", help="the teacher's context latents")
-    parser.add_argument("--raw", default="data/raw_trajectories", help="real frames and recorded actions")
-    parser.add_argument("--metrics", default="metrics/evaluation.json")
-    parser.add_argument("--plots", default="plots/evaluation")
+    parser.add_argument("--export", required=True, help="the ONNX export to score (what ships)")
+    parser.add_argument("--teacher", required=True, help="the PyTorch teacher (diffusion_checkpoint)")
+    parser.add_argument("--autoencoder", required=True, help="the teacher's autoencoder (its decoder)")
+    parser.add_argument("--latents", required=True, help="the teacher's context latents")
+    parser.add_argument("--trajectories", required=True, help="real frames and recorded actions")
+    parser.add_argument("--metrics", required=True, help="metrics JSON")
+    parser.add_argument("--plots", required=True, help="folder for the pictures and charts")
 
 
 def main(args: argparse.Namespace) -> None:
     from components.params import load_params
 
     params = load_params(args.params)
-    metrics, extras = run(params, Path(args.export), Path(args.raw), Path(args.latents), Path(args.checkpoint),
-                          Path(args.vae))
+    metrics, extras = run(params, Path(args.export), Path(args.trajectories), Path(args.latents), Path(args.teacher),
+                          Path(args.autoencoder))
     write_outputs(metrics, extras, Path(args.metrics), Path(args.plots), params.evaluation)
 
 
-def run(params: Any, export: Path, raw_root: Path, latents_root: Path, checkpoint: Path, vae: Path,
+def run(params: Any, export: Path, raw_root: Path, latents_root: Path, teacher_dir: Path, autoencoder_dir: Path,
         teacher: bool | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
     """Evaluate the export (and the teacher unless ``teacher`` is false); returns metrics and image arrays."""
     from components import evaluation as ev
@@ -69,7 +69,7 @@ def run(params: Any, export: Path, raw_root: Path, latents_root: Path, checkpoin
     metrics["onnx"], extras["onnx"] = ev.evaluate_model(onnx, int(manifest["K"]), raw, None, episodes, settings,
                                                         actions, motion, with_long_play=True)
     if with_teacher:
-        model, k = ev.teacher_model(checkpoint, vae, params.sampler, resolve_device(params.device))
+        model, k = ev.teacher_model(teacher_dir, autoencoder_dir, params.sampler, resolve_device(params.device))
         metrics["teacher"], extras["teacher"] = ev.evaluate_model(model, k, raw, latents, episodes, settings,
                                                                   actions, motion)
     else:

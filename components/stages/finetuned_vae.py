@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trajectories", default="data/raw_trajectories", help="trajectory shards (frames)")
-    parser.add_argument("--latents", default="data/validated_latents", help="validated latents (which episodes)")
-    parser.add_argument("--autoencoder", default="data/base_autoencoder", help="base autoencoder folder")
-    parser.add_argument("--out", default="data/finetuned_vae")
-    parser.add_argument("--metrics", default="metrics/finetuned_vae.json")
-    parser.add_argument("--plots", default="plots/finetuned_vae")
+    parser.add_argument("--trajectories", required=True, help="trajectory shards (frames)")
+    parser.add_argument("--latents", required=True, help="validated latents (which episodes)")
+    parser.add_argument("--autoencoder", required=True, help="base autoencoder folder")
+    parser.add_argument("--out", required=True, help="the fine-tuned autoencoder folder to write")
+    parser.add_argument("--metrics", required=True, help="metrics JSON")
+    parser.add_argument("--plots", required=True, help="folder for the charts and reconstructions (PNG)")
     parser.add_argument("--cache", default=".cache/finetuned_vae", help="resumable state; '' disables it")
 
 

@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--student", default="data/distilled_model", help="distilled model folder")
-    parser.add_argument("--autoencoder", default="data/distilled_model/autoencoder",
+    parser.add_argument("--student", required=True, help="distilled model folder")
+    parser.add_argument("--autoencoder", required=True,
                         help="autoencoder folder: the one that ships with the student (its decoder tuned to it)")
-    parser.add_argument("--latents", default="data/validated_latents", help="validated latent shards")
-    parser.add_argument("--trajectories", default="data/raw_trajectories", help="raw trajectory shards (frames)")
-    parser.add_argument("--out", default="data/onnx_export", help="export folder")
-    parser.add_argument("--report", default="reports/onnx_export.json", help="parity report (asset check)")
+    parser.add_argument("--latents", required=True, help="validated latent shards")
+    parser.add_argument("--trajectories", required=True, help="raw trajectory shards (frames)")
+    parser.add_argument("--out", required=True, help="export folder")
+    parser.add_argument("--report", required=True, help="parity report (asset check)")
     parser.add_argument("--lock", default="dvc.lock", help="dvc.lock to read the inputs' hashes from")
 
 

@@ -11,16 +11,16 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--export", default="data/onnx_export", help="the challenger export")
-    parser.add_argument("--metrics", default="metrics/evaluation.json", help="the challenger's held-out metrics")
-    parser.add_argument("--raw", default="data/raw_trajectories", help="held-out play to re-evaluate the champion on")
-    parser.add_argument("--latents", default="data/validated_latents")
+    parser.add_argument("--export", required=True, help="the challenger export")
+    parser.add_argument("--metrics", required=True, help="the challenger's held-out metrics")
+    parser.add_argument("--trajectories", required=True, help="held-out play to re-evaluate the champion on")
+    parser.add_argument("--latents", required=True, help="validated latents (the episodes the evaluation used)")
     parser.add_argument("--source", default="", help="label for the log, e.g. the DVC experiment name or git rev")
     parser.add_argument("--no-reevaluate", action="store_true",
                         help="compare with the champion's stored metrics instead of scoring it again")
     parser.add_argument("--decision-json", default=None, help="also write the decision to this JSON file")
-    parser.add_argument("--report", default=None,
-                        help="also write the decision as a check report (success = promoted, one check per criterion)")
+    parser.add_argument("--report", required=True,
+                        help="the decision as a check report (success = promoted, one check per criterion)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -30,8 +30,7 @@ def main(args: argparse.Namespace) -> None:
 
     params = load_params(args.params)
     decision = promote_challenger(
-        params, args.export, args.metrics, source=args.source or default_source(), raw_root=args.raw,
-        latents_root=args.latents, reevaluate=False if args.no_reevaluate else None,
+        params, args.export, args.metrics, args.trajectories, args.latents, source=args.source or default_source(), reevaluate=False if args.no_reevaluate else None,
     )
     print(("PROMOTED: " if decision.promoted else "REJECTED: ") + decision.reason)
     for c in decision.comparisons:
@@ -39,8 +38,7 @@ def main(args: argparse.Namespace) -> None:
               f"(tolerance {c.tolerance}) {'ok' if c.passed else 'WORSE'}")
     if args.decision_json:
         atomic_write_json(args.decision_json, decision.to_dict())
-    if args.report:
-        atomic_write_json(args.report, decision.report())
+    atomic_write_json(args.report, decision.report())
 
 
 def default_source() -> str:

@@ -15,16 +15,13 @@ from components.params import load_params
 
 log = logging.getLogger(__name__)
 
-OUT_ROOT = Path("data/raw_trajectories")
-AGENT_DIR = Path("data/rl_agent")
-METRICS_ROOT = Path("metrics/raw_trajectories")
-PLOTS_ROOT = Path("plots/raw_trajectories")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", type=int, required=True, help="shard id, one of raw_trajectories.shards")
-    parser.add_argument("--agent", type=Path, default=AGENT_DIR, help=f"rl_agent output (default: {AGENT_DIR})")
-    parser.add_argument("--out-root", type=Path, default=OUT_ROOT, help=f"shards folder (default: {OUT_ROOT})")
+    parser.add_argument("--agent", type=Path, required=True, help="the rl_agent folder (its policy snapshots)")
+    parser.add_argument("--out", type=Path, required=True, help="the shard folder to write")
+    parser.add_argument("--metrics", type=Path, required=True, help="the shard's metrics JSON")
+    parser.add_argument("--samples", type=Path, required=True, help="PNG of sample frames from the shard")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -41,16 +38,14 @@ def main(args: argparse.Namespace) -> None:
     from components.collection import record_shard, sample_grid
     from components.trajectory_store import Shard
 
-    name = f"shard-{args.shard}"
-    out_path = args.out_root / name
-    log.info("recording %s: %d frames, policy %s, %d games in lockstep", out_path, config.frames_per_shard,
+    log.info("recording %s: %d frames, policy %s, %d games in lockstep", args.out, config.frames_per_shard,
              config.policy, config.parallel_games)
-    summary = record_shard(params, args.shard, out_path, args.agent, progress=not args.no_progress)
-    atomic_write_json(METRICS_ROOT / f"{name}.json", summary.as_dict())
+    summary = record_shard(params, args.shard, args.out, args.agent, progress=not args.no_progress)
+    atomic_write_json(args.metrics, summary.as_dict())
 
-    grid = sample_grid(Shard(out_path, verify_checksums=False).array("frames"))
-    (PLOTS_ROOT).mkdir(parents=True, exist_ok=True)
-    with atomic_path(PLOTS_ROOT / f"{name}.png", suffix=".png") as temporary:
+    grid = sample_grid(Shard(args.out, verify_checksums=False).array("frames"))
+    args.samples.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.samples, suffix=".png") as temporary:
         Image.fromarray(grid).save(temporary, format="PNG")
-    log.info("%s: %d episodes (%d held out), %d frames, %.0f frames/s", name, summary.episodes,
+    log.info("%s: %d episodes (%d held out), %d frames, %.0f frames/s", args.out, summary.episodes,
              summary.heldout_episodes, summary.frames, summary.frames_per_second)

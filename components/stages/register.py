@@ -63,6 +63,22 @@ def champion_at(root: Path, rev: str, path: str) -> str | None:
     return locked_hash(shown.stdout if shown.returncode == 0 else None, path)
 
 
+def champions_at(root: Path, revs: list[str], path: str) -> dict[str, str | None]:
+    """:func:`champion_at` for many commits, read with one ``git cat-file --batch``."""
+    query = "".join(f"{rev}:dvc.lock\n" for rev in revs).encode()
+    output = subprocess.run(["git", "cat-file", "--batch"], cwd=root, input=query, capture_output=True).stdout
+    found: dict[str, str | None] = {}
+    for rev in revs:
+        header, _, output = output.partition(b"\n")
+        if header.endswith(b" missing") or b" blob " not in header:
+            found[rev] = None
+            continue
+        size = int(header.rsplit(b" ", 1)[1])
+        found[rev] = locked_hash(output[:size].decode(), path)
+        output = output[size + 1:]  # the blob, then a newline
+    return found
+
+
 def check_committed_promotion(root: Path, report_path: Path, path: str) -> tuple[dict[str, Any], str]:
     """The promotion report and the champion's md5, once sure it promoted and that HEAD's dvc.lock records it."""
     if not report_path.is_file():
@@ -102,8 +118,9 @@ def register_champion(root: Path, rev: str, report: dict[str, Any], name: str, p
     if champion is None:
         raise PipelineError(f"commit {rev} records no {path} in dvc.lock; nothing to register")
     message = f"{report.get('summary', 'PROMOTED')} (source: {report.get('source') or 'unknown'})"
-    existing = next((v for v in registered_versions(root, name)
-                     if champion_at(root, v["commit_hexsha"], path) == champion), None)
+    versions = registered_versions(root, name)
+    recorded = champions_at(root, [v["commit_hexsha"] for v in versions], path)
+    existing = next((v for v in versions if recorded[v["commit_hexsha"]] == champion), None)
     if existing is None:
         version = gto.api.register(root, name, rev, message=message).version
     else:  # this champion was registered before (a second run, or one cut short before the assignment)

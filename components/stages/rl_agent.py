@@ -19,17 +19,14 @@ from components.params import load_params
 
 log = logging.getLogger(__name__)
 
-OUT_DIR = Path("data/rl_agent")
 CACHE_DIR = Path(".cache/rl_agent")
-METRICS = Path("metrics/rl_agent.json")
-DVCLIVE_DIR = "dvclive/rl_agent"
-PLOTS = Path("plots/rl_agent")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help=f"output folder (default: {OUT_DIR})")
-    parser.add_argument("--metrics", type=Path, default=METRICS, help=f"metrics JSON (default: {METRICS})")
-    parser.add_argument("--plots", type=Path, default=PLOTS, help=f"PNG charts (default: {PLOTS})")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (the policy and its snapshots)")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON")
+    parser.add_argument("--plots", type=Path, required=True, help="folder for the PNG charts")
+    parser.add_argument("--live-dir", type=Path, required=True, help="DVCLive folder for the training curves")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -43,7 +40,7 @@ def main(args: argparse.Namespace) -> None:
     config = params.rl_agent
     log.info("training PPO for %d timesteps on %s %s at %dx%d", config.total_timesteps,
              params.environment.scenario, params.environment.map, *params.environment.resolution)
-    with Live(dir=DVCLIVE_DIR, dvcyaml=False, save_dvc_exp=False, report=None) as live:
+    with Live(dir=str(args.live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
 
         episode_steps: list[int] = []
         updates: list[tuple[int, dict[str, float]]] = []

@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trajectories", default="data/raw_trajectories", help="trajectory shards to encode")
-    parser.add_argument("--autoencoder", default="data/base_autoencoder", help="autoencoder folder")
-    parser.add_argument("--out", default="data/validated_latents")
-    parser.add_argument("--report", default="reports/validated_latents.json")
+    parser.add_argument("--trajectories", required=True, help="trajectory shards to encode")
+    parser.add_argument("--autoencoder", required=True, help="autoencoder folder")
+    parser.add_argument("--out", required=True, help="the latent shards to publish once the gate passes")
+    parser.add_argument("--report", required=True, help="the gate's report (JSON)")
 
 
 class LatentValidationError(Exception):
