@@ -53,7 +53,7 @@ def main() -> None:
 
     import torch
 
-    from components.autoencoder import FrameAutoencoder, build_vae, load_pretrained_vae, training_loss
+    from components.models.autoencoder import FrameAutoencoder, build_vae, load_pretrained_vae, training_loss
     from components.params import load_params
 
     torch.set_num_threads(args.threads)
@@ -77,7 +77,7 @@ def main() -> None:
 
     import numpy as np
 
-    from components.export import onnx_encoder
+    from components.runtime.export import onnx_encoder
 
     with tempfile.TemporaryDirectory() as scratch:
         export_started = time.perf_counter()

@@ -8,13 +8,13 @@ and >= 2x the PyTorch 4-step teacher.
     python benchmarks/play_speed.py --untrained     # random weights with params.yaml's architecture (same speed)
     python benchmarks/play_speed.py --export E --student S --teacher T --autoencoder A --params P
 
-The ONNX figures run the player's own code (``components.play``: same session options, uint8 conversion):
+The ONNX figures run the player's own code (``components.play.server``: same session options, uint8 conversion):
 
 * ``onnx_1step_sequential``: ``GameState.step``, world model then decoder, ``--threads`` intra-op threads each.
 * ``onnx_1step_pipelined``: ``GameState.advance`` as ``make play`` runs it: the world model predicts frame t+1
   on the calling thread while frame t is decoded on another, each session with ``--threads // 2`` intra-op
   threads (at least 1), and the decoder split so that both threads have about the same work
-  (``components/decoder_split.py``; ``decoder_split`` says where). Throughput is max(the two threads);
+  (``components/runtime/decoder_split.py``; ``decoder_split`` says where). Throughput is max(the two threads);
   ``latency_ms_mean`` is from reading an action to the end of the decode of the frame it leads to.
 * ``onnx_1step_pipelined_whole_decoder``: the same without the split: max(world model, decoder).
 
@@ -83,10 +83,10 @@ def build_untrained(params: Any, folder: Path) -> dict[str, Path]:
     """Random-weight models with the params' architecture, saved and exported like the pipeline does."""
     import torch
 
-    from components.autoencoder import FrameAutoencoder, build_vae
-    from components.distillation import OneStepStudent
-    from components.export import DecoderGraph, EncoderGraph, export_graph
-    from components.world_model import ActionConditionedUNet
+    from components.models.autoencoder import FrameAutoencoder, build_vae
+    from components.models.distillation import OneStepStudent
+    from components.runtime.export import DecoderGraph, EncoderGraph, export_graph
+    from components.models.world_model import ActionConditionedUNet
 
     torch.manual_seed(0)
     a = params.autoencoder
@@ -131,7 +131,7 @@ def pipelined_result(models: Any, latents: Any, context_actions: Any, frame: Any
                      args: argparse.Namespace) -> dict[str, Any]:
     """``timed`` figures of the player's pipelined loop (``GameState.advance``) on ``models``, with the
     latency of each frame and the CPU time of each of its two threads."""
-    from components.play import GameState
+    from components.play.server import GameState
 
     state = GameState(models, latents, context_actions, frame)
     decodings: list[Any] = []
@@ -175,7 +175,8 @@ def main() -> None:
     import onnxruntime as ort
 
     from components.params import load_params
-    from components.play import GameState, OnnxModels, pipelined_threads
+    from components.play.server import GameState
+    from components.runtime.sessions import OnnxModels, pipelined_threads
 
     params = load_params(args.params)
     scratch = tempfile.TemporaryDirectory()
@@ -251,10 +252,10 @@ def torch_results(params: Any, paths: dict[str, Path], args: argparse.Namespace,
     """The PyTorch 1-step student and the 4-step teacher, each with its decode, at batch 1, autoregressive."""
     import torch
 
-    from components.autoencoder import load_autoencoder
-    from components.distillation import load_student
-    from components.sampler import sample_next_latent
-    from components.world_model import load_world_model, make_scheduler
+    from components.models.autoencoder import load_autoencoder
+    from components.models.distillation import load_student
+    from components.models.sampler import sample_next_latent
+    from components.models.world_model import load_world_model, make_scheduler
 
     torch.set_num_threads(args.threads)
     autoencoder = load_autoencoder(paths["autoencoder"])

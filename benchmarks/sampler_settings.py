@@ -6,7 +6,7 @@ Each setting is ``steps,cfg,context_noise_level`` (DDIM, CFG on the past frames,
 field ``mean`` averages ``--draws`` samples (the prediction that ``distilled_model.teacher_noise: fresh`` teaches).
 Reads ``data/diffusion_checkpoint``, ``data/finetuned_vae``, ``data/validated_latents`` and
 ``data/raw_trajectories`` of a finished pipeline, scores on held-out windows only with the evaluation stage's own
-code (``components.evaluation.teacher_forced``), and prints one JSON object per setting: pooled PSNR of the model and
+code (``components.evaluation.scoring.teacher_forced``), and prints one JSON object per setting: pooled PSNR of the model and
 of copy-last-latent / copy-last-frame, the margin over copy-last-latent, the share of turning windows won against
 copy-last-latent, and controllability on turning windows.
 """
@@ -38,12 +38,12 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from components import evaluation as ev
-    from components.autoencoder import load_autoencoder
+    from components.evaluation import scoring as ev
+    from components.models.autoencoder import load_autoencoder
     from components.params import load_params
-    from components.sampler import sample_next_latent
-    from components.trajectory_store import TrajectoryStore
-    from components.world_model import load_world_model, make_scheduler
+    from components.models.sampler import sample_next_latent
+    from components.data.trajectory_store import TrajectoryStore
+    from components.models.world_model import load_world_model, make_scheduler
 
     torch.set_num_threads(args.threads)
     root = Path(args.root)

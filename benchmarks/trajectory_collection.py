@@ -4,7 +4,7 @@
 
 1. Raw engine rate: one game, random actions, the configured scenario, resolution (render mode) and frame
    skip; each step is ``make_action`` plus reading the screen buffer. No downscale, reward or policy.
-2. Recording rate: ``components.collection.record_shard`` with the configured parallel games, the trained
+2. Recording rate: ``components.game.collection.record_shard`` with the configured parallel games, the trained
    policy snapshots (``--agent``; if that folder is missing, untrained snapshots of the same architecture,
    which cost the same), random-action mixing, the reward, downscaling and writing the shard to disk.
 
@@ -57,7 +57,7 @@ class CpuMeter:
 def raw_engine_rate(params, steps: int) -> dict:
     import numpy as np
 
-    from components.environment import action_matrix, make_game
+    from components.game.environment import action_matrix, make_game
 
     game, render_size = make_game(params.environment)
     buttons = [list(map(int, row)) for row in action_matrix(params.environment.actions)]
@@ -85,9 +85,9 @@ def raw_engine_rate(params, steps: int) -> dict:
 
 def untrained_snapshots(params, directory: Path) -> Path:
     """A stand-in ``rl_agent`` folder: untrained policies with the configured architecture."""
-    from components.agent import CHECKPOINT_INDEX, PolicySpec, build_policy, save_policy
+    from components.game.agent import CHECKPOINT_INDEX, PolicySpec, build_policy, save_policy
     from components.atomic import atomic_write_json
-    from components.environment import action_names
+    from components.game.environment import action_names
 
     ppo, env = params.rl_agent.ppo, params.environment
     names = action_names(env.actions)
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--raw-steps", type=int, default=None, help="raw engine steps (default: same as frames)")
     args = parser.parse_args()
 
-    from components.collection import record_shard
+    from components.game.collection import record_shard
     from components.params import load_params
 
     params = load_params(args.params)

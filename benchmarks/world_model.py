@@ -8,7 +8,7 @@ Builds the world model and the autoencoder from ``params.yaml`` (weights do not 
 * ``train_samples_per_s`` / ``train_step_ms``: one full training step (data read excluded: batches are in memory;
   v-loss with noise augmentation and context dropout, backward, clipping, AdamW) at
   ``diffusion_checkpoint.batch_size``; ``steps_in_train_minutes``: the steps the stage's time budget would plan;
-* ``ms_per_frame``: ``WorldModel.step`` (DDIM with ``sampler.cfg``, two UNet calls per step when cfg != 1, plus the
+* ``ms_per_frame``: ``Sampler.step`` (DDIM with ``sampler.cfg``, two UNet calls per step when cfg != 1, plus the
   decode) for 1, 2, 4 and 8 DDIM steps, batch 1; ``ms_per_frame_cfg1`` the same without guidance;
 * ``decode_ms``: the autoencoder decode alone.
 
@@ -40,7 +40,7 @@ def median_ms(function, repeats: int, sync=lambda: None) -> float:
 
 
 def build_autoencoder(params, finetuned: Path):
-    from components.autoencoder import FrameAutoencoder, build_vae, load_autoencoder
+    from components.models.autoencoder import FrameAutoencoder, build_vae, load_autoencoder
 
     if (finetuned / "autoencoder.json").is_file():
         return load_autoencoder(finetuned), str(finetuned)
@@ -63,10 +63,10 @@ def main() -> None:
     import torch
 
     from components.params import load_params
-    from components.sampler import WorldModel
-    from components.world_model import ActionConditionedUNet, make_scheduler
+    from components.models.sampler import Sampler
+    from components.models.world_model import ActionConditionedUNet, make_scheduler
     from components.training import make_optimizer, make_step, start_runtime
-    from components.world_model_training import Batch, diffusion_loss, recipe
+    from components.models.world_model_training import Batch, diffusion_loss, recipe
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -113,7 +113,7 @@ def main() -> None:
         decode_ms = median_ms(lambda: ae.decode(context[:1]), args.repeats, sync)
         for steps in (1, 2, 4, 8):
             for cfg, table in ((s.cfg, ms_per_frame), (1.0, ms_per_frame_cfg1)):
-                wm = WorldModel(net, ae, steps=steps, cfg=cfg, context_noise_level=s.context_noise_level, seed=0)
+                wm = Sampler(net, ae, steps=steps, cfg=cfg, context_noise_level=s.context_noise_level, seed=0)
                 wm.reset(context, torch.zeros(k - 1, dtype=torch.long))
                 table[str(steps)] = round(median_ms(lambda: wm.step(1), args.repeats, sync), 2)
 

@@ -40,10 +40,10 @@ def build_upstream(root: Path) -> dict[str, Path]:
     """Tiny autoencoder, teacher world model, raw trajectories and validated latents under ``root``."""
     import torch
 
-    from components.autoencoder import FrameAutoencoder, build_vae
+    from components.models.autoencoder import FrameAutoencoder, build_vae
     from components.params import load_params
-    from components.trajectory_store import ShardWriter
-    from components.world_model import ActionConditionedUNet
+    from components.data.trajectory_store import ShardWriter
+    from components.models.world_model import ActionConditionedUNet
 
     params = load_params(write_params(root))
     width, height = params.environment.resolution

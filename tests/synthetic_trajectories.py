@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.trajectory_store import ShardWriter
+from components.data.trajectory_store import ShardWriter
 
 
 def synthetic_frames(length: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:

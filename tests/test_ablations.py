@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import ablations as ab
+from components.evaluation import ablations as ab
 from components.params import AblationsParams
 from tests.conftest import REPO_ROOT, make_repo_copy, run
 

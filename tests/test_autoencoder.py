@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.autoencoder import (
+from components.models.autoencoder import (
     AutoencoderError,
     FrameAutoencoder,
     build_vae,
@@ -104,7 +104,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 
 def test_onnx_encoder_matches_pytorch_and_refuses_a_mismatch(tmp_path: Path) -> None:
     """validated_latents' onnxruntime engine: the exported encoder gives PyTorch's latents, checked before use."""
-    from components.export import ExportError, onnx_encoder
+    from components.runtime.export import ExportError, onnx_encoder
 
     ae = FrameAutoencoder(tiny_vae(3), (60, 80), 0.37, latent_multiple=4).eval()
     frames = torch.rand(5, 3, 60, 80, generator=torch.Generator().manual_seed(0)).numpy()
@@ -210,7 +210,7 @@ def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["success"]
     # the stored latents are what the autoencoder's encode returns, and have roughly unit scale
-    from components.trajectory_store import TrajectoryStore
+    from components.data.trajectory_store import TrajectoryStore
 
     store = TrajectoryStore(latents)
     first = torch.from_numpy(np.array(TrajectoryStore(micro_set).shards[0].array("frames")[:4]))

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from components.agent import list_checkpoints, load_policy
-from components.collection import heldout_score, split_for
+from components.game.agent import list_checkpoints, load_policy
+from components.game.collection import heldout_score, split_for
 from components.params import load_params
-from components.trajectory_store import TrajectoryStore
+from components.data.trajectory_store import TrajectoryStore
 from tests.conftest import REPO_ROOT, run
 
 pytestmark = pytest.mark.slow
@@ -124,7 +124,7 @@ def test_micro_repro_is_incremental(micro_repo: Path) -> None:
 
 
 def test_recording_is_reproducible_per_shard(tmp_path: Path) -> None:
-    from components.collection import record_shard
+    from components.game.collection import record_shard
     from components.params import parse_params, profile_params, read_yaml
 
     raw = profile_params("micro", read_yaml(REPO_ROOT / "params.yaml"))

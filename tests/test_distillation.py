@@ -1,4 +1,4 @@
-"""One-step distillation (components/distillation.py) on a tiny real world model, and the stage's metrics."""
+"""One-step distillation (components/models/distillation.py) on a tiny real world model, and the stage's metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.distillation import (
+from components.models.distillation import (
     LatentCritic,
     OneStepStudent,
     adversarial_terms,
@@ -21,8 +21,8 @@ from components.distillation import (
 )
 from components.errors import PipelineError
 from components.params import WorldModelParams
-from components.sampler import sample_next_latent
-from components.world_model import ActionConditionedUNet, make_scheduler
+from components.models.sampler import sample_next_latent
+from components.models.world_model import ActionConditionedUNet, make_scheduler
 
 K, C, SIZE, ACTIONS = 2, 4, (8, 8), 5
 

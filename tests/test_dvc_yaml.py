@@ -15,11 +15,17 @@ from tests.conftest import REPO_ROOT
 ENTRY_POINT = {"components/__init__.py", "components/__main__.py", "components/cli.py", "components/errors.py",
                "components/stages/__init__.py"}
 # `python -m components <command>` -> the module it runs, where it is not components/stages/<command>.py
-COMMAND_MODULES = {"play": "components/play.py"}
+COMMAND_MODULES = {"play": "components/play/server.py"}
+
+
+def package_markers() -> set[str]:
+    """The ``__init__.py`` of components/'s packages: a docstring only (a test below keeps it so), so importing a
+    package runs no code and they are no stage's dependency."""
+    return {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "components").glob("*/__init__.py")}
 
 
 def module_path(dotted: str) -> str | None:
-    """``components.world_model`` -> ``components/world_model.py`` (None for a name that is not a module)."""
+    """``components.models.world_model`` -> ``components/models/world_model.py`` (None for a name that is not a module)."""
     path = REPO_ROOT.joinpath(*dotted.split("."))
     for candidate in (path.with_suffix(".py"), path / "__init__.py"):
         if candidate.is_file():
@@ -46,7 +52,7 @@ def imported_closure(path: str) -> set[str]:
         if current not in seen:
             seen.add(current)
             todo += project_imports(current)
-    return seen - ENTRY_POINT
+    return seen - ENTRY_POINT - package_markers()
 
 
 def stage_command_module(cmd: str) -> str:
@@ -55,22 +61,33 @@ def stage_command_module(cmd: str) -> str:
     return COMMAND_MODULES.get(words[3], f"components/stages/{words[3]}.py")
 
 
-def test_every_stage_lists_the_components_modules_its_command_imports() -> None:
+def test_every_stage_lists_exactly_the_components_modules_its_command_imports() -> None:
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-    missing = {}
+    missing, extra = {}, {}
     for name, stage in stages.items():
         body = stage.get("do", stage)  # a foreach stage's template
         deps = {dep if isinstance(dep, str) else next(iter(dep)) for dep in body.get("deps", [])}
         needed = imported_closure(stage_command_module(body["cmd"]))
+        listed = {dep for dep in deps if dep.startswith("components/") and dep.endswith(".py")}
         if needed - deps:
             missing[name] = sorted(needed - deps)
+        if listed - needed:
+            extra[name] = sorted(listed - needed)
     assert missing == {}, f"dvc.yaml stages miss code deps (a change there would not rerun them): {missing}"
+    assert extra == {}, f"dvc.yaml stages list code they do not import (a change there would rerun them): {extra}"
+
+
+def test_the_packages_of_components_run_no_code_on_import() -> None:
+    for marker in sorted(package_markers()):
+        body = ast.parse((REPO_ROOT / marker).read_text()).body
+        assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), (
+            f"{marker} should hold its docstring only (the modules are imported by their own names)")
 
 
 def test_the_import_walk_sees_imports_inside_functions() -> None:
     closure = imported_closure("components/stages/promote.py")
-    assert "components/promotion.py" in closure  # imported inside main()
-    assert "components/evaluation.py" in closure  # through promotion.reevaluate_champion, inside a function
+    assert "components/evaluation/promotion.py" in closure  # imported inside main()
+    assert "components/evaluation/scoring.py" in closure  # through promotion.reevaluate_champion, inside a function
     assert "components/cli.py" not in closure
 
 

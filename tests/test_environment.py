@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import vizdoom as vzd
 
-from components.environment import (
+from components.game.environment import (
     DoomEnv,
     action_buttons,
     action_matrix,
@@ -20,7 +20,7 @@ from components.environment import (
 )
 from components.errors import PipelineError
 from components.params import EnvironmentParams, load_params
-from components.reward import TERMS
+from components.game.reward import TERMS
 from tests.conftest import REPO_ROOT
 
 DEFAULT = load_params(REPO_ROOT / "params.yaml")

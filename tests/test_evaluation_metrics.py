@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from components import evaluation as ev
+from components.evaluation import scoring as ev
 
 ACTIONS = [
     {"name": "noop", "buttons": []},

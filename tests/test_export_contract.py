@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 import yaml
 
-from components import export_contract as contract
-from components.export_contract import ExportNotFoundError, load_manifest
+from components.runtime import export_contract as contract
+from components.runtime.export_contract import ExportNotFoundError, load_manifest
 
 ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from components.errors import PipelineError
-from components.latent_validation import GateLimits, latent_statistics, validate_latents
-from components.trajectory_store import ShardWriter, TrajectoryStore
+from components.data.latent_validation import GateLimits, latent_statistics, validate_latents
+from components.data.trajectory_store import ShardWriter, TrajectoryStore
 from tests.conftest import micro_params_dict, write_params
 from tests.synthetic_trajectories import write_synthetic_trajectories
 
@@ -133,7 +133,7 @@ def _micro_params(tmp_path: Path, **overrides: dict) -> Path:
 
 
 def _tiny_autoencoder(folder: Path, frame_size: tuple[int, int]) -> None:
-    from components.autoencoder import FrameAutoencoder, build_vae
+    from components.models.autoencoder import FrameAutoencoder, build_vae
 
     torch.manual_seed(0)
     FrameAutoencoder(build_vae([8, 8], 4, 1, 4, False), frame_size, 1.0, 4).save(folder)

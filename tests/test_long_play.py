@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.long_play import RealFrames, end_of, player_keys
+from components.evaluation.long_play import RealFrames, end_of, player_keys
 from tests.test_view_motion import HEIGHT, HUD, blur, textured
 
 VIEW_ROWS = (HEIGHT - HUD) / HEIGHT

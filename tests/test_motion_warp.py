@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from components.motion_warp import ActionWarp, LatentGeometry, fit_action_warp
+from components.models.motion_warp import ActionWarp, LatentGeometry, fit_action_warp
 from components.params import parse_params
-from components.world_model import ActionConditionedUNet, WorldModelConfig
+from components.models.world_model import ActionConditionedUNet, WorldModelConfig
 from tests.conftest import micro_params_dict
 
 SIZE = (12, 16)
@@ -119,9 +119,9 @@ def test_the_warp_is_part_of_the_model_and_old_configs_load_without_it() -> None
 def test_a_residual_model_that_predicts_nothing_copies_the_moved_last_latent() -> None:
     """predict_residual: the diffused quantity is (next - base) / scale, so a UNet whose output is zero samples
     the base itself, the last latent moved by its action (the paper's parametrisation would sample a blank)."""
-    from components.distillation import OneStepStudent
-    from components.sampler import sample_next_latent
-    from components.world_model import make_scheduler
+    from components.models.distillation import OneStepStudent
+    from components.models.sampler import sample_next_latent
+    from components.models.world_model import make_scheduler
 
     net = micro_net().eval()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The browser player (components/play.py) and the rollout video, on a real tiny export.
+"""The browser player (components/play/server.py) and the rollout video, on a real tiny export.
 
 The browser test drives Debian's headless Chromium through Playwright (never ``playwright install``).
 """
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.play import FRAME_HEADER, OnnxGame, action_for_keys, frame_message, origin_allowed
+from components.play.server import FRAME_HEADER, OnnxGame, action_for_keys, frame_message, origin_allowed
 from tests.conftest import REPO_ROOT, chromium_page, pipeline_env, stop_process, wait_for_url
 
 ACTIONS = [
@@ -66,7 +66,7 @@ def test_player_runs_without_torch(export: Path) -> None:
     """The player imports onnxruntime and numpy only, and its frames change from step to step."""
     code = (
         "import sys, numpy as np\n"
-        "from components.play import OnnxGame\n"
+        "from components.play.server import OnnxGame\n"
         f"game = OnnxGame({str(export)!r}, threads=1, balance=True)\n"
         "state = game.new_state(0)\n"
         "frames = [state.frame] + [state.step(a) for a in (1, 1, 3, 9)]\n"

@@ -1,4 +1,4 @@
-"""components/decoder_split.py on small hand-built ONNX graphs, run by the real ONNX Runtime."""
+"""components/runtime/decoder_split.py on small hand-built ONNX graphs, run by the real ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from components.decoder_split import choose_cut, node_costs, single_tensor_cuts, split
+from components.runtime.decoder_split import choose_cut, node_costs, single_tensor_cuts, split
 
 
 def conv_graph() -> onnx.ModelProto:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from components import promotion as pr
+from components.evaluation import promotion as pr
 from tests.conftest import REPO_ROOT
 
 CRITERIA = [
@@ -126,7 +126,7 @@ def test_a_promotion_killed_during_the_copy_leaves_the_champion_byte_for_byte(tm
     with open(big / "world_model.onnx", "wb") as handle:  # large enough that the copy takes a while
         for _ in range(384):
             handle.write(os.urandom(1 << 20))
-    script = ("import sys; from pathlib import Path; from components import promotion as pr; "
+    script = ("import sys; from pathlib import Path; from components.evaluation import promotion as pr; "
               "from tests.test_promotion import CRITERIA, metrics; "
               "pr.promote(Path(sys.argv[1]), metrics(30.0), Path(sys.argv[2]), CRITERIA, None)")
     process = subprocess.Popen([sys.executable, "-c", script, str(big), str(champion_dir)], cwd=REPO_ROOT)

@@ -1,4 +1,4 @@
-"""The decoder fine-tuned on the 1-step model's rollouts (components/rollout_decoder.py), on tiny real models."""
+"""The decoder fine-tuned on the 1-step model's rollouts (components/models/rollout_decoder.py), on tiny real models."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from components.autoencoder import FrameAutoencoder, build_vae, decoder_loss
-from components.distillation import OneStepStudent
+from components.models.autoencoder import FrameAutoencoder, build_vae, decoder_loss
+from components.models.distillation import OneStepStudent
 from components.errors import PipelineError
 from components.params import DistilledModelParams, WorldModelParams
-from components.rollout_decoder import fine_tune_decoder, rollout_pairs
-from components.trajectory_store import ShardWriter, TrajectoryStore
+from components.models.rollout_decoder import fine_tune_decoder, rollout_pairs
+from components.data.trajectory_store import ShardWriter, TrajectoryStore
 from components.training import start_runtime
-from components.world_model import ActionConditionedUNet
+from components.models.world_model import ActionConditionedUNet
 from tests.export_fixtures import synthetic_frames
 
 K, ACTIONS, HEIGHT, WIDTH = 2, 5, 24, 32

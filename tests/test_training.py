@@ -163,8 +163,8 @@ def test_a_stage_asked_for_cuda_without_a_gpu_stops_before_any_work(tmp_path: Pa
 
 def test_the_ppo_agent_resumes_from_the_shared_checkpoint_format(tmp_path: Path) -> None:
     """SB3 keeps its loop; its resume state is the engine's safetensors checkpoint under the shared run key."""
-    from components.agent import resume_folder
-    from components.agent import train as train_agent
+    from components.game.agent import resume_folder
+    from components.game.agent import train as train_agent
     from components.params import parse_params
 
     params = parse_params(micro_params_dict(rl_agent={"total_timesteps": 256, "checkpoints": 2}))

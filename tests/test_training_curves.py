@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.evaluation_plots import COLORS, line_chart
+from components.evaluation.plots import COLORS, line_chart
 from conftest import run
 
 # stage -> charts it must write with a line (relative to plots/); the micro agent's two episodes end together,

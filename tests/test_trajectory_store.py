@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.trajectory_store import Shard, ShardError, ShardWriter, TrajectoryStore
+from components.data.trajectory_store import Shard, ShardError, ShardWriter, TrajectoryStore
 
 
 def episode(length: int, offset: int, size: tuple[int, int] = (6, 8)) -> dict[str, np.ndarray]:

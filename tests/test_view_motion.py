@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from components import evaluation as ev
-from components.trajectory_store import ShardWriter, TrajectoryStore
-from components.view_motion import (
+from components.evaluation import scoring as ev
+from components.data.trajectory_store import ShardWriter, TrajectoryStore
+from components.evaluation.view_motion import (
     action_displacements,
     detail_loss,
     horizontal_shift,

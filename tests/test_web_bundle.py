@@ -1,4 +1,4 @@
-"""The in-browser player (components/web_bundle.py, components/play_page/web_player.js) on a real tiny export.
+"""The in-browser player (components/play/web_bundle.py, components/play/page/web_player.js) on a real tiny export.
 
 The bundle is served by ``python -m components bundle --serve`` and played by Debian's headless Chromium through
 Playwright (never ``playwright install``); ONNX Runtime Web comes from node_modules (``make web``).
@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from components.errors import PipelineError
-from components.export_contract import ExportNotFoundError
-from components.play import OnnxGame, action_for_keys
-from components.web_bundle import ORT_PACKAGE, build_bundle
+from components.runtime.export_contract import ExportNotFoundError
+from components.play.server import OnnxGame, action_for_keys
+from components.play.web_bundle import ORT_PACKAGE, build_bundle
 from tests.conftest import REPO_ROOT, chromium_page, needs_chromium, pipeline_env, stop_process, wait_for_url
 
 ORT = ORT_PACKAGE

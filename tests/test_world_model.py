@@ -15,9 +15,9 @@ import torch
 
 from components.errors import PipelineError
 from components.params import ParamsError, parse_params
-from components.sampler import WorldModel, make_scheduler, rollout, sample_next_latent
-from components.world_model import ActionConditionedUNet, load_world_model, noise_bucket
-from components.world_model_training import WindowStream, open_latents, train
+from components.models.sampler import Sampler, make_scheduler, rollout, sample_next_latent
+from components.models.world_model import ActionConditionedUNet, load_world_model, noise_bucket
+from components.models.world_model_training import WindowStream, open_latents, train
 from world_model_data import LATENT_SHAPE, micro_params_dict, next_latent, tiny_autoencoder, write_synthetic_latents
 
 TRAIN = {"steps": 200, "batch_size": 16, "learning_rate": 0.003, "log_every": 20, "checkpoint_every": 100}
@@ -70,7 +70,7 @@ def test_actions_give_different_next_frames(trained: dict[str, Any]) -> None:
         assert min(errors, key=errors.get) == a, (a, errors)
     assert (predictions[0] - predictions[2]).abs().mean() > 0.2
 
-    wm = WorldModel(net, trained["autoencoder"], steps=4, cfg=1.5, context_noise_level=0.0, seed=0)
+    wm = Sampler(net, trained["autoencoder"], steps=4, cfg=1.5, context_noise_level=0.0, seed=0)
     frames = []
     for action in (0, 2):
         wm.reset(batch.context_latents[0], batch.context_actions[0, :-1])
@@ -115,7 +115,7 @@ def test_rollout_is_autoregressive_and_reproducible(trained: dict[str, Any]) -> 
     first = int(start[-1][1].mean(0).argmax())
     assert columns[:2] == [(first + 1) % 8, (first + 2) % 8], (first, columns)
 
-    wm = WorldModel(net, ae, steps=2, cfg=1.5)
+    wm = Sampler(net, ae, steps=2, cfg=1.5)
     wm.reset(ae.decode(start), batch.context_actions[0, :-1])  # frames in, encoded
     assert wm.latents.shape == (net.config.context, *LATENT_SHAPE)
     wm.reset(start[-1:], [])  # fewer frames than K: the oldest repeats

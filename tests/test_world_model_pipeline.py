@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.autoencoder import load_autoencoder
+from components.models.autoencoder import load_autoencoder
 from components.params import load_params
-from components.sampler import WorldModel, rollout
-from components.trajectory_store import TrajectoryStore
-from components.world_model import load_world_model
+from components.models.sampler import Sampler, rollout
+from components.data.trajectory_store import TrajectoryStore
+from components.models.world_model import load_world_model
 from conftest import run
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def test_stage_outputs_and_generation(micro_pipeline: Path) -> None:
     latents = torch.from_numpy(window["latents"].astype("float32"))
     actions = torch.from_numpy(window["actions"].astype("int64"))
 
-    wm = WorldModel.from_params(net, ae, params.sampler)
+    wm = Sampler.from_params(net, ae, params.sampler)
     wm.reset(ae.decode(latents[:k]), actions[: k - 1])  # real frames in
     frame = wm.step(int(actions[k - 1]))
     height, width = params.environment.height, params.environment.width

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from components.world_model import load_world_model
+from components.models.world_model import load_world_model
 from world_model_data import (
     checkpoint_step,
     micro_params_dict,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from components.trajectory_store import ShardWriter
+from components.data.trajectory_store import ShardWriter
 from tests.conftest import micro_params_dict, write_params  # noqa: F401  (used by the world-model tests)
 
 LATENT_SHAPE = (4, 8, 8)
@@ -95,7 +95,7 @@ def tiny_autoencoder(folder: Path, frame_size: tuple[int, int] = (24, 32)) -> An
     """An untrained 3-block AutoencoderKL (4x down) whose latents for 24x32 frames are 4x8x8 (padded to 32x32)."""
     import torch
 
-    from components.autoencoder import FrameAutoencoder, build_vae
+    from components.models.autoencoder import FrameAutoencoder, build_vae
 
     torch.manual_seed(0)
     vae = build_vae((8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=8, mid_block_attention=False)

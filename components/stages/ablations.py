@@ -3,7 +3,7 @@
 Queues ``dvc exp run --queue -S ...`` experiments for the context lengths, noise augmentation on/off,
 agent/random data and the action warp on/off of ``evaluation.ablations`` (each once per seed), runs them,
 and writes the tables to ``docs/results.md``.
-See components/ablations.py.
+See components/evaluation/ablations.py.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ def main(args: argparse.Namespace) -> None:
     import logging
     from pathlib import Path
 
-    from components import ablations as ab
+    from components.evaluation import ablations as ab
     from components.params import check_params, load_params, read_yaml
 
-    log = logging.getLogger("components.ablations")
+    log = logging.getLogger("components.evaluation.ablations")
     params = load_params(args.params)
     settings = params.evaluation.ablations
     if args.context_lengths:

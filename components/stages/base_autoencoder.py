@@ -32,12 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     import torch
 
-    from components import autoencoder as aem
+    from components.models import autoencoder as aem
     from components import training
     from components.atomic import atomic_write_json
-    from components.evaluation_plots import training_charts
+    from components.evaluation.plots import training_charts
     from components.errors import PipelineError
-    from components.trajectory_store import TrajectoryStore
+    from components.data.trajectory_store import TrajectoryStore
 
     params = load_params(args.params)
     p = params.autoencoder

@@ -1,4 +1,4 @@
-"""``python -m components bundle``: the static bundle of the in-browser player (components/web_bundle.py).
+"""``python -m components bundle``: the static bundle of the in-browser player (components/play/web_bundle.py).
 
     make web                                                     # npm ci: onnxruntime-web, pinned
     python -m components bundle --export data/onnx_export --out dist/play
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from components.params import load_params
-    from components.web_bundle import build_bundle
+    from components.play.web_bundle import build_bundle
 
     settings = load_params(args.params).play
     out = args.out or settings.bundle_dir

@@ -1,12 +1,12 @@
 """Stage ``diffusion_checkpoint``: train the action-conditioned diffusion world model on ``validated_latents``.
 
 Outputs: ``data/diffusion_checkpoint/`` (``model.safetensors``, ``config.json``, ``scheduler_config.json``; load
-with ``components.world_model.load_world_model``), ``metrics/diffusion_checkpoint.json``,
+with ``components.models.world_model.load_world_model``), ``metrics/diffusion_checkpoint.json``,
 ``plots/diffusion_checkpoint/samples.png`` (held-out context | predicted | real, decoded with ``finetuned_vae``)
 and the DVCLive curves in ``dvclive/diffusion_checkpoint/``.
 
 Resumable: a killed run continues from ``.cache/diffusion_checkpoint/<key>/`` when rerun (see
-components/world_model_training.py). Several GPUs or processes (README "GPU machines and several processes")::
+components/models/world_model_training.py). Several GPUs or processes (README "GPU machines and several processes")::
 
     accelerate launch --multi_gpu --num_processes 8 -m components diffusion_checkpoint <its arguments in dvc.yaml>
 """
@@ -39,16 +39,16 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     from components.atomic import atomic_write_json
-    from components.evaluation_plots import training_charts
+    from components.evaluation.plots import training_charts
     from components.errors import PipelineError
     from components.params import load_params
     from components.training import resolve_device
-    from components.world_model_training import heldout_metrics, open_latents, save_preview, train
+    from components.models.world_model_training import heldout_metrics, open_latents, save_preview, train
 
     params = load_params(args.params)
     autoencoder = None
     if not args.no_preview:
-        from components.autoencoder import load_autoencoder
+        from components.models.autoencoder import load_autoencoder
 
         autoencoder = load_autoencoder(args.autoencoder)
     run = train(params, args.latents, cache_root=args.cache or None, live_dir=args.live_dir or None,

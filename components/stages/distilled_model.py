@@ -4,11 +4,11 @@ Reads ``data/diffusion_checkpoint`` (the teacher), ``data/finetuned_vae`` (the a
 ``data/validated_latents`` (training and held-out windows) and ``data/raw_trajectories`` (the real frames the
 decoder fine-tune learns from). Writes ``data/distilled_model/``: the student, and in ``autoencoder/`` the
 autoencoder that ships with it, whose decoder is fine-tuned on the student's own rollouts for
-``decoder_minutes`` (``components.rollout_decoder``; 0 = the ``finetuned_vae`` one unchanged). Also
+``decoder_minutes`` (``components.models.rollout_decoder``; 0 = the ``finetuned_vae`` one unchanged). Also
 ``metrics/distilled_model.json``: held-out next-frame PSNR of the student and the teacher against the ground
 truth, the student against the teacher, the copy-last-latent baseline and the undistilled 1-step model, each
 decoded by the ``finetuned_vae`` decoder, and the student's and copy-last-latent's PSNR with the shipped decoder.
-Method: ``components.distillation`` (README "Distillation"). Resumable training state lives in
+Method: ``components.models.distillation`` (README "Distillation"). Resumable training state lives in
 ``.cache/distilled_model/<key>/``.
 """
 
@@ -48,10 +48,10 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     from components.atomic import atomic_write_json
-    from components.evaluation_plots import training_charts
-    from components.autoencoder import load_autoencoder
+    from components.evaluation.plots import training_charts
+    from components.models.autoencoder import load_autoencoder
     from components import training
-    from components.distillation import (
+    from components.models.distillation import (
         LatentCritic,
         LatentWindows,
         OneStepStudent,
@@ -61,11 +61,11 @@ def main(args: argparse.Namespace) -> None:
         teacher_sample,
     )
     from components.errors import PipelineError
-    from components.export_contract import file_sha256
+    from components.runtime.export_contract import file_sha256
     from components.params import load_params
-    from components.rollout_decoder import fine_tune_decoder, rollout_windows
-    from components.trajectory_store import TrajectoryStore
-    from components.world_model import load_world_model, make_scheduler
+    from components.models.rollout_decoder import fine_tune_decoder, rollout_windows
+    from components.data.trajectory_store import TrajectoryStore
+    from components.models.world_model import load_world_model, make_scheduler
 
     params = load_params(args.params)
     settings, sampler = params.distilled_model, params.sampler

@@ -8,7 +8,7 @@ split is refused before anything is loaded. Writes:
 * ``metrics/evaluation.json``: teacher-forced PSNR (pooled / mean capped at 50 dB / median) and SSIM with the
   copy-last-frame, copy-last-latent and autoencoder-ceiling baselines, margins in dB, win shares by action kind,
   controllability, rollouts of each ``evaluation.rollout_lengths`` with PSNR per step and the crossing step,
-  LPIPS/FVD or the reason they were skipped (see components/evaluation.py);
+  LPIPS/FVD or the reason they were skipped (see components/evaluation/scoring.py);
 * ``plots/evaluation/psnr_by_step.png`` (and ``.json`` for ``dvc plots``): PSNR by rollout step;
 * ``plots/evaluation/sample.gif``: real | ONNX | teacher rollouts side by side.
 """
@@ -45,8 +45,8 @@ def main(args: argparse.Namespace) -> None:
 def run(params: Any, export: Path, raw_root: Path, latents_root: Path, teacher_dir: Path, autoencoder_dir: Path,
         teacher: bool | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
     """Evaluate the export (and the teacher unless ``teacher`` is false); returns metrics and image arrays."""
-    from components import evaluation as ev
-    from components.trajectory_store import TrajectoryStore
+    from components.evaluation import scoring as ev
+    from components.data.trajectory_store import TrajectoryStore
     from components.training import resolve_device
 
     settings = params.evaluation
@@ -114,7 +114,7 @@ def write_outputs(metrics: dict[str, Any], extras: dict[str, dict], metrics_path
     import numpy as np
 
     from components.atomic import atomic_write_json
-    from components.evaluation_plots import line_chart, side_by_side_gif
+    from components.evaluation.plots import line_chart, side_by_side_gif
 
     atomic_write_json(metrics_path, metrics)
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -162,8 +162,8 @@ def write_outputs(metrics: dict[str, Any], extras: dict[str, dict], metrics_path
 
 def write_turn_test(path: Path, shown: dict[str, Any]) -> None:
     """The turn test: per held-out context, the last context frame then the generated steps of each held action,
-    and the recorded continuation (``components.evaluation.turn_test``)."""
-    from components.evaluation_plots import frame_grid
+    and the recorded continuation (``components.evaluation.scoring.turn_test``)."""
+    from components.evaluation.plots import frame_grid
 
     context = shown["context"]
     steps = shown["real"].shape[1]
@@ -180,7 +180,7 @@ def write_turn_test(path: Path, shown: dict[str, Any]) -> None:
 def write_long_play(plots_dir: Path, metrics: dict[str, Any], picture: Any) -> None:
     """``long_play.png`` (per held-out context: the last context frame, then the ONNX model's frames at the shown
     steps of player-like keys) and ``long_play_by_step.png`` (its sharpness, colour distance and HUD change)."""
-    from components.evaluation_plots import frame_grid, line_chart
+    from components.evaluation.plots import frame_grid, line_chart
 
     played = metrics["onnx"]["long_play"]
     shown = list(played["at_step"])

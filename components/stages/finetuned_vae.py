@@ -1,6 +1,6 @@
 """Stage ``finetuned_vae``: freeze the encoder, fine-tune the decoder on game frames with pixel MSE (the paper's step).
 
-With ``detail_weight`` > 0 the loss adds the detail term (``components.view_motion.detail_loss``): the local
+With ``detail_weight`` > 0 the loss adds the detail term (``components.evaluation.view_motion.detail_loss``): the local
 Laplacian RMS of the decoded frame against the real one, which MSE alone lets blur away.
 
 Trains on the training-split frames of the episodes that passed the latent gate (``data/validated_latents``),
@@ -60,12 +60,12 @@ def main(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from components import autoencoder as aem
+    from components.models import autoencoder as aem
     from components import training
     from components.atomic import atomic_write_json
-    from components.evaluation_plots import training_charts
+    from components.evaluation.plots import training_charts
     from components.errors import PipelineError
-    from components.trajectory_store import TrajectoryStore
+    from components.data.trajectory_store import TrajectoryStore
 
     params = load_params(args.params)
     p = params.finetuned_vae

@@ -45,13 +45,13 @@ def main(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from components import export_contract as contract
+    from components.runtime import export_contract as contract
     from components.atomic import atomic_directory, atomic_write_json
-    from components.autoencoder import load_autoencoder
-    from components.distillation import load_student
-    from components.environment import resolve_scenario
+    from components.models.autoencoder import load_autoencoder
+    from components.models.distillation import load_student
+    from components.game.environment import resolve_scenario
     from components.errors import PipelineError
-    from components.export import (
+    from components.runtime.export import (
         DecoderGraph,
         EncoderGraph,
         dvc_lock_hashes,
@@ -61,9 +61,9 @@ def main(args: argparse.Namespace) -> None:
         parity,
         params_hash,
     )
-    from components.export_contract import file_sha256
+    from components.runtime.export_contract import file_sha256
     from components.params import load_params
-    from components.trajectory_store import ShardError, TrajectoryStore
+    from components.data.trajectory_store import ShardError, TrajectoryStore
 
     params = load_params(args.params)
     settings, environment = params.onnx_export, params.environment
@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
                          "wad": Path(scenario.wad).name if scenario.wad else config_wad(scenario.config),
                          "map": scenario.map},
             "sampling": {
-                "model": "one-step student (components/distillation.py)",
+                "model": "one-step student (components/models/distillation.py)",
                 "teacher_steps": student.settings.teacher_steps,
                 "cfg": student.settings.cfg,
                 "context_noise_level": student.settings.context_noise_level,

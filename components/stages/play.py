@@ -3,8 +3,8 @@
 Two engines (``--engine``, params ``play.engine``):
 
 * ``server``: this process runs the model with ONNX Runtime and streams each frame to the page over a WebSocket
-  (``components/play.py``);
-* ``browser``: this process writes the static bundle (``components/web_bundle.py``) and only serves its files;
+  (``components/play/server.py``);
+* ``browser``: this process writes the static bundle (``components/play/web_bundle.py``) and only serves its files;
   the page runs the model with ONNX Runtime Web.
 
 SIGTERM or SIGINT stops either cleanly.
@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> None:
 
 def serve_in_browser(export: str, bundle_dir: str, host: str, port: int, fps: float, isolated: bool) -> None:
     """The browser engine: write the bundle, then serve its files until a signal."""
-    from components.web_bundle import build_bundle, serve_bundle
+    from components.play.web_bundle import build_bundle, serve_bundle
 
     build_bundle(export, bundle_dir, fps)
     serve_bundle(bundle_dir, host, port, isolated=isolated)
@@ -60,7 +60,8 @@ def serve_in_browser(export: str, bundle_dir: str, host: str, port: int, fps: fl
 
 def serve_frames(export: str, host: str, port: int, fps: float, settings: Any) -> None:
     """The server engine: run the model here and stream the frames until a signal."""
-    from components.play import OnnxGame, PlayServer, pipelined_threads
+    from components.play.server import OnnxGame, PlayServer
+    from components.runtime.sessions import pipelined_threads
 
     # The pipelined loop runs two sessions at once: play.threads cores are split between them.
     game = OnnxGame(export, threads=pipelined_threads(settings.threads), balance=True)

@@ -1,6 +1,6 @@
 """``python -m components promote``: promote the fresh export to champion if it is no worse, else reject it.
 
-Run after ``dvc repro`` (or inside a DVC experiment's workspace). See components/promotion.py for the rule,
+Run after ``dvc repro`` (or inside a DVC experiment's workspace). See components/evaluation/promotion.py for the rule,
 the champion folder and the promotion log. Rejection is a normal outcome: the exit status is 0 either way;
 ``--decision-json`` writes the decision with both metric sets for a caller (e.g. Dagster) to read.
 """
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     from components.atomic import atomic_write_json
     from components.params import load_params
-    from components.promotion import promote_challenger
+    from components.evaluation.promotion import promote_challenger
 
     params = load_params(args.params)
     decision = promote_challenger(

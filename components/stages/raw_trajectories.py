@@ -1,6 +1,6 @@
 """Stage ``raw_trajectories --shard N``: record one shard of play, from random to skilled.
 
-Writes ``data/raw_trajectories/shard-N`` (a trajectory shard, see ``components.trajectory_store`` and the
+Writes ``data/raw_trajectories/shard-N`` (a trajectory shard, see ``components.data.trajectory_store`` and the
 README "Data format: trajectories"), ``metrics/raw_trajectories/shard-N.json`` (episodes, frames, mean
 reward, action histogram, held-out episodes) and ``plots/raw_trajectories/shard-N.png`` (sample frames).
 """
@@ -35,8 +35,8 @@ def main(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from components.atomic import atomic_path, atomic_write_json
-    from components.collection import record_shard, sample_grid
-    from components.trajectory_store import Shard
+    from components.game.collection import record_shard, sample_grid
+    from components.data.trajectory_store import Shard
 
     log.info("recording %s: %d frames, policy %s, %d games in lockstep", args.out, config.frames_per_shard,
              config.policy, config.parallel_games)

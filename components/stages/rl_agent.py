@@ -1,7 +1,7 @@
 """Stage ``rl_agent``: train the PPO agent on ViZDoom with the paper's reward.
 
 Outputs (``data/rl_agent/``, written atomically as one folder):
-  policy.safetensors / policy.json          the final policy (see ``components.agent``)
+  policy.safetensors / policy.json          the final policy (see ``components.game.agent``)
   checkpoints/step-*.safetensors / .json    snapshots evenly spaced over training
   checkpoints.json                          every snapshot, least to most trained (the last is the final one)
 Also ``metrics/rl_agent.json``, DVCLive curves (episode reward and length; SB3's ``train/*`` statistics after each
@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> None:
     import numpy as np
     from dvclive import Live
 
-    from components.agent import train
+    from components.game.agent import train
     from components.atomic import atomic_directory, atomic_write_json
 
     config = params.rl_agent
@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> None:
 def write_charts(folder: Path, episode_steps: list[int], rewards: list[float], lengths: list[int],
                  updates: list[tuple[int, dict[str, float]]]) -> None:
     """Episode reward and length, and each of SB3's train/* statistics, against timesteps, as PNG."""
-    from components.evaluation_plots import CURVE_PREFIX, line_chart
+    from components.evaluation.plots import CURVE_PREFIX, line_chart
 
     folder.mkdir(parents=True, exist_ok=True)  # a DVC out, even for a run too short to finish an episode
     if rewards and len(episode_steps) == len(rewards):

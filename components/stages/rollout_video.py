@@ -30,11 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def recorded_sequence(game: Any, args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(start latents [K,C,h,w], recorded actions from the first context row [K+T-1 or more], the real frames
-    that followed [T,H,W,3], the real context frames [K,H,W,3]) for ``game`` (a ``components.play.OnnxGame``)."""
+    that followed [T,H,W,3], the real context frames [K,H,W,3]) for ``game`` (a ``components.runtime.sessions.OnnxExport``)."""
     import numpy as np
 
     from components.errors import PipelineError
-    from components.trajectory_store import TrajectoryStore
+    from components.data.trajectory_store import TrajectoryStore
 
     K = game.K
     if args.trajectories is None:
@@ -62,10 +62,10 @@ def main(args: argparse.Namespace) -> None:
     from components.atomic import atomic_path
     from components.errors import PipelineError
     from components.params import load_params
-    from components.play import OnnxGame
+    from components.runtime.sessions import OnnxExport
 
     settings = load_params(args.params).play
-    game = OnnxGame(args.export or settings.export_dir, threads=settings.threads)
+    game = OnnxExport(args.export or settings.export_dir, threads=settings.threads)
     context, actions, real, context_frames = recorded_sequence(game, args)
     steps = min(len(real), len(actions) - game.K + 1) if args.steps is None else args.steps
     if steps < 1 or steps > len(real) or steps > len(actions) - game.K + 1:

@@ -1,4 +1,4 @@
-"""Stage ``validated_latents``: encode every frame to scaled latents, then gate them (components/latent_validation.py).
+"""Stage ``validated_latents``: encode every frame to scaled latents, then gate them (components/data/latent_validation.py).
 
 For each trajectory shard ``data/raw_trajectories/shard-N`` it writes ``data/validated_latents/shard-N``
 (``ShardWriter(kind="latents")``) with arrays ``latents`` [N, C, h, w] (scaled, ``validated_latents.dtype``),
@@ -61,7 +61,7 @@ def make_encoder(ae: Any, settings: Any, trajectories: Any, scratch: str, device
                 return ae.encode(torch.from_numpy(frames)).cpu().numpy()
 
         return encode
-    from components.export import onnx_encoder
+    from components.runtime.export import onnx_encoder
 
     first = trajectories.shards[0].array("frames")[: min(8, settings.batch_size)]
     return onnx_encoder(ae, scratch, settings.batch_size, settings.threads, to_unit_chw(first),
@@ -73,10 +73,10 @@ def main(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from components.atomic import atomic_directory, atomic_write_json
-    from components.autoencoder import load_autoencoder
+    from components.models.autoencoder import load_autoencoder
     from components.errors import PipelineError
-    from components.latent_validation import GateLimits, latent_statistics, validate_latents
-    from components.trajectory_store import ShardWriter, TrajectoryStore, shard_paths
+    from components.data.latent_validation import GateLimits, latent_statistics, validate_latents
+    from components.data.trajectory_store import ShardWriter, TrajectoryStore, shard_paths
 
     params = load_params(args.params)
     p = params.validated_latents

@@ -10,7 +10,7 @@
   for ``frame_skip`` tics. The game's available buttons are the union of all actions' buttons.
 * With probability ``repeat_action_probability`` the previous action is executed instead of the chosen
   one (the paper makes repeating more likely); ``info["action"]`` is the action actually executed.
-* The reward is the paper's reward (``components.reward``) times ``reward.scale``; ``info["reward_terms"]``
+* The reward is the paper's reward (``components.game.reward``) times ``reward.scale``; ``info["reward_terms"]``
   holds the unscaled per-term breakdown of the step.
 """
 
@@ -29,7 +29,7 @@ from PIL import Image
 
 from components.errors import PipelineError
 from components.params import ActionSpec, EnvironmentParams, RewardParams
-from components.reward import GameVariables, RewardFunction
+from components.game.reward import GameVariables, RewardFunction
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``build_bundle(export, out)`` writes one folder that any static file server can serve::
 
-    index.html, player.js,  the page (components/play_page/web.html, web_player.js, screen.js): ONNX Runtime
+    index.html, player.js,  the page (components/play/page/web.html, web_player.js, screen.js): ONNX Runtime
     screen.js               Web runs world_model.onnx and decoder.onnx in it (WASM with SIMD; with threads when
                             the page is cross-origin isolated, else one thread, and the page says so)
     ort/                    ort.wasm.min.mjs and ort-wasm-simd-threaded.{mjs,wasm}, copied from
@@ -15,7 +15,7 @@
     bundle.json             what the page reads first: sizes, actions, the keymap, the frame-rate cap, the layout
                             of contexts.bin, and the bytes and sha256 of every other file (the page checks them)
 
-The page plays exactly as ``components.play.GameState.step`` does (same keymap, same action matching, same
+The page plays exactly as ``components.play.server.GameState.step`` does (same keymap, same action matching, same
 rolling context, same uint8 conversion), so from the same context and actions it makes the same frames up to
 ONNX Runtime Web's arithmetic (tests/test_web_bundle.py measures it).
 
@@ -40,7 +40,7 @@ import numpy as np
 
 from components.atomic import atomic_directory
 from components.errors import PipelineError
-from components.export_contract import (
+from components.runtime.export_contract import (
     CONTEXTS_FILE,
     DECODER_FILE,
     WORLD_MODEL_FILE,
@@ -49,14 +49,14 @@ from components.export_contract import (
     file_sha256,
     load_manifest,
 )
-from components.play import KEY_BUTTONS, PAGE_DIR, stop_on_signals
+from components.play.server import KEY_BUTTONS, PAGE_DIR, stop_on_signals
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "gamengen-web-bundle/1"
 BUNDLE_FILE = "bundle.json"
 CONTEXTS_BIN = "contexts.bin"
-ORT_PACKAGE = Path(__file__).resolve().parent.parent / "node_modules" / "onnxruntime-web"  # make web
+ORT_PACKAGE = Path(__file__).resolve().parents[2] / "node_modules" / "onnxruntime-web"  # make web
 ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 PAGE_FILES = {"index.html": "web.html", "player.js": "web_player.js", "screen.js": "screen.js"}
 ISOLATION_HEADERS = {

@@ -14,8 +14,8 @@ imperfect output, which limits drift over long rollouts; 0 means a clean context
 
 API (evaluation, distillation and the player use it; keep it stable)::
 
-    from components.sampler import WorldModel, rollout, make_scheduler, sample_next_latent
-    wm = WorldModel(net, autoencoder, steps=4, cfg=1.5, context_noise_level=0.1, seed=0)
+    from components.models.sampler import Sampler, rollout, make_scheduler, sample_next_latent
+    wm = Sampler(net, autoencoder, steps=4, cfg=1.5, context_noise_level=0.1, seed=0)
     wm.reset(context, context_actions)   # context: K latents [K,C,h,w] or K frames [K,3,H,W] in [0,1]
                                          # (fewer than K: the oldest is repeated); context_actions: the K-1 actions
                                          # taken between them (context_actions[i] taken on context frame i)
@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from components.world_model import ActionConditionedUNet, make_scheduler, noise_bucket
+from components.models.world_model import ActionConditionedUNet, make_scheduler, noise_bucket
 
-__all__ = ["WorldModel", "make_scheduler", "rollout", "sample_next_latent", "guided_velocity"]
+__all__ = ["Sampler", "make_scheduler", "rollout", "sample_next_latent", "guided_velocity"]
 
 
 def guided_velocity(net: ActionConditionedUNet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -87,10 +87,10 @@ def sample_next_latent(net: ActionConditionedUNet, scheduler: Any, context_laten
     return net.from_residual(x, net.residual_base(context, actions))
 
 
-class WorldModel:
+class Sampler:
     """A playable world model: keeps the last K latents and actions, and generates one frame per action.
 
-    ``autoencoder`` is the object from ``components.autoencoder.load_autoencoder`` (``encode``/``decode``,
+    ``autoencoder`` is the object from ``components.models.autoencoder.load_autoencoder`` (``encode``/``decode``,
     ``frame_size``); it may be ``None`` to work in latent space only (``step_latent``).
     """
 
@@ -107,7 +107,7 @@ class WorldModel:
         self.actions: torch.Tensor | None = None  # [K-1]
 
     @classmethod
-    def from_params(cls, net: ActionConditionedUNet, autoencoder: Any, sampler: Any) -> "WorldModel":
+    def from_params(cls, net: ActionConditionedUNet, autoencoder: Any, sampler: Any) -> "Sampler":
         """Build with the ``params.sampler`` section's settings."""
         return cls(net, autoencoder, steps=sampler.steps, cfg=sampler.cfg,
                    context_noise_level=sampler.context_noise_level, eta=sampler.eta, seed=sampler.seed)
@@ -118,13 +118,13 @@ class WorldModel:
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         if self.autoencoder is None:
-            raise ValueError("this WorldModel has no autoencoder: pass latents, not frames")
+            raise ValueError("this Sampler has no autoencoder: pass latents, not frames")
         with torch.no_grad():
             return self.autoencoder.encode(frames.float()).to(self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.autoencoder is None:
-            raise ValueError("this WorldModel has no autoencoder: use step_latent")
+            raise ValueError("this Sampler has no autoencoder: use step_latent")
         with torch.no_grad():
             return self.autoencoder.decode(latents).clamp(0, 1)
 
@@ -172,18 +172,18 @@ class WorldModel:
         return self.decode(self.step_latent(action)[None])[0]
 
 
-def rollout(model: WorldModel | ActionConditionedUNet, start_context: torch.Tensor,
+def rollout(model: Sampler | ActionConditionedUNet, start_context: torch.Tensor,
             start_actions: Sequence[int] | torch.Tensor, actions: Sequence[int] | torch.Tensor,
             autoencoder: Any = None, decode: bool = True, **sampler_kwargs: Any
             ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Autoregressive generation: reset on ``start_context`` / ``start_actions`` (see ``WorldModel.reset``),
+    """Autoregressive generation: reset on ``start_context`` / ``start_actions`` (see ``Sampler.reset``),
     then one step per entry of ``actions`` (``actions[0]`` is taken on the newest context frame).
 
-    ``model`` is a ``WorldModel`` or a bare network (then ``autoencoder`` and ``sampler_kwargs`` such as
+    ``model`` is a ``Sampler`` or a bare network (then ``autoencoder`` and ``sampler_kwargs`` such as
     ``steps``, ``cfg``, ``context_noise_level``, ``seed`` build one). Returns ``(frames [T,3,H,W] or None when
     ``decode`` is false or there is no autoencoder, latents [T,C,h,w])``.
     """
-    wm = model if isinstance(model, WorldModel) else WorldModel(model, autoencoder, **sampler_kwargs)
+    wm = model if isinstance(model, Sampler) else Sampler(model, autoencoder, **sampler_kwargs)
     wm.reset(start_context, start_actions)
     latents = torch.stack([wm.step_latent(int(a)) for a in torch.as_tensor(actions).reshape(-1)])
     frames = None

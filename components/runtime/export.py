@@ -1,6 +1,6 @@
 """ONNX export of the playable model (stage ``onnx_export``): three graphs, a manifest and held-out contexts.
 
-The contract (names, dtypes, axes, manifest fields) is defined in ``components.export_contract`` and
+The contract (names, dtypes, axes, manifest fields) is defined in ``components.runtime.export_contract`` and
 documented in README "ONNX export contract". This module builds it:
 
 * ``EncoderGraph`` / ``DecoderGraph`` wrap ``FrameAutoencoder.encode`` / ``decode`` (padding, scaling and
@@ -24,7 +24,7 @@ from torch import nn
 
 from components.atomic import atomic_path, atomic_write_bytes
 from components.errors import PipelineError
-from components.export_contract import GRAPHS
+from components.runtime.export_contract import GRAPHS
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def ort_session(path: str | Path, threads: int = 2) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    from components.export_contract import execution_providers
+    from components.runtime.export_contract import execution_providers
 
     session = ort.InferenceSession(str(path), options, providers=execution_providers())
     log.info("ONNX Runtime runs %s on %s", Path(path).name, session.get_providers()[0])
@@ -121,7 +121,7 @@ def onnx_encoder(autoencoder: Any, folder: str | Path, max_batch: int, threads: 
     With ``check_frames`` the graph is first compared with PyTorch on them; a max abs difference above
     ``tolerance`` raises ``ExportError``.
     """
-    from components.export_contract import ENCODER_FILE
+    from components.runtime.export_contract import ENCODER_FILE
 
     frame_size = tuple(autoencoder.frame_size)
     example = torch.rand(min(2, max_batch), 3, *frame_size)

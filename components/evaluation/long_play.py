@@ -1,6 +1,6 @@
 """Long play: what a player sees after many steps of pressing keys, measured without a recorded continuation.
 
-The rollouts of ``components.evaluation`` follow recorded play for at most the longest rollout length and score
+The rollouts of ``components.evaluation.scoring`` follow recorded play for at most the longest rollout length and score
 against the real frames step by step. A player goes on for minutes and presses other keys, and a model can look
 fine for 64 steps and then tear into bands or lose the status bar. Here, from held-out contexts, the model plays
 ``steps`` steps driven by player-like keys (each action, uniform over the action set, held for 1 to ``hold``
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from components.view_motion import laplacian_energy, view_row_count
+from components.evaluation.view_motion import laplacian_energy, view_row_count
 
 HISTOGRAM_BINS = 16
 

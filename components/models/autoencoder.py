@@ -303,11 +303,11 @@ def evaluation_frames(store: Any, count: int, episode_ids: set[str] | None = Non
 def reconstruction_metrics(ae: FrameAutoencoder, frames: torch.Tensor, batch_size: int = 64,
                            view_rows: float = 1.0) -> dict[str, float]:
     """PSNR (pooled over the mean squared error of all frames, in dB), mean SSIM and sharpness (Laplacian energy
-    over the real frames', on the top ``view_rows`` of the rows; ``components.view_motion.sharpness``) of
+    over the real frames', on the top ``view_rows`` of the rows; ``components.evaluation.view_motion.sharpness``) of
     decode(encode(x))."""
     import kornia
 
-    from components.view_motion import laplacian_energy, view_row_count
+    from components.evaluation.view_motion import laplacian_energy, view_row_count
 
     rows = view_row_count(frames.shape[2], view_rows)
     squared, ssim, pixels, energy, real_energy = 0.0, 0.0, 0, 0.0, 0.0
@@ -359,9 +359,9 @@ def kl_divergence(posterior: Any) -> torch.Tensor:
 def decoder_loss(ae: FrameAutoencoder, latents: torch.Tensor, frames: torch.Tensor, detail_weight: float = 0.0,
                  detail_patch: int = 4, ssim_weight: float = 0.0) -> torch.Tensor:
     """A decoder fine-tune's loss: pixel MSE of decode(``latents``) (scaled) against ``frames`` [B,3,H,W] in
-    ``[0, 1]``, plus ``detail_weight`` times the detail term (``components.view_motion.detail_loss``) and
+    ``[0, 1]``, plus ``detail_weight`` times the detail term (``components.evaluation.view_motion.detail_loss``) and
     ``ssim_weight`` times the SSIM loss."""
-    from components.view_motion import detail_loss
+    from components.evaluation.view_motion import detail_loss
 
     z = (latents.to(ae.device, torch.float32) / ae.scaling_factor).contiguous(memory_format=torch.channels_last)
     output = ae.crop(ae.vae.decode(z).sample, clamp=False)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components import long_play, view_motion
+from components.evaluation import long_play, view_motion
 from components.errors import PipelineError
 
 PSNR_CAP_DB = 50.0
@@ -321,7 +321,7 @@ def measure_view_motion(raw: Any, environment: Any, settings: Any) -> "ViewMotio
 @dataclass(frozen=True)
 class ViewMotion:
     """What the real game does with each action: the median horizontal displacement of the view in pixels per
-    action id (``components.view_motion.action_displacements`` on the training split), and the share of rows
+    action id (``components.evaluation.view_motion.action_displacements`` on the training split), and the share of rows
     above the HUD. It drives the controllable baseline, ``shift_last_frame``."""
 
     displacement_px: Sequence[float]
@@ -529,7 +529,7 @@ def hold_action(model: ModelUnderTest, windows: Windows, context: int, action: i
 def measure_long_play(model: ModelUnderTest, raw: Any, latents: Any | None, episodes: Sequence[Any], context: int,
                       settings: Any, num_actions: int, view_rows: float,
                       real_pool: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-    """``components.long_play`` for one model: ``settings.long_play_steps`` steps of player-like keys from held-out
+    """``components.evaluation.long_play`` for one model: ``settings.long_play_steps`` steps of player-like keys from held-out
     contexts (with their recorded continuation where the episodes are that long; the teacher-forced windows already
     needed longer episodes than a bare context). Returns the metrics and, for the picture, uint8
     ``[rows, 1 + shown steps, H, W, 3]``: the last context frame, then the shown steps."""
@@ -777,9 +777,9 @@ def _shown_steps(steps: int) -> list[int]:
 def onnx_model(export_dir: str | Path, threads: int = 2) -> tuple[ModelUnderTest, dict[str, Any]]:
     """The shipped export, run by ONNX Runtime exactly as the player runs it: encode real frames, predict,
     decode. Returns the model and the export's manifest."""
-    from components.play import OnnxGame
+    from components.runtime.sessions import OnnxExport
 
-    game = OnnxGame(export_dir, threads=threads)
+    game = OnnxExport(export_dir, threads=threads)
 
     def decode(latents: np.ndarray) -> np.ndarray:
         return game.decoder.run(["frames"], {"latents": np.ascontiguousarray(latents, np.float32)})[0]
@@ -794,9 +794,9 @@ def teacher_model(checkpoint_dir: str | Path, vae_dir: str | Path, sampler: Any,
                   device: torch.device | str = "cpu") -> tuple[ModelUnderTest, int]:
     """The PyTorch teacher on ``device``: DDIM with ``sampler.steps`` steps and CFG on the past frames, decoded by
     the fine-tuned VAE; its context is the validated latents. Returns the model and its context length K."""
-    from components.autoencoder import load_autoencoder
-    from components.sampler import sample_next_latent
-    from components.world_model import load_world_model, make_scheduler
+    from components.models.autoencoder import load_autoencoder
+    from components.models.sampler import sample_next_latent
+    from components.models.world_model import load_world_model, make_scheduler
 
     net = load_world_model(checkpoint_dir, device).eval()
     autoencoder = load_autoencoder(vae_dir)

@@ -1,6 +1,6 @@
 """Split ``decoder.onnx`` in two at load time, so that the pipelined player keeps both cores equally busy.
 
-The pipelined player (``components.play``) predicts frame t+1 on one core while frame t is decoded on the other,
+The pipelined player (``components.play.server``) predicts frame t+1 on one core while frame t is decoded on the other,
 so a frame costs max(world model, decoder). When the decoder is the slower of the two, its first layers (the
 cheap low-resolution ones) can run on the world model's core instead, right after the prediction: the decoder
 graph is cut at a tensor that alone carries everything from the first part to the second (a block boundary),

@@ -1,7 +1,7 @@
 """The ONNX export contract (README "ONNX export contract"): file names, tensor names and the manifest.
 
-This module is the single definition of the contract that ``components.export`` writes and that
-consumers (``components.play``, the contract tests, other programs) read. It imports neither torch
+This module is the single definition of the contract that ``components.runtime.export`` writes and that
+consumers (``components.play.server``, the contract tests, other programs) read. It imports neither torch
 nor onnxruntime at load time, so a player can validate an export folder with numpy and the standard library
 only (``execution_providers`` asks onnxruntime, when called, which execution providers it has).
 

@@ -255,8 +255,8 @@ def criteria_from_params(settings: Any) -> list[Criterion]:
 def reevaluate_champion(params: Any, champion_dir: Path, raw_root: Path, latents_root: Path | None) -> dict[str, Any]:
     """Score the champion's export on the current held-out episodes, with the same windows and settings the
     challenger's evaluation used (ONNX only: the teacher is not part of what ships)."""
-    from components import evaluation as ev
-    from components.trajectory_store import TrajectoryStore
+    from components.evaluation import scoring as ev
+    from components.data.trajectory_store import TrajectoryStore
 
     settings = params.evaluation
     raw = TrajectoryStore(raw_root)

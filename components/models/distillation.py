@@ -1,7 +1,7 @@
 """The 1-step model (stage ``distilled_model``): the teacher's one-step sampler, then trained further.
 
 The teacher is the world model of ``diffusion_checkpoint`` sampled as ``params.sampler`` says: DDIM with
-``steps`` steps, classifier-free guidance ``cfg`` on the past frames (``components.sampler.guided_velocity``)
+``steps`` steps, classifier-free guidance ``cfg`` on the past frames (``components.models.sampler.guided_velocity``)
 and context noise of std ``context_noise_level``.
 
 * Student: a copy of the teacher's network (same architecture, initialised from its weights) called once, at the
@@ -18,7 +18,7 @@ and context noise of std ``context_noise_level``.
     learns to continue from what it made (DIAMOND trains on several autoregressive steps for the same reason).
   - ``teacher``: *fixed-noise regression onto the teacher's sampler output*, the simplest form of
     consistency/progressive distillation: ``y = teacher(ctx + level * e', actions, x_T = z')``, the teacher's
-    full multi-step CFG sampling as ``components.sampler.sample_next_latent`` computes it. With
+    full multi-step CFG sampling as ``components.models.sampler.sample_next_latent`` computes it. With
     ``teacher_noise: fresh`` ``z'`` and ``e'`` are new for every window, so the student learns ``E[y]``, the mean
     of the teacher's samples; with ``frozen`` ``z' = z`` and ``e' = e``: it copies one sample.
 
@@ -55,15 +55,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from components.errors import PipelineError
-from components.sampler import guided_velocity
-from components.view_motion import detail_loss
-from components.world_model import ActionConditionedUNet, WorldModelConfig, make_scheduler, noise_bucket
+from components.models.sampler import guided_velocity
+from components.evaluation.view_motion import detail_loss
+from components.models.world_model import ActionConditionedUNet, WorldModelConfig, make_scheduler, noise_bucket
 
 log = logging.getLogger(__name__)
 
 STUDENT_CONFIG = "student.json"
 STUDENT_WEIGHTS = "student.safetensors"
-STUDENT_AUTOENCODER = "autoencoder"  # the autoencoder whose decoder ships with the student (components.rollout_decoder)
+STUDENT_AUTOENCODER = "autoencoder"  # the autoencoder whose decoder ships with the student (components.models.rollout_decoder)
 FORMAT = "gamengen-one-step-student/1"
 
 
@@ -219,7 +219,7 @@ def teacher_sample(teacher: ActionConditionedUNet, scheduler: Any, student: OneS
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """The teacher's multi-step CFG sample: the distillation target.
 
-    Same loop as ``components.sampler.sample_next_latent`` (eta 0). Without ``generator`` it starts from the
+    Same loop as ``components.models.sampler.sample_next_latent`` (eta 0). Without ``generator`` it starts from the
     student's frozen noise (``x_T = z``, context noise ``e``); with one, from new noise for every window.
     """
     s = student.settings

@@ -1,5 +1,5 @@
-// The in-browser engine of the player (components/web_bundle.py writes the bundle this page runs in).
-// ONNX Runtime Web runs world_model.onnx and decoder.onnx here; the game loop is components/play.py's
+// The in-browser engine of the player (components/play/web_bundle.py writes the bundle this page runs in).
+// ONNX Runtime Web runs world_model.onnx and decoder.onnx here; the game loop is components/play/server.py's
 // GameState.step: the same keymap (bundle.json "keymap"), the same action matching, the same rolling context
 // and the same float -> uint8 conversion, so the frames match ONNX Runtime in Python up to WASM arithmetic.
 "use strict";
@@ -48,7 +48,7 @@ async function fetchChecked(name, expected) {
   return bytes;
 }
 
-// components/play.py action_for_buttons: an action whose buttons equal the held ones wins; else the one that
+// components/play/server.py action_for_buttons: an action whose buttons equal the held ones wins; else the one that
 // presses the most held buttons and none that are not held; else the no-op (no buttons), else id 0.
 function actionForButtons(held, actions) {
   let best = null;

@@ -43,9 +43,9 @@ import torch
 
 from components.errors import PipelineError
 from components.training import CHECKPOINT_FILE, Budget, Recipe, TrainResult
-from components.trajectory_store import TrajectoryStore
-from components.motion_warp import LatentGeometry, fit_action_warp
-from components.world_model import ActionConditionedUNet, context_noise, make_scheduler, noise_bucket
+from components.data.trajectory_store import TrajectoryStore
+from components.models.motion_warp import LatentGeometry, fit_action_warp
+from components.models.world_model import ActionConditionedUNet, context_noise, make_scheduler, noise_bucket
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def heldout_metrics(net: ActionConditionedUNet, store: TrajectoryStore, params: 
     last context latent, the baseline that shows learned dynamics. Runs in chunks of ``chunk`` windows on
     ``device``; ``batch`` / ``sampled`` of the first chunk are returned for the preview.
     """
-    from components.sampler import sample_next_latent
+    from components.models.sampler import sample_next_latent
 
     split = "heldout"
     stream = WindowStream(store, net.config.context, split, seed)

@@ -80,7 +80,7 @@ class ShardSummary:
 
 def load_snapshots(agent_dir: Path) -> list[Any]:
     """Every policy snapshot of an ``rl_agent`` output, least to most trained."""
-    from components.agent import list_checkpoints, load_policy
+    from components.game.agent import list_checkpoints, load_policy
 
     return [load_policy(agent_dir / entry["file"]) for entry in list_checkpoints(agent_dir)]
 
@@ -96,8 +96,8 @@ def record_shard(
     import torch
     from tqdm import tqdm
 
-    from components.environment import DoomEnv, action_names, resolve_scenario
-    from components.trajectory_store import ShardWriter
+    from components.game.environment import DoomEnv, action_names, resolve_scenario
+    from components.data.trajectory_store import ShardWriter
 
     config, env_params = params.raw_trajectories, params.environment
     torch.set_num_threads(1)  # small batches: one thread is fastest and leaves the other core to the games

@@ -325,7 +325,7 @@ def train(
     from stable_baselines3.common.vec_env import DummyVecEnv
     from tqdm import tqdm
 
-    from components.environment import DoomEnv, action_names
+    from components.game.environment import DoomEnv, action_names
 
     config, ppo = params.rl_agent, params.rl_agent.ppo
     if config.torch_threads > 0:

@@ -21,7 +21,7 @@ This is GameNGen's model (see ``../shared/reference/gamengen-paper.md``, "Model 
 
 The interface other stages use (keep it stable)::
 
-    from components.world_model import ActionConditionedUNet, load_world_model
+    from components.models.world_model import ActionConditionedUNet, load_world_model
     net = load_world_model("data/diffusion_checkpoint")
     v = net(noisy_target,      # [B, C, h, w]
             timesteps,         # [B] long, in [0, num_train_timesteps)
@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from components.errors import PipelineError
-from components.motion_warp import ActionWarp, previous_actions
+from components.models.motion_warp import ActionWarp, previous_actions
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class WorldModelConfig:
     beta_schedule: str = "scaled_linear"
     zero_terminal_snr: bool = True
     action_warp: bool = False  # the last context latent, warped by its action, as C extra input channels
-    warp_resampling: str = "nearest"  # nearest | linear (components/motion_warp.py)
+    warp_resampling: str = "nearest"  # nearest | linear (components/models/motion_warp.py)
     predict_residual: bool = False  # diffuse (next - base) / residual_scale, base = the (warped) last latent
     unet: dict[str, Any] = field(default_factory=dict)  # UNet2DConditionModel config (in_channels etc. included)
 

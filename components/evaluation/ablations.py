@@ -32,7 +32,7 @@ from typing import Any
 
 from components.errors import PipelineError
 from components.params import parse_overrides
-from components.promotion import metric_value
+from components.evaluation.promotion import metric_value
 
 log = logging.getLogger(__name__)
 

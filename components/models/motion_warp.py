@@ -169,7 +169,7 @@ def fit_action_warp(warp: ActionWarp, last: torch.Tensor, context_actions: torch
     (shrunk towards 1 where cells barely move) is above 1/2, else 0: the cells that move with the view, and the
     HUD that does not. Returns a summary for the logs.
     """
-    from components.view_motion import horizontal_shift, view_row_count
+    from components.evaluation.view_motion import horizontal_shift, view_row_count
 
     height, width = last_frames.shape[-2:]
     rows = view_row_count(height, view_rows)
