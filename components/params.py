@@ -185,7 +185,7 @@ class RawTrajectoriesParams(Section):
 
 
 class AutoencoderParams(Section):
-    """The frame autoencoder and its helper stage ``base_autoencoder`` (components/autoencoder.py).
+    """The frame autoencoder and its helper stage ``base_autoencoder`` (components/models/autoencoder.py).
 
     With ``pretrained`` set, SD's VAE is loaded from that local folder and only the scaling factor is measured.
     Otherwise a small ``AutoencoderKL`` is built from the fields below and trained on training-split frames
@@ -281,7 +281,7 @@ class FinetunedVaeParams(Section):
 
 
 class WorldModelParams(Section):
-    """Model shape and conditioning of the diffusion world model (components/world_model.py).
+    """Model shape and conditioning of the diffusion world model (components/models/world_model.py).
 
     Read by ``diffusion_checkpoint`` and by every stage that builds windows of ``context + 1`` latents.
     """
@@ -307,7 +307,7 @@ class WorldModelParams(Section):
     zero_terminal_snr: bool = Field(True, description="rescale betas to zero terminal SNR (good with v-prediction)")
     action_warp: bool = Field(
         True, description="feed the UNet the last context latent moved by the view's motion under its action (a "
-        "displacement and zoom per action pair, measured on the training windows: components/motion_warp.py) as "
+        "displacement and zoom per action pair, measured on the training windows: components/models/motion_warp.py) as "
         "extra channels; false: the paper's plain UNet"
     )
     predict_residual: bool = Field(
@@ -329,7 +329,7 @@ class WorldModelParams(Section):
 
 
 class DiffusionCheckpointParams(Section):
-    """Stage ``diffusion_checkpoint``: training of the world model (components/world_model_training.py)."""
+    """Stage ``diffusion_checkpoint``: training of the world model (components/models/world_model_training.py)."""
 
     seed: int = 0
     steps: int = Field(20_000, gt=0, description="optimizer steps (the most, when train_minutes is set)")  # paper: 700k
@@ -358,7 +358,7 @@ class DiffusionCheckpointParams(Section):
 
 
 class SamplerParams(Section):
-    """Inference-time sampling (components/sampler.py): DDIM with classifier-free guidance on past frames."""
+    """Inference-time sampling (components/models/sampler.py): DDIM with classifier-free guidance on past frames."""
 
     steps: int = Field(4, gt=0, description="DDIM steps per frame")  # paper: 4
     cfg: float = Field(1.0, ge=0.0, description="guidance on the past frames only (1 = off)")  # paper: 1.5
@@ -371,7 +371,7 @@ class SamplerParams(Section):
 
 
 class DistilledModelParams(Section):
-    """Stage ``distilled_model`` (components/distillation.py): a 1-step student regressed onto the teacher's
+    """Stage ``distilled_model`` (components/models/distillation.py): a 1-step student regressed onto the teacher's
     multi-step CFG sample (``params.sampler``). See README "Distillation"."""
 
     minutes: float = Field(8.0, gt=0.0, description="training-time budget (the run also stops at max_steps)")
@@ -391,7 +391,7 @@ class DistilledModelParams(Section):
         "the recorded next latent (data)"
     )
     rollout_steps: int = Field(
-        3, gt=0, description="steps of its own rollout the student trains on: after the first, its context ends "
+        8, gt=0, description="steps of its own rollout the student trains on: after the first, its context ends "
         "with its own predictions (training on its own predictions)"
     )
     detail_weight: float = Field(
@@ -428,7 +428,7 @@ class DistilledModelParams(Section):
 
 
 class OnnxExportParams(Section):
-    """Stage ``onnx_export`` (components/export.py): the three ONNX graphs, manifest and held-out contexts."""
+    """Stage ``onnx_export`` (components/runtime/export.py): the three ONNX graphs, manifest and held-out contexts."""
 
     opset: int = Field(18, ge=18, description="ONNX opset of the dynamo exporter")
     max_batch: int = Field(64, gt=1, description="upper bound of the dynamic batch axis")
@@ -439,7 +439,7 @@ class OnnxExportParams(Section):
 
 
 class PlayParams(Section):
-    """The real-time browser player (components/play.py, ``make play``): ONNX Runtime only."""
+    """The real-time browser player (components/play/server.py, ``make play``): ONNX Runtime only."""
 
     export_dir: str = Field("data/onnx_export", min_length=1, description="export folder to play")
     engine: Literal["server", "browser"] = Field(
@@ -467,7 +467,7 @@ class PlayParams(Section):
 
 
 class PromotionCriterionParams(Section):
-    """One metric a challenger must not lose on (components/promotion.py)."""
+    """One metric a challenger must not lose on (components/evaluation/promotion.py)."""
 
     metric: str = Field(min_length=1, description="dotted path into metrics/evaluation.json")
     tolerance: float = Field(0.0, ge=0.0, description="how much worse still counts as no worse (dB for PSNR)")
@@ -493,7 +493,7 @@ class PromotionParams(Section):
 
 
 class AblationsParams(Section):
-    """The paper's ablations as DVC experiments (components/ablations.py, `python -m components ablations`)."""
+    """The paper's ablations as DVC experiments (components/evaluation/ablations.py, `python -m components ablations`)."""
 
     context_key: str = "world_model.context"
     context_lengths: list[int] = Field([1, 2, 4, 8], min_length=1)  # paper: 1, 2, 4, 8, 16, 32, 64
@@ -569,7 +569,7 @@ class EvaluationParams(Section):
     turn_test_rows: int = Field(3, gt=0, description="contexts shown in plots/evaluation/turn_test.png")
     long_play_steps: int = Field(
         256, gt=0, description="steps of player-like keys from held-out contexts, scored against the real frames' "
-        "sharpness, colours and HUD (components/long_play.py)"
+        "sharpness, colours and HUD (components/evaluation/long_play.py)"
     )
     long_play_contexts: int = Field(8, gt=0, description="held-out contexts long play starts from")
     long_play_hold: int = Field(16, gt=0, description="long play holds each key for 1 to this many steps")
