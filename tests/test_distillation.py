@@ -292,7 +292,7 @@ def test_stage_checks_the_decoder_inputs_before_training(tmp_path: Path, bad: st
         [sys.executable, "-m", "components", "--params", str(tmp_path / "params.yaml"), "distilled_model",
          "--teacher", str(paths["diffusion_checkpoint"]), "--autoencoder", str(paths["finetuned_vae"]),
          "--latents", str(paths["validated_latents"]), "--trajectories", str(trajectories), "--out", str(out),
-         "--metrics", str(tmp_path / "metrics.json"), "--cache", ""],
+         "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path / "plots"), "--cache", ""],
         cwd=tmp_path, env=pipeline_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert ("missing" if bad == "trajectories" else "decoder_rollout_steps") in result.stderr

@@ -202,7 +202,7 @@ def test_base_autoencoder_survives_sigkill_with_the_weights_of_an_uninterrupted_
         return [sys.executable, "-m", "components", "--params", str(tmp_path / "params.yaml"), "base_autoencoder",
                 "--trajectories", str(tmp_path / "frames"), "--out", str(tmp_path / name / "model"),
                 "--metrics", str(tmp_path / name / "metrics.json"), "--curve", str(tmp_path / name / "curve.json"),
-                "--cache", str(tmp_path / name / "cache")]
+                "--plots", str(tmp_path / name / "curves"), "--cache", str(tmp_path / name / "cache")]
 
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(command("run"), env=one_thread_env(), stdout=log, stderr=log)
