@@ -32,7 +32,8 @@ INPUT_FLAGS = {"--agent", "--trajectories", "--latents", "--autoencoder", "--tea
 # stage -> (its params section and step key, its outputs as CLI arguments; {out} is a scratch folder)
 TRAINERS: dict[str, tuple[str, str, list[str]]] = {
     "base_autoencoder": ("autoencoder", "max_steps", [
-        "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--curve", "{out}/curve.json", "--plots", "{out}/curves", "--cache", ""]),
+        "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--curve", "{out}/curve.json", "--plots", "{out}/curves",
+        "--cache", ""]),
     "finetuned_vae": ("finetuned_vae", "max_steps", [
         "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--plots", "{out}/plots", "--cache", ""]),
     "diffusion_checkpoint": ("diffusion_checkpoint", "steps", [

@@ -23,7 +23,15 @@ from typing import Any, Callable
 import yaml
 
 from components.errors import PipelineError
-from components.stages.register import PROD, REPORT, STAGE, artifact_entry, git, register_champion
+from components.stages.register import (
+    PROD,
+    REPORT,
+    STAGE,
+    artifact_entry,
+    committed_files,
+    git,
+    register_champion,
+)
 from orchestration.dvc_graph import load_pipeline
 from orchestration.metadata import read_metrics
 
@@ -61,12 +69,8 @@ def experiment_metrics(root: Path, commit: str) -> dict[str, Any]:
     """The metrics files of every stage (dvc.yaml's ``metrics``) as the experiment's commit holds them, flattened
     to ``{"<file>:<dotted.key>": value}``."""
     files = [m for group in load_pipeline(root).groups.values() for item in group.items.values() for m in item.metrics]
-
-    def committed(relpath: str) -> str | None:
-        shown = git(root, "show", f"{commit}:{relpath}")
-        return shown.stdout if shown.returncode == 0 else None
-
-    return read_metrics(root, files, committed)
+    texts = committed_files(root, [f"{commit}:{relpath}" for relpath in files])
+    return read_metrics(root, files, lambda relpath: texts[f"{commit}:{relpath}"])
 
 
 def has_champion_stage(root: Path) -> bool:

@@ -25,7 +25,7 @@ def package_markers() -> set[str]:
 
 
 def module_path(dotted: str) -> str | None:
-    """``components.models.world_model`` -> ``components/models/world_model.py`` (None for a name that is not a module)."""
+    """``components.models.sampler`` -> ``components/models/sampler.py`` (None for a name that is not a module)."""
     path = REPO_ROOT.joinpath(*dotted.split("."))
     for candidate in (path.with_suffix(".py"), path / "__init__.py"):
         if candidate.is_file():

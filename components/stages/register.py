@@ -63,20 +63,27 @@ def champion_at(root: Path, rev: str, path: str) -> str | None:
     return locked_hash(shown.stdout if shown.returncode == 0 else None, path)
 
 
-def champions_at(root: Path, revs: list[str], path: str) -> dict[str, str | None]:
-    """:func:`champion_at` for many commits, read with one ``git cat-file --batch``."""
-    query = "".join(f"{rev}:dvc.lock\n" for rev in revs).encode()
-    output = subprocess.run(["git", "cat-file", "--batch"], cwd=root, input=query, capture_output=True).stdout
+def committed_files(root: Path, objects: list[str]) -> dict[str, str | None]:
+    """The text of each ``<rev>:<path>`` in ``objects`` (None where that commit has no such file), read with one
+    ``git cat-file --batch``."""
+    output = subprocess.run(["git", "cat-file", "--batch"], cwd=root, input="".join(f"{o}\n" for o in objects).encode(),
+                            capture_output=True).stdout
     found: dict[str, str | None] = {}
-    for rev in revs:
+    for name in objects:
         header, _, output = output.partition(b"\n")
-        if header.endswith(b" missing") or b" blob " not in header:
-            found[rev] = None
+        if b" blob " not in header:  # "<name> missing", or not a file
+            found[name] = None
             continue
         size = int(header.rsplit(b" ", 1)[1])
-        found[rev] = locked_hash(output[:size].decode(), path)
+        found[name] = output[:size].decode()
         output = output[size + 1:]  # the blob, then a newline
     return found
+
+
+def champions_at(root: Path, revs: list[str], path: str) -> dict[str, str | None]:
+    """:func:`champion_at` for many commits at once."""
+    locks = committed_files(root, [f"{rev}:dvc.lock" for rev in revs])
+    return {rev: locked_hash(locks[f"{rev}:dvc.lock"], path) for rev in revs}
 
 
 def check_committed_promotion(root: Path, report_path: Path, path: str) -> tuple[dict[str, Any], str]:
