@@ -492,19 +492,22 @@ class PromotionParams(Section):
     )
 
 
+SetValues = dict[str, float | int | str | bool]  # `-S` values of an experiment: dotted key -> value
+
+
 class AblationsParams(Section):
     """The paper's ablations as DVC experiments (components/evaluation/ablations.py, `python -m components ablations`)."""
 
     context_key: str = "world_model.context"
     context_lengths: list[int] = Field([1, 2, 4, 8], min_length=1)  # paper: 1, 2, 4, 8, 16, 32, 64
-    noise_off: dict[str, float | int | str | bool] = Field(
-        default_factory=lambda: {"world_model.max_noise_level": 0.0, "sampler.context_noise_level": 0.0},
+    noise_off: SetValues = Field(
+        default_factory=lambda: SetValues({"world_model.max_noise_level": 0.0, "sampler.context_noise_level": 0.0}),
         description="-S values that turn noise augmentation off (training and inference)",
     )
     data_key: str = "raw_trajectories.policy"
     data_policies: list[str] = Field(["agent", "random"], min_length=1)
-    warp_off: dict[str, float | int | str | bool] = Field(
-        default_factory=lambda: {"world_model.action_warp": False, "world_model.predict_residual": False},
+    warp_off: SetValues = Field(
+        default_factory=lambda: SetValues({"world_model.action_warp": False, "world_model.predict_residual": False}),
         description="-S values that turn the action warp and residual targets off (the paper's plain UNet)",
     )
     seeds: list[int] = Field([0, 1], min_length=1, description="every setting runs once per seed (the tables show the "
@@ -600,40 +603,6 @@ class EvaluationParams(Section):
         return value
 
 
-class OrchestrationParams(Section):
-    """Dagster schedules and DVC remote use (orchestration/; README "Dagster" and "Scale-out")."""
-
-    retraining_cron: str = Field(
-        "0 3 * * 0", description="cron of the `scheduled_retraining` schedule (5 fields; default Sunday 03:00)"
-    )
-    retraining_timezone: str = Field("UTC", min_length=1, description="IANA time zone of retraining_cron")
-    retraining_seed_param: str = Field(
-        "raw_trajectories.seed",
-        min_length=1,
-        description="param set to a fresh seed by each scheduled retraining (`dvc exp run -S <this>=<seed>`)",
-    )
-    pull_before_repro: bool = Field(
-        True, description="materializing runs `dvc repro --pull`: restores outs/run-cache from the remote if there"
-    )
-    push_after_repro: bool = Field(True, description="push outs and run-cache to the default DVC remote after a run")
-    require_remote: bool = Field(
-        False, description="fail the asset when the push fails (set true on distributed executors)"
-    )
-    check_command: str = Field(
-        "python -m components check",
-        description="validates params.yaml before each `dvc repro` / `dvc exp run` (gets -S KEY=VALUE too); '' = none",
-    )
-
-    @field_validator("retraining_cron")
-    @classmethod
-    def _five_field_cron(cls, value: str) -> str:
-        fields = value.split()
-        allowed = set("0123456789*/,-")
-        if len(fields) != 5 or any(not set(f) <= allowed for f in fields):
-            raise ValueError(f"must be a 5-field cron string such as '0 3 * * 0', got {value!r}")
-        return value
-
-
 class Params(Section):
     """The whole of ``params.yaml``."""
 
@@ -656,7 +625,9 @@ class Params(Section):
     onnx_export: OnnxExportParams = OnnxExportParams()
     play: PlayParams = PlayParams()
     evaluation: EvaluationParams = EvaluationParams()
-    orchestration: OrchestrationParams = OrchestrationParams()
+    orchestration: dict[str, Any] = Field(
+        default_factory=dict, description="Dagster settings: validated by orchestration/settings.py, which owns them"
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -669,7 +640,7 @@ _CONSTRAINT_TEXT = {
     "too_short": "must have at least {min_length} item(s)",
     "too_long": "must have at most {max_length} item(s)",
     "string_too_short": "must have at least {min_length} character(s)",
-    "extra_forbidden": "unknown key (check the spelling; allowed keys are listed in components/params.py)",
+    "extra_forbidden": "unknown key (check the spelling; allowed keys are listed in {models_in})",
     "missing": "is required",
     "literal_error": "must be one of {expected}",
 }
@@ -682,9 +653,9 @@ def _key_path(location: tuple[int | str, ...]) -> str:
     return path
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, models_in: str) -> str:
     template = _CONSTRAINT_TEXT.get(error["type"])
-    context = error.get("ctx") or {}
+    context = {"models_in": models_in, **(error.get("ctx") or {})}
     if template:
         try:
             text = template.format(**context)
@@ -697,8 +668,9 @@ def _describe(error: Any) -> str:
     return f"{_key_path(error['loc'])}: {text}"
 
 
-def format_validation_error(error: ValidationError) -> str:
-    return "\n".join(_describe(e) for e in error.errors())
+def format_validation_error(error: ValidationError, models_in: str = "components/params.py") -> str:
+    """One line per error: key path and what is allowed; ``models_in`` is the file that lists the allowed keys."""
+    return "\n".join(_describe(e, models_in) for e in error.errors())
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:

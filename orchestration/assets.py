@@ -11,13 +11,15 @@
 # No `from __future__ import annotations` here: Dagster reads the resource type from the signature.
 
 import warnings
+from pathlib import Path
 
 import dagster as dg
 
 from orchestration.dvc_graph import DvcPipeline, StageGroup, code_versions, data_version, split_address
 from orchestration.metadata import stage_metadata
+from orchestration.reports import evaluate_report
 from orchestration.resources import DvcResource
-from orchestration.settings import orchestration_params
+from orchestration.settings import load_settings
 
 DVC_POOL = "dvc"
 GROUP_NAME = "dvc_pipeline"
@@ -52,10 +54,8 @@ def _action(output: str) -> str:
     return "ran"
 
 
-def _with_reports(failure: dg.Failure, root, reports: tuple[str, ...]) -> dg.Failure:
+def _with_reports(failure: dg.Failure, root: Path, reports: tuple[str, ...]) -> dg.Failure:
     """A stage that failed but wrote its validation report (e.g. a data gate): name the failed checks."""
-    from orchestration.checks import evaluate_report
-
     notes, metadata = [], dict(failure.metadata)
     for report in reports:
         if (root / report).is_file():
@@ -95,7 +95,7 @@ def _build_stage_asset(pipeline: DvcPipeline, group: StageGroup, code_version: s
         },
     )
     def _stage(context: dg.AssetExecutionContext, dvc: DvcResource) -> dg.MaterializeResult:
-        settings = orchestration_params(dvc.root)
+        settings = load_settings(dvc.root)
         keys = list(context.partition_keys) if group.partitioned else [None]
         items = [group.item(key) for key in keys]
         dvc.check_params(settings.check_command, context.log)

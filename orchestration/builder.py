@@ -14,7 +14,7 @@ from orchestration.jobs import full_pipeline, retraining_job
 from orchestration.lock_sync import build_lock_sync_sensor
 from orchestration.resources import DvcResource
 from orchestration.schedules import build_retraining_schedule
-from orchestration.settings import orchestration_params, project_dir
+from orchestration.settings import load_settings, project_dir
 
 
 def build_definitions(root: str | Path | None = None) -> dg.Definitions:
@@ -25,7 +25,7 @@ def build_definitions(root: str | Path | None = None) -> dg.Definitions:
         assets=build_assets(pipeline),
         asset_checks=build_checks(pipeline),
         jobs=[full_pipeline, retraining_job],
-        schedules=[build_retraining_schedule(orchestration_params(root))],
+        schedules=[build_retraining_schedule(load_settings(root))],
         sensors=[build_lock_sync_sensor(root)],
         resources={"dvc": DvcResource(project_dir=str(root))},
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from components.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -153,11 +154,11 @@ def _lockfile_ignored() -> Iterator[None]:
     from dvc.dvcfile import Lockfile
 
     original = Lockfile.load
-    Lockfile.load = lambda self, **kwargs: {}  # type: ignore[method-assign]
+    Lockfile.load = lambda self, **kwargs: {}
     try:
         yield
     finally:
-        Lockfile.load = original  # type: ignore[method-assign]
+        Lockfile.load = original
 
 
 def load_pipeline(root: str | Path) -> DvcPipeline:
@@ -262,9 +263,9 @@ def _item(root: Path, stage: Any, produced: list[str], upstream: list[str]) -> S
         code_deps=tuple(code_deps),
         data_deps=tuple(data_deps),
         outs=tuple(outs),
-        uncached_outs=tuple(o for o, out in zip(outs, stage.outs) if not out.use_cache),
+        uncached_outs=tuple(o for o, out in zip(outs, stage.outs, strict=True) if not out.use_cache),
         metrics=tuple(_rel(root, o.fs_path) for o in stage.outs if o.metric),
-        plots=tuple(o for o, out in zip(outs, stage.outs) if out.plot or _under(o, "plots")),
+        plots=tuple(o for o, out in zip(outs, stage.outs, strict=True) if out.plot or _under(o, "plots")),
         reports=tuple(o for o in outs if _is_report(o)),
         upstream=tuple(upstream),
         desc=getattr(stage, "desc", None),

@@ -6,20 +6,21 @@ partition is ``full_pipeline_run_tags(defs)`` passed as run tags (see tests/test
 
 ``retraining_experiment`` reruns the pipeline with a fresh seed for one param (``orchestration.
 retraining_seed_param``) as ``dvc exp run --temp -S <param>=<seed>``: DVC runs it in a temporary copy, so
-the workspace stays untouched. Its last stage, ``champion``, decides there; ``retraining.settle`` then branches
-and registers a promoted experiment (GTO ``prod``) and keeps a rejected one as a DVC experiment.
+the workspace stays untouched. Its champion stage (``retraining.champion_stage``: the stage that writes dvc.yaml's
+artifact) decides there; ``retraining.settle`` then branches and registers a promoted experiment (GTO ``prod``)
+and keeps a rejected one as a DVC experiment.
 """
 # No `from __future__ import annotations` here: Dagster reads config/resource types from the signature.
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
 from orchestration.assets import DVC_POOL
-from orchestration.retraining import STAGE, experiment_commit, experiment_metrics, has_champion_stage, settle
 from orchestration.resources import DvcResource
-from orchestration.settings import orchestration_params
+from orchestration.retraining import champion_stage, experiment_commit, experiment_metrics, settle
+from orchestration.settings import load_settings
 
 full_pipeline = dg.define_asset_job(
     "full_pipeline",
@@ -46,11 +47,12 @@ class RetrainingConfig(dg.Config):
 @dg.op(pool=DVC_POOL, description="`dvc exp run --temp -S <seed param>=<fresh seed>`; its champion stage decides, "
        "a promotion is branched and registered in GTO as prod")
 def retraining_experiment(context: dg.OpExecutionContext, config: RetrainingConfig, dvc: DvcResource) -> bool:
-    settings = orchestration_params(dvc.root)
+    settings = load_settings(dvc.root)
     seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     name = config.experiment_name or f"retrain-{stamp}-seed{seed}"
     param = settings.retraining_seed_param
+    champion = champion_stage(dvc.root)  # read before the long run: a dvc.yaml it cannot use fails first
     dvc.check_params(settings.check_command, context.log, overrides=(f"{param}={seed}",))
     if settings.pull_before_repro and dvc.remote_reachable()[0]:
         dvc.run(["pull", "--run-cache", "--allow-missing"], context.log, check=False)
@@ -62,16 +64,16 @@ def retraining_experiment(context: dg.OpExecutionContext, config: RetrainingConf
     commit = experiment_commit(dvc.root, name)
     metadata: dict = {"experiment": name, "seed": seed, "seed param": param,
                       "metrics": dg.MetadataValue.json(experiment_metrics(dvc.root, commit))}
-    if not has_champion_stage(dvc.root):
-        context.log.info(f"experiment {name!r} kept as a DVC experiment; this project has no champion stage, so "
-                         f"nothing is promoted (by hand: dvc exp apply {name})")
+    if champion is None:
+        context.log.info(f"experiment {name!r} kept as a DVC experiment; this project has no champion stage (no "
+                         f"stage writes a dvc.yaml artifact), so nothing is promoted (by hand: dvc exp apply {name})")
         context.add_output_metadata({**metadata, "promoted": False})
         return False
-    outcome = settle(dvc.root, name, commit, lambda experiment, branch: dvc.run(
+    outcome = settle(dvc.root, champion, name, commit, lambda experiment, branch: dvc.run(
         ["exp", "branch", experiment, branch], context.log, what=f"branch {branch!r} of experiment {experiment!r}"))
     context.log.info(f"experiment {name!r}: {outcome.summary}"
                      + (f"; {outcome.version} on branch {outcome.branch} is now prod" if outcome.promoted else ""))
-    context.log_event(dg.AssetObservation(asset_key=STAGE, metadata={"experiment": name, **outcome.metadata()}))
+    context.log_event(dg.AssetObservation(asset_key=champion.name, metadata={"experiment": name, **outcome.metadata()}))
     context.add_output_metadata({**metadata, **outcome.metadata()})
     return outcome.promoted
 

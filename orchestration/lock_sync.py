@@ -22,9 +22,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.checks import check_name, evaluate_report
-from orchestration.dvc_graph import DvcPipeline, code_versions, data_version, group_of, load_pipeline
+from orchestration.checks import check_name
+from orchestration.dvc_graph import DvcPipeline, code_versions, data_version, group_of, load_pipeline, read_lock
 from orchestration.metadata import stage_metadata
+from orchestration.reports import evaluate_report
 
 SENSOR_NAME = "dvc_lock_sync"
 SOURCE = "dvc.lock (run outside Dagster)"
@@ -121,8 +122,6 @@ def record_from_lock(instance: dg.DagsterInstance, root: Path) -> list[str]:
 
 def sync_reason(root: Path) -> str | None:
     """Why dvc.lock cannot be mirrored (one line), or None when it can."""
-    from orchestration.dvc_graph import read_lock
-
     lock = root / "dvc.lock"
     if not lock.is_file():
         return "no dvc.lock yet: no stage has run"

@@ -5,11 +5,11 @@ Each tick derives a fresh seed from its scheduled time, so a tick retried by the
 
 import dagster as dg
 
-from components.params import OrchestrationParams
 from orchestration.jobs import retraining_job
+from orchestration.settings import OrchestrationSettings
 
 
-def build_retraining_schedule(settings: OrchestrationParams) -> dg.ScheduleDefinition:
+def build_retraining_schedule(settings: OrchestrationSettings) -> dg.ScheduleDefinition:
     @dg.schedule(
         name="scheduled_retraining",
         job=retraining_job,

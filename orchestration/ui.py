@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dagster dev: http://{args.host}:{args.port}  (project {root}, DAGSTER_HOME {home})", flush=True)
     child = subprocess.Popen(dev_command(args.host, args.port), cwd=root, env=env, start_new_session=True)
 
-    stopping = {"signal": None}
+    stopping: dict[str, int | None] = {"signal": None}
 
     def forward(signum: int, _frame: object) -> None:
         stopping["signal"] = signum

@@ -35,7 +35,7 @@ def prod(repo: Path) -> str:
 def test_the_champion_stage_promotes_registers_once_and_a_rejection_moves_nothing(
         micro_pipeline: Path, tmp_path: Path) -> None:
     from orchestration.builder import build_definitions
-    from orchestration.checks import evaluate_report
+    from orchestration.reports import evaluate_report
 
     repo = tmp_path / "repo"
     shutil.copytree(micro_pipeline, repo, symlinks=True)

@@ -6,6 +6,7 @@ metrics, a PNG plot and a gating ``reports/*.json``. ``test_real_*`` use this re
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import re
@@ -13,11 +14,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.definitions.data_version import StaleStatus
 import pytest
 import yaml
 from conftest import REPO_ROOT, make_repo_copy, pipeline_env, run
@@ -25,6 +26,7 @@ from conftest import REPO_ROOT, make_repo_copy, pipeline_env, run
 from orchestration.assets import DVC_POOL
 from orchestration.builder import build_definitions
 from orchestration.jobs import full_pipeline_run_tags
+from orchestration.settings import load_settings
 
 # --------------------------------------------------------------------------- the toy project
 
@@ -210,11 +212,34 @@ def latest(instance: dg.DagsterInstance, key: str, partition: str | None = None)
     return event.asset_materialization
 
 
-def stale_resolver(instance: dg.DagsterInstance, defs: dg.Definitions):
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
-    from dagster._core.loader import LoadingContextForTest
+@pytest.fixture()
+def home(tmp_path: Path) -> Path:
+    """A DAGSTER_HOME (telemetry off) whose instance both the test's runs and the GraphQL queries of ``stale_set``
+    use."""
+    folder = tmp_path / "dagster_home"
+    folder.mkdir()
+    (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return folder
 
-    return CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
+
+@pytest.fixture()
+def instance(home: Path) -> Iterator[dg.DagsterInstance]:
+    with dg.DagsterInstance.from_config(str(home)) as stored:
+        yield stored
+
+
+def graphql(home: Path, repo: Path, query: str) -> dict:
+    """``query`` answered by Dagster's GraphQL API (what the UI shows) through the ``dagster-graphql`` CLI, on the
+    code location ``orchestration.definitions`` of ``repo`` (loaded afresh) and the instance in ``home``."""
+    answer = home.parent / "graphql.json"
+    env = pipeline_env() | {"DAGSTER_HOME": str(home), "GAMENGEN_PROJECT_DIR": str(repo)}
+    command = [str(Path(sys.executable).parent / "dagster-graphql"), "-m", "orchestration.definitions",
+               "-t", query, "--output", str(answer)]
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and answer.is_file(), result.stdout + result.stderr
+    data = json.loads(answer.read_text())
+    assert "errors" not in data, data
+    return data["data"]
 
 
 def materialize_toy(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
@@ -259,7 +284,7 @@ def test_real_definitions_load_and_match_dvc_dag() -> None:
     assert defs.resolve_job_def("full_pipeline") is not None
     schedule = defs.resolve_schedule_def("scheduled_retraining")
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
-    assert schedule.cron_schedule == load_params(REPO_ROOT / "params.yaml").orchestration.retraining_cron
+    assert schedule.cron_schedule == load_settings(REPO_ROOT).retraining_cron
     # the project instance config: telemetry off, pool limit 1
     instance_yaml = yaml.safe_load((REPO_ROOT / "orchestration" / "dagster.yaml").read_text())
     assert instance_yaml["telemetry"]["enabled"] is False
@@ -267,6 +292,50 @@ def test_real_definitions_load_and_match_dvc_dag() -> None:
     # the configured DVC remote is a local folder outside the repo
     remote = run(["dvc", "remote", "list"], REPO_ROOT).stdout
     assert "gamengen-dvc-remote" in remote
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at module top or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def string_constants(path: Path) -> set[str]:
+    """The string literals of ``path``'s code, docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return {node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+
+
+def test_orchestration_is_a_one_way_boundary() -> None:
+    """components/ never imports orchestration/; orchestration/'s modules import each other without a cycle; no
+    stage of dvc.yaml is named in orchestration/'s code (the graph, the champion stage and its report come from
+    dvc.yaml)."""
+    library = sorted((REPO_ROOT / "components").rglob("*.py"))
+    assert [str(f) for f in library if any(m.split(".")[0] == "orchestration" for m in imported_modules(f))] == []
+
+    package = {f"orchestration.{f.stem}": f for f in (REPO_ROOT / "orchestration").glob("*.py")}
+    edges = {name: {m for m in imported_modules(f) if m in package and m != name} for name, f in package.items()}
+
+    def cycle_from(name: str, path: tuple[str, ...]) -> tuple[str, ...] | None:
+        if name in path:
+            return (*path[path.index(name):], name)
+        return next((c for up in sorted(edges[name]) if (c := cycle_from(up, (*path, name)))), None)
+
+    cycles = [c for name in sorted(package) if (c := cycle_from(name, ()))]
+    assert cycles == [], " -> ".join(cycles[0])
+
+    stages = set(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
+    named = {f.name: sorted(stages & string_constants(f)) for f in package.values()}
+    assert {name: found for name, found in named.items() if found} == {}
 
 
 @pytest.mark.slow
@@ -360,9 +429,8 @@ sys.exit("error: gate failed: disk on fire")
 """
 
 
-def test_materialize_versions_metadata_and_staleness(toy_repo: Path) -> None:
+def test_materialize_versions_metadata_and_staleness(toy_repo: Path, home: Path, instance: dg.DagsterInstance) -> None:
     """Real DVC under dagster.materialize: data versions = dvc.lock; stale assets = what DVC would rerun."""
-    instance = dg.DagsterInstance.ephemeral()
     defs = build_definitions(toy_repo)
     materialize_toy(defs, instance)
     assert dvc_status(toy_repo) == {}
@@ -383,19 +451,19 @@ def test_materialize_versions_metadata_and_staleness(toy_repo: Path) -> None:
     )[dg.AssetCheckKey(dg.AssetKey("validate"), "validate")]
     assert check.status.value == "SUCCEEDED"
 
-    assert stale_set(instance, defs) == set()
+    assert stale_set(home, toy_repo) == set()
 
     # A param of the last stage: only that stage is stale, as `dvc status` says.
     params = yaml.safe_load((toy_repo / "params.yaml").read_text())
     params["train"]["lr"] = 0.2
     (toy_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stale_set(instance, build_definitions(toy_repo)) == {"train"} == set(dvc_status(toy_repo))
+    assert stale_set(home, toy_repo) == {"train"} == set(dvc_status(toy_repo))
 
     # A param of the foreach stage: it and everything downstream are stale, its upstream is not.
     params["train"]["lr"] = 0.1
     params["shards"]["seed"] = 2
     (toy_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stale = stale_set(instance, build_definitions(toy_repo))
+    stale = stale_set(home, toy_repo)
     assert stale == {"shards@a", "shards@b", "validate", "train"}
     # `dvc status` names the stages whose own inputs changed; the others are their descendants in DVC's graph...
     changed = set(dvc_status(toy_repo))
@@ -407,13 +475,19 @@ def test_materialize_versions_metadata_and_staleness(toy_repo: Path) -> None:
     assert reran == stale
 
 
-def stale_set(instance: dg.DagsterInstance, defs: dg.Definitions) -> set[str]:
-    """The toy stages (as DVC addresses) that Dagster marks stale."""
-    resolver = stale_resolver(instance, defs)
+def stale_set(home: Path, repo: Path) -> set[str]:
+    """The toy stages (as DVC addresses) that Dagster marks stale: each asset (partition)'s ``staleStatus``."""
+    items = _toy_partitions()
+    fields = [
+        f"n{i}: assetNodeOrError(assetKey: {{path: [{json.dumps(key)}]}}) "
+        f"{{ ... on AssetNode {{ staleStatus{f'(partition: {json.dumps(part)})' if part else ''} }} }}"
+        for i, (key, part) in enumerate(items)
+    ]
+    answer = graphql(home, repo, "{ " + " ".join(fields) + " }")
     return {
         f"{key}@{part}" if part else key
-        for key, part in _toy_partitions()
-        if resolver.get_status(dg.AssetKey(key), part) == StaleStatus.STALE
+        for i, (key, part) in enumerate(items)
+        if answer[f"n{i}"]["staleStatus"] == "STALE"
     }
 
 
@@ -538,7 +612,7 @@ def test_scheduled_retraining_runs_a_dvc_experiment(toy_repo: Path) -> None:
     schedule = defs.resolve_schedule_def("scheduled_retraining")
     assert schedule.cron_schedule == "0 4 * * *"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
-    tick = datetime(2026, 1, 4, 4, 0, tzinfo=timezone.utc)
+    tick = datetime(2026, 1, 4, 4, 0, tzinfo=UTC)
     context = dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
     request = schedule.evaluate_tick(context).run_requests[0]
     seed = request.run_config["ops"]["retraining_experiment"]["config"]["seed"]
@@ -553,7 +627,7 @@ def test_scheduled_retraining_runs_a_dvc_experiment(toy_repo: Path) -> None:
     assert metadata["metrics"].value["metrics/train.json:loss"] == 0.5
     assert {p: (toy_repo / p).read_bytes() for p in before} == before  # workspace untouched
     assert dvc_status(toy_repo) == {}
-    name = f"retrain-"
+    name = "retrain-"
     shown = run(["dvc", "exp", "show", "--json", "--no-fetch"], toy_repo).stdout
     assert name in shown and f'"seed": {seed}' in shown, shown[:2000]
 
@@ -566,10 +640,10 @@ def _sync(instance: dg.DagsterInstance, repo: Path) -> str:
     return result.skip_message or ""
 
 
-def test_the_ui_mirrors_a_dvc_repro_run_outside_dagster(toy_repo: Path) -> None:
+def test_the_ui_mirrors_a_dvc_repro_run_outside_dagster(toy_repo: Path, home: Path,
+                                                         instance: dg.DagsterInstance) -> None:
     """After `dvc repro` by hand, the sensor gives each asset dvc.lock's data version; a changed param leaves that
     stage and its descendants unsynced (what `dvc repro` reruns), the rest in sync; a bad dvc.lock records nothing."""
-    instance = dg.DagsterInstance.ephemeral()
     assert _sync(instance, toy_repo) == "no dvc.lock yet: no stage has run"
     run(["dvc", "repro"], toy_repo)
     assert _sync(instance, toy_repo).startswith("recorded from dvc.lock: prepare, shards@a, shards@b, validate")
@@ -578,7 +652,7 @@ def test_the_ui_mirrors_a_dvc_repro_run_outside_dagster(toy_repo: Path) -> None:
         ("validate", None, "validate"), ("train", None, "train"),
     ]:  # fmt: skip
         assert latest(instance, key, partition).tags["dagster/data_version"] == lock_data_version(toy_repo, address)
-    assert stale_set(instance, build_definitions(toy_repo)) == set()
+    assert stale_set(home, toy_repo) == set()
     assert latest(instance, "train").metadata["metric metrics/train.json:lr"].value == 0.1  # as a run records it
     check = dg.AssetCheckKey(dg.AssetKey("validate"), "validate")
     executions = instance.event_log_storage.get_latest_asset_check_execution_by_key([check])
@@ -589,11 +663,11 @@ def test_the_ui_mirrors_a_dvc_repro_run_outside_dagster(toy_repo: Path) -> None:
     params["shards"]["seed"] = 2
     (toy_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _sync(instance, toy_repo)
-    assert stale_set(instance, build_definitions(toy_repo)) == {"shards@a", "shards@b", "validate", "train"}
+    assert stale_set(home, toy_repo) == {"shards@a", "shards@b", "validate", "train"}
     params["shards"]["seed"] = 1  # back as dvc.lock has it: in sync again
     (toy_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _sync(instance, toy_repo)
-    assert stale_set(instance, build_definitions(toy_repo)) == set()
+    assert stale_set(home, toy_repo) == set()
 
     count = len(instance.fetch_materializations(dg.AssetKey("train"), limit=100).records)
     lock = toy_repo / "dvc.lock"

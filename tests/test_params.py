@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from components.params import (
     ParamsError,
@@ -16,6 +17,7 @@ from components.params import (
     parse_params,
     profile_params,
 )
+from orchestration.settings import SECTION, load_settings, parse_settings
 from tests.conftest import REPO_ROOT
 
 DEFAULT = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -38,20 +40,24 @@ def test_default_params_load() -> None:
     assert params.environment.actions[0].name == "noop"
 
 
+def defaults_that_differ(name: str, section: BaseModel) -> list[str]:
+    """The keys of ``section`` (validated from params.yaml) whose default in code is another value."""
+    fields = type(section).model_fields
+    required = {key: getattr(section, key) for key, field in fields.items() if field.is_required()}
+    defaults = type(section).model_validate(required).model_dump()
+    return [f"{name}.{key}: code {defaults[key]!r}, params.yaml {value!r}"
+            for key, value in section.model_dump().items() if defaults[key] != value]
+
+
 def test_code_defaults_are_the_values_in_params_yaml() -> None:
-    """One source for every value: each default written in components/params.py is params.yaml's value, so code
-    that builds a section without params.yaml (tests, notebooks) behaves as the pipeline does."""
+    """One source for every value: each default written in components/params.py (and in orchestration/settings.py,
+    which owns the orchestration section) is params.yaml's value, so code that builds a section without
+    params.yaml (tests, notebooks) behaves as the pipeline does."""
     params = parse_params(copy.deepcopy(DEFAULT))
-    differ = []
-    for name in type(params).model_fields:
-        section = getattr(params, name)
-        if not hasattr(type(section), "model_fields"):
-            continue
-        fields = type(section).model_fields
-        required = {key: getattr(section, key) for key, field in fields.items() if field.is_required()}
-        defaults = type(section).model_validate(required).model_dump()
-        differ += [f"{name}.{key}: code {defaults[key]!r}, params.yaml {value!r}"
-                   for key, value in section.model_dump().items() if defaults[key] != value]
+    sections = {name: getattr(params, name) for name in type(params).model_fields}
+    sections[SECTION] = parse_settings(DEFAULT[SECTION])
+    differ = [line for name, section in sections.items() if isinstance(section, BaseModel)
+              for line in defaults_that_differ(name, section)]
     assert differ == [], "\n".join(differ)
 
 
@@ -68,7 +74,8 @@ def test_code_defaults_are_the_values_in_params_yaml() -> None:
         ("environment.typo_key", 1, "environment.typo_key: unknown key"),
         ("evaluation.ablations.overrides", ["steps=5"], "evaluation.ablations.overrides: must be "
          "'section.key=value' strings"),
-        ("distilled_model.teacher_noise", "random", "distilled_model.teacher_noise: must be one of 'fresh' or 'frozen'"),
+        ("distilled_model.teacher_noise", "random",
+         "distilled_model.teacher_noise: must be one of 'fresh' or 'frozen'"),
         ("autoencoder.mixed_precision", "fp16", "autoencoder.mixed_precision: must be one of 'no' or 'bf16'"),
         ("validated_latents.engine", "tensorrt", "validated_latents.engine: must be one of 'onnxruntime' or 'torch'"),
     ],
@@ -77,6 +84,27 @@ def test_bad_value_names_key_and_rule(path: str, value: object, message: str) ->
     with pytest.raises(ParamsError) as error:
         parse_params(with_value(path, value))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("retraining_cron", "every sunday", "orchestration.retraining_cron: must be a 5-field cron string"),
+        ("retraining_timezone", "", "orchestration.retraining_timezone: must have at least 1 character(s)"),
+        ("pull_before_repro", "maybe", "orchestration.pull_before_repro: Input should be a valid boolean"),
+        ("typo_key", 1, "orchestration.typo_key: unknown key (check the spelling; allowed keys are listed in "
+         "orchestration/settings.py)"),
+    ],
+)
+def test_bad_orchestration_value_names_key_and_rule(tmp_path: Path, key: str, value: object, message: str) -> None:
+    """orchestration/ validates its own section (components keeps it as a mapping): the Dagster definitions and
+    every materialization read it through ``load_settings``, which names the key."""
+    raw = with_value(f"{SECTION}.{key}", value)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError) as error:
+        load_settings(tmp_path)
+    assert message in str(error.value) and str(tmp_path / "params.yaml") in str(error.value)
+    assert parse_params(raw).orchestration[key] == value  # the ML library does not read it
 
 
 def test_bad_action_button_is_named() -> None:
