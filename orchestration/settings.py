@@ -22,6 +22,7 @@ PROJECT_DIR_ENV = "GAMENGEN_PROJECT_DIR"
 PACKAGE_REPO = Path(__file__).resolve().parent.parent
 SECTION = "orchestration"  # the params.yaml section read here
 PARAMS_FILE = "params.yaml"
+MODEL_FILE = "orchestration/settings.py"  # named by "unknown key" errors: the allowed keys are listed here
 
 
 class OrchestrationSettings(BaseModel):
@@ -74,10 +75,10 @@ def parse_settings(section: Any, source: str = PARAMS_FILE) -> OrchestrationSett
     try:
         return OrchestrationSettings.model_validate(section or {})
     except ValidationError as error:
-        message = format_validation_error(error, models_in=__name__.replace(".", "/") + ".py")
-        keyed = "\n".join(f"{SECTION}.{line}" if not line.startswith(":") else f"{SECTION}{line}"
-                          for line in message.splitlines())
-        raise ParamsError(f"invalid {source}:\n{keyed}") from None
+        lines = format_validation_error(error, models_in=MODEL_FILE).splitlines()
+        # "key: rule" -> "orchestration.key: rule"; ": rule" (the section itself) -> "orchestration: rule"
+        keyed = [SECTION + (line if line.startswith(":") else f".{line}") for line in lines]
+        raise ParamsError(f"invalid {source}:\n" + "\n".join(keyed)) from None
 
 
 def load_settings(root: Path) -> OrchestrationSettings:
