@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh clone (Python 3.11 is all you need):
 #   make run    set up .venv, then run the whole pipeline on the default profile (params checked, then dvc repro)
-#   make test   set up .venv, then run the test suite
+#   make test   set up .venv, then ruff, mypy and the test suite
 #   make play   play the learned game in a browser (ONNX export, 127.0.0.1)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -11,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 
-.PHONY: venv web run test browser ui play ablations promote clean-venv
+.PHONY: venv web run test lint browser ui play ablations promote clean-venv
 
 # Reinstalls only when pyproject.toml or constraints.txt change; otherwise a no-op.
 $(STAMP): pyproject.toml constraints.txt
@@ -43,7 +43,12 @@ UI_PORT ?= 3000
 ui: venv
 	exec python -m orchestration.ui --host 127.0.0.1 --port $(UI_PORT)
 
-test: venv browser web
+# ruff and mypy, configured in pyproject.toml; `make test` runs them first
+lint: venv
+	ruff check .
+	mypy
+
+test: venv browser web lint
 	python -m pytest -q
 
 # Play the learned game in a browser from the ONNX export (README "Play"). Builds the export first if needed:

@@ -115,7 +115,7 @@ def main() -> None:
         loss.backward()
         base_optimizer.step()
 
-    base_s = {mode: median_seconds(lambda: base_step(mode), args.repeats) for mode in ("no", "bf16")}
+    base_s = {mode: median_seconds(lambda mode=mode: base_step(mode), args.repeats) for mode in ("no", "bf16")}
     print(json.dumps({
         "profile": params.profile,
         "frame_size_hw": list(frame_size),

@@ -34,8 +34,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -85,8 +86,8 @@ def build_untrained(params: Any, folder: Path) -> dict[str, Path]:
 
     from components.models.autoencoder import FrameAutoencoder, build_vae
     from components.models.distillation import OneStepStudent
-    from components.runtime.export import DecoderGraph, EncoderGraph, export_graph
     from components.models.world_model import ActionConditionedUNet
+    from components.runtime.export import DecoderGraph, EncoderGraph, export_graph
 
     torch.manual_seed(0)
     a = params.autoencoder
@@ -171,7 +172,6 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
 
-    import numpy as np
     import onnxruntime as ort
 
     from components.params import load_params

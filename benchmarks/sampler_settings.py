@@ -6,7 +6,8 @@ Each setting is ``steps,cfg,context_noise_level`` (DDIM, CFG on the past frames,
 field ``mean`` averages ``--draws`` samples (the prediction that ``distilled_model.teacher_noise: fresh`` teaches).
 Reads ``data/diffusion_checkpoint``, ``data/finetuned_vae``, ``data/validated_latents`` and
 ``data/raw_trajectories`` of a finished pipeline, scores on held-out windows only with the evaluation stage's own
-code (``components.evaluation.scoring.teacher_forced``), and prints one JSON object per setting: pooled PSNR of the model and
+code (``components.evaluation.scoring.teacher_forced``), and prints one JSON object per setting: pooled PSNR of the
+model and
 of copy-last-latent / copy-last-frame, the margin over copy-last-latent, the share of turning windows won against
 copy-last-latent, and controllability on turning windows.
 """
@@ -38,12 +39,12 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from components.data.trajectory_store import TrajectoryStore
     from components.evaluation import scoring as ev
     from components.models.autoencoder import load_autoencoder
-    from components.params import load_params
     from components.models.sampler import sample_next_latent
-    from components.data.trajectory_store import TrajectoryStore
     from components.models.world_model import load_world_model, make_scheduler
+    from components.params import load_params
 
     torch.set_num_threads(args.threads)
     root = Path(args.root)
@@ -69,11 +70,12 @@ def main() -> None:
         draws = args.draws if fields[3:] == ["mean"] else 1
         generator = torch.Generator().manual_seed(0)
 
-        @torch.no_grad()
+        @torch.no_grad()  # called only within this iteration, so the loop variables are this setting's
         def predict(context: np.ndarray, acts: np.ndarray) -> np.ndarray:
             samples = [sample_next_latent(net, scheduler, torch.from_numpy(context), torch.from_numpy(acts),
-                                          steps=steps, cfg=cfg, context_noise_level=noise, generator=generator)
-                       for _ in range(draws)]
+                                          steps=steps, cfg=cfg, context_noise_level=noise,  # noqa: B023
+                                          generator=generator)  # noqa: B023
+                       for _ in range(draws)]  # noqa: B023
             return torch.stack(samples).mean(0).numpy()
 
         started = time.perf_counter()

@@ -3,10 +3,12 @@
     python benchmarks/shipped_decoder.py [--weights none mse 0.1 0.3 0.5 1] [--minutes 1.5] [--windows 128]
 
 For each weight, fine-tunes a copy of the ``finetuned_vae`` decoder on the trained student's own rollouts exactly
-as the ``distilled_model`` stage does (``components.models.rollout_decoder.fine_tune_decoder`` with the ``distilled_model``
+as the ``distilled_model`` stage does (``components.models.rollout_decoder.fine_tune_decoder`` with the
+``distilled_model``
 params of ``--params``, ``decoder_detail_weight`` set to the weight; ``mse`` is 0, ``none`` skips the fine-tune),
 then scores the PyTorch student decoded by it with the evaluation stage's own code
-(``components.evaluation.scoring.evaluate_model``) on held-out play: ``--windows`` teacher-forced windows, 16 rollouts of
+(``components.evaluation.scoring.evaluate_model``) on held-out play: ``--windows`` teacher-forced windows, 16 rollouts
+of
 16 and of 32 steps, 16 turn contexts. Reads ``data/distilled_model``, ``data/finetuned_vae``,
 ``data/validated_latents`` and ``data/raw_trajectories`` of a finished pipeline. Prints one JSON object per weight
 (PSNR, margin over copy-last-latent, sharpness next frame and at rollout steps 16 and 32, mean rollout PSNR,
@@ -40,13 +42,13 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from components.evaluation import scoring as ev
-    from components.models.autoencoder import load_autoencoder
-    from components.models.distillation import load_student
-    from components.params import load_params
-    from components.models.rollout_decoder import fine_tune_decoder
-    from components.stages.evaluation import write_turn_test
     from components.data.trajectory_store import TrajectoryStore
+    from components.evaluation import scoring as ev
+    from components.models.autoencoder import FrameAutoencoder, load_autoencoder
+    from components.models.distillation import load_student
+    from components.models.rollout_decoder import fine_tune_decoder
+    from components.params import load_params
+    from components.stages.evaluation import write_turn_test
     from components.training import start_runtime
 
     torch.set_num_threads(args.threads)
@@ -73,7 +75,7 @@ def main() -> None:
                 "decoder_minutes": args.minutes, "decoder_detail_weight": 0.0 if weight == "mse" else float(weight)})
             fine_tune_decoder(student, autoencoder, latents, raw, decoder, start_runtime("cpu"), None)
 
-        def decode(batch: np.ndarray) -> np.ndarray:
+        def decode(batch: np.ndarray, autoencoder: FrameAutoencoder = autoencoder) -> np.ndarray:
             with torch.no_grad():
                 return autoencoder.decode(torch.from_numpy(np.ascontiguousarray(batch, np.float32))).clamp(0, 1).numpy()
 

@@ -32,8 +32,8 @@ INPUT_FLAGS = {"--agent", "--trajectories", "--latents", "--autoencoder", "--tea
 # stage -> (its params section and step key, its outputs as CLI arguments; {out} is a scratch folder)
 TRAINERS: dict[str, tuple[str, str, list[str]]] = {
     "base_autoencoder": ("autoencoder", "max_steps", [
-        "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--curve", "{out}/curve.json", "--plots", "{out}/curves",
-        "--cache", ""]),
+        "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--curve", "{out}/curve.json",
+        "--plots", "{out}/curves", "--cache", ""]),
     "finetuned_vae": ("finetuned_vae", "max_steps", [
         "--out", "{out}/model", "--metrics", "{out}/metrics.json", "--plots", "{out}/plots", "--cache", ""]),
     "diffusion_checkpoint": ("diffusion_checkpoint", "steps", [
@@ -47,7 +47,8 @@ TRAINERS: dict[str, tuple[str, str, list[str]]] = {
 def stage_inputs(stage: str) -> list[str]:
     """The input arguments of ``stage`` as its command in dvc.yaml passes them (``--latents data/...``)."""
     words = shlex.split(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"])[4:]
-    return [word for flag, value in zip(words[::2], words[1::2]) if flag in INPUT_FLAGS for word in (flag, value)]
+    pairs = zip(words[::2], words[1::2], strict=True)  # the stage commands are --flag value pairs
+    return [word for flag, value in pairs if flag in INPUT_FLAGS for word in (flag, value)]
 
 
 def params_for(base: Path, section: str, step_key: str, steps: int, folder: Path) -> Path:

@@ -85,8 +85,8 @@ def raw_engine_rate(params, steps: int) -> dict:
 
 def untrained_snapshots(params, directory: Path) -> Path:
     """A stand-in ``rl_agent`` folder: untrained policies with the configured architecture."""
-    from components.game.agent import CHECKPOINT_INDEX, PolicySpec, build_policy, save_policy
     from components.atomic import atomic_write_json
+    from components.game.agent import CHECKPOINT_INDEX, PolicySpec, build_policy, save_policy
     from components.game.environment import action_names
 
     ppo, env = params.rl_agent.ppo, params.environment

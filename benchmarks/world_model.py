@@ -62,11 +62,11 @@ def main() -> None:
 
     import torch
 
-    from components.params import load_params
     from components.models.sampler import Sampler
     from components.models.world_model import ActionConditionedUNet, make_scheduler
-    from components.training import make_optimizer, make_step, start_runtime
     from components.models.world_model_training import Batch, diffusion_loss, recipe
+    from components.params import load_params
+    from components.training import make_optimizer, make_step, start_runtime
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -115,7 +115,7 @@ def main() -> None:
             for cfg, table in ((s.cfg, ms_per_frame), (1.0, ms_per_frame_cfg1)):
                 wm = Sampler(net, ae, steps=steps, cfg=cfg, context_noise_level=s.context_noise_level, seed=0)
                 wm.reset(context, torch.zeros(k - 1, dtype=torch.long))
-                table[str(steps)] = round(median_ms(lambda: wm.step(1), args.repeats, sync), 2)
+                table[str(steps)] = round(median_ms(lambda wm=wm: wm.step(1), args.repeats, sync), 2)
 
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),

@@ -41,7 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("components.stages.bundle", "the static in-browser player: page, ONNX Runtime Web and the export, "
                "for any static file server"),
     "rollout_video": ("components.stages.rollout_video", "GIF of an autoregressive rollout beside the real frames"),
-    "ablations": ("components.stages.ablations", "run the paper's ablations as DVC experiments; tables to docs/results.md"),
+    "ablations": ("components.stages.ablations",
+                  "run the paper's ablations as DVC experiments; tables to docs/results.md"),
     "promote": ("components.stages.promote", "promote the fresh export to champion if no worse on held-out play"),
     "plots_template": ("components.stages.plots_template",
                        "write .dvc/plots/offline.html, DVC's plots page with vega inlined (dvc plots show offline)"),

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from components.errors import PipelineError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from components.errors import PipelineError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -142,7 +143,8 @@ class PPOParams(Section):
     n_envs: int = Field(2, gt=0)  # paper: 8 parallel games
     features_dim: int = Field(256, gt=0)  # paper: 512
     hidden_sizes: list[int] = Field([64, 64], description="actor and critic MLP widths")  # paper: 2-layer MLPs
-    cnn_channels: tuple[int, int, int] = Field((16, 32, 32), description="channels of the 3 conv layers")  # paper: Mnih (32, 64, 64)
+    # paper: Mnih's (32, 64, 64)
+    cnn_channels: tuple[int, int, int] = Field((16, 32, 32), description="channels of the 3 conv layers")
 
     @field_validator("cnn_channels", "hidden_sizes")
     @classmethod
@@ -227,7 +229,7 @@ class AutoencoderParams(Section):
         return value
 
     @model_validator(mode="after")
-    def _groups_divide_channels(self) -> "AutoencoderParams":
+    def _groups_divide_channels(self) -> AutoencoderParams:
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels, not {bad}")
@@ -496,7 +498,8 @@ SetValues = dict[str, float | int | str | bool]  # `-S` values of an experiment:
 
 
 class AblationsParams(Section):
-    """The paper's ablations as DVC experiments (components/evaluation/ablations.py, `python -m components ablations`)."""
+    """The paper's ablations as DVC experiments (components/evaluation/ablations.py,
+    `python -m components ablations`)."""
 
     context_key: str = "world_model.context"
     context_lengths: list[int] = Field([1, 2, 4, 8], min_length=1)  # paper: 1, 2, 4, 8, 16, 32, 64

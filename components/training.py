@@ -127,11 +127,11 @@ def average_gradients(parameters: Sequence[torch.nn.Parameter], runtime: Runtime
     for parameter in parameters:  # the same tensors on every process, so the flat buffers line up
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
-    grads = [p.grad for p in parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]  # all of them, after the loop above
     flat = _flatten_dense_tensors(grads)
     dist.all_reduce(flat)
     flat /= runtime.processes
-    for grad, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
+    for grad, mean in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
         grad.copy_(mean)
 
 
@@ -350,6 +350,13 @@ def _restore(folder: Path | None, module: torch.nn.Module, optimizer: torch.opti
 ParamGroup = dict[str, Any]  # {"params": [...], "lr_scale": float}: a group that learns at lr_scale x the recipe's rate
 
 
+def _param_groups(parameters: Sequence[torch.nn.Parameter] | Sequence[ParamGroup]) -> list[ParamGroup]:
+    """``parameters`` as groups: a plain list of tensors is one group."""
+    if parameters and not isinstance(parameters[0], dict):
+        return [{"params": list(parameters)}]
+    return [group for group in parameters if isinstance(group, dict)]
+
+
 def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Sequence[ParamGroup],
           loss_fn: Callable[[Step], torch.Tensor],
           recipe: Recipe, runtime: Runtime, folder: str | Path | None, *,
@@ -368,9 +375,8 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
     from tqdm import tqdm
 
     folder = Path(folder) if folder else None
-    budget, groups = recipe.budget, list(parameters)
-    if groups and not isinstance(groups[0], dict):
-        groups = [{"params": groups}]
+    budget = recipe.budget
+    groups = _param_groups(parameters)
     parameters = [p for group in groups for p in group["params"]]
     module.to(runtime.device)
     optimizer = make_optimizer(recipe.optimizer, groups, recipe.learning_rate, recipe.weight_decay)

@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from tests.conftest import REPO_ROOT, micro_params_dict, pipeline_env
+from tests.conftest import micro_params_dict, pipeline_env
 from tests.conftest import write_params as write_params_file
 
 CONTEXT = 2
@@ -40,10 +39,10 @@ def build_upstream(root: Path) -> dict[str, Path]:
     """Tiny autoencoder, teacher world model, raw trajectories and validated latents under ``root``."""
     import torch
 
-    from components.models.autoencoder import FrameAutoencoder, build_vae
-    from components.params import load_params
     from components.data.trajectory_store import ShardWriter
+    from components.models.autoencoder import FrameAutoencoder, build_vae
     from components.models.world_model import ActionConditionedUNet
+    from components.params import load_params
 
     params = load_params(write_params(root))
     width, height = params.environment.resolution

@@ -28,7 +28,7 @@ def synthetic_frames(length: int, height: int, width: int, rng: np.random.Genera
         frame[:horizon] = (60, 60, 90 + int(40 * np.cos(angle)))  # sky
         shade = (ys[horizon:] - horizon) * 3
         frame[horizon:] = np.stack([100 + shade, 70 + shade // 2, 50 + 0 * shade], -1).clip(0, 255)[:, :, :]
-        for (bx, by, bw, bh), color in zip(boxes, colors):
+        for (bx, by, bw, bh), color in zip(boxes, colors, strict=True):
             x0 = int(((bx + 0.05 * t + angle / 6) % 1.0) * width)
             y0 = int(by * (height - hud) * 0.8)
             frame[y0 : y0 + 2 + int(bh * height / 4), x0 : x0 + 2 + int(bw * width / 4)] = color

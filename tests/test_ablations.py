@@ -51,8 +51,10 @@ def test_every_setting_runs_once_per_seed_and_the_tables_show_the_spread() -> No
     baseline = {"world_model": {"context": 2}, "raw_trajectories": {"policy": "agent"}}
     seeded = SETTINGS.model_copy(update={"seeds": [0, 1]})
     experiments = ab.plan(seeded, baseline, ["context", "warp"])
-    assert [e.label for e in experiments] == ["base-seed0", "base-seed1", "warp-off-seed0", "warp-off-seed1",
-                                              "context-1-seed0", "context-1-seed1", "context-4-seed0", "context-4-seed1"]
+    assert [e.label for e in experiments] == [
+        "base-seed0", "base-seed1", "warp-off-seed0", "warp-off-seed1",
+        "context-1-seed0", "context-1-seed1", "context-4-seed0", "context-4-seed1",
+    ]
     assert experiments[5].overrides == {"world_model.context": 1, "diffusion_checkpoint.seed": 1,
                                         "distilled_model.seed": 1}
     assert ab.setting_of("context-1-seed1") == "context-1" and ab.setting_of("base") == "base"

@@ -134,12 +134,13 @@ def test_from_pretrained_local_path(tmp_path: Path) -> None:
     vae.save_pretrained(tmp_path / "sd-v1-4" / "vae", safe_serialization=True)
     for path in (tmp_path / "sd-v1-4", tmp_path / "sd-v1-4" / "vae"):
         loaded = load_pretrained_vae(path)
-        for (name, a), (_, b) in zip(vae.state_dict().items(), loaded.state_dict().items()):
+        for (name, a), (_, b) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
             torch.testing.assert_close(a, b, msg=name)
 
 
 def test_from_pretrained_wrong_path_is_clear(tmp_path: Path) -> None:
-    with pytest.raises(AutoencoderError, match="does not exist; expected a local folder holding a diffusers AutoencoderKL"):
+    expected = "does not exist; expected a local folder holding a diffusers AutoencoderKL"
+    with pytest.raises(AutoencoderError, match=expected):
         load_pretrained_vae(tmp_path / "nowhere")
     (tmp_path / "not-a-vae").mkdir()
     (tmp_path / "not-a-vae" / "weights.txt").write_text("x")
@@ -179,7 +180,7 @@ def test_pretrained_path_through_the_stage(tmp_path: Path, micro_set: Path) -> N
     )
     base_autoencoder.main(args)
     ae = load_autoencoder(tmp_path / "base")
-    for (name, a), (_, b) in zip(vae.state_dict().items(), ae.vae.state_dict().items()):
+    for (name, a), (_, b) in zip(vae.state_dict().items(), ae.vae.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["source"] == "pretrained" and metrics["scaling_factor"] == pytest.approx(ae.scaling_factor)

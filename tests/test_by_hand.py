@@ -89,8 +89,9 @@ def test_restore_brings_back_every_output_of_dvc_lock_after_a_killed_stage(
     outputs = locked_outputs(repo)
     before = snapshot(repo, [*outputs, "dvc.lock"])
     metrics = repo / "metrics" / "finetuned_vae.json"
-    stage = subprocess.Popen([*COMPONENTS, "repro", "--force", "--single-item", "finetuned_vae"], cwd=repo, env=pipeline_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    stage = subprocess.Popen([*COMPONENTS, "repro", "--force", "--single-item", "finetuned_vae"], cwd=repo,
+                             env=pipeline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while metrics.exists() and stage.poll() is None and time.monotonic() < deadline:

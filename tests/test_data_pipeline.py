@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
+from components.data.trajectory_store import TrajectoryStore
 from components.game.agent import list_checkpoints, load_policy
 from components.game.collection import heldout_score, split_for
 from components.params import load_params
-from components.data.trajectory_store import TrajectoryStore
 from tests.conftest import REPO_ROOT, run
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ def check_outputs(repo: Path) -> None:
     # raw_trajectories: one shard per id, exact frame counts, documented dtypes and shapes
     store = TrajectoryStore(repo / "data/raw_trajectories")
     assert len(store.shards) == len(params.raw_trajectories.shards)
-    for shard_id, shard in zip(params.raw_trajectories.shards, store.shards):
+    for shard_id, shard in zip(params.raw_trajectories.shards, store.shards, strict=True):
         rows = params.raw_trajectories.frames_per_shard
         frames, actions = shard.array("frames"), shard.array("actions")
         rewards, dones = shard.array("rewards"), shard.array("dones")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from components.errors import PipelineError
 from components.models.distillation import (
     LatentCritic,
     OneStepStudent,
@@ -19,10 +20,9 @@ from components.models.distillation import (
     one_step_coefficients,
     teacher_sample,
 )
-from components.errors import PipelineError
-from components.params import WorldModelParams
 from components.models.sampler import sample_next_latent
 from components.models.world_model import ActionConditionedUNet, make_scheduler
+from components.params import WorldModelParams
 
 K, C, SIZE, ACTIONS = 2, 4, (8, 8), 5
 

@@ -110,7 +110,8 @@ def command_paths(cmd: str) -> dict[str, str]:
     """``--flag value`` pairs of a stage command (``python -m components <stage> ...``), paths only."""
     words = shlex.split(cmd)[4:]
     assert len(words) % 2 == 0 and all(w.startswith("--") for w in words[::2]), f"not flag-value pairs: {cmd}"
-    return {flag: value for flag, value in zip(words[::2], words[1::2]) if flag not in NOT_PATHS}
+    pairs = zip(words[::2], words[1::2], strict=True)
+    return {flag: value for flag, value in pairs if flag not in NOT_PATHS}
 
 
 def test_every_stage_gets_its_paths_from_its_command_and_dvc_tracks_each_one() -> None:

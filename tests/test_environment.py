@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import vizdoom as vzd
 
+from components.errors import PipelineError
 from components.game.environment import (
     DoomEnv,
     action_buttons,
@@ -18,9 +19,8 @@ from components.game.environment import (
     downscale,
     render_resolution,
 )
-from components.errors import PipelineError
-from components.params import EnvironmentParams, load_params
 from components.game.reward import TERMS
+from components.params import EnvironmentParams, load_params
 from tests.conftest import REPO_ROOT
 
 DEFAULT = load_params(REPO_ROOT / "params.yaml")
@@ -105,7 +105,7 @@ def test_same_seed_same_episode(env: DoomEnv) -> None:
         return frames
 
     first, second = play(), play()
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     assert not np.array_equal(first[0], first[-1])  # the actions moved the view
 
 

@@ -94,7 +94,7 @@ def test_counterfactuals_by_action_name() -> None:
 
 
 def test_action_kinds() -> None:
-    kinds = dict(zip([a["name"] for a in ACTIONS], ev.action_kinds(ACTIONS)))
+    kinds = dict(zip([a["name"] for a in ACTIONS], ev.action_kinds(ACTIONS), strict=True))
     assert kinds["turn_left"] == kinds["forward_turn_right"] == "turning"
     assert kinds["forward"] == kinds["strafe_left"] == "moving"
     assert kinds["noop"] == kinds["attack"] == kinds["use"] == "static"
@@ -150,7 +150,7 @@ def toy_windows(count: int, rows: int, seed: int = 0) -> ev.Windows:
 
 def true_dynamics(context: np.ndarray, actions: np.ndarray) -> np.ndarray:
     last = context[:, -1]
-    return np.stack([np.roll(f, SHIFT.get(int(a), 0), axis=-1) for f, a in zip(last, actions[:, -1])])
+    return np.stack([np.roll(f, SHIFT.get(int(a), 0), axis=-1) for f, a in zip(last, actions[:, -1], strict=True)])
 
 
 def copy_last(context: np.ndarray, actions: np.ndarray) -> np.ndarray:

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from components.evaluation import scoring as ev
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
+from components.evaluation import scoring as ev
 from components.params import EvaluationParams
 from tests.conftest import REPO_ROOT, pipeline_env
 from tests.export_fixtures import build_tiny_export, write_params

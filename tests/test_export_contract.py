@@ -56,7 +56,7 @@ def test_graph_names_dtypes_and_shapes(export: Path, manifest: dict, graph: str)
     for declared, actual in ((contract.GRAPHS[graph]["inputs"], s.get_inputs()),
                              (contract.GRAPHS[graph]["outputs"], s.get_outputs())):
         assert [a.name for a in actual] == [name for name, _, _ in declared]
-        for (name, dtype, axes), node in zip(declared, actual):
+        for (name, dtype, axes), node in zip(declared, actual, strict=True):
             assert node.type == ORT_TYPES[dtype], name
             assert isinstance(node.shape[0], str), f"{graph} {name}: batch axis must be dynamic, got {node.shape}"
             assert node.shape[1:] == [sizes[a] for a in axes[1:]], f"{graph} {name}: {node.shape}"

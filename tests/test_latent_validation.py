@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from components.errors import PipelineError
 from components.data.latent_validation import GateLimits, latent_statistics, validate_latents
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
+from components.errors import PipelineError
 from tests.conftest import micro_params_dict, write_params
 from tests.synthetic_trajectories import write_synthetic_trajectories
 
@@ -166,7 +166,8 @@ def test_stage_failure_publishes_no_latents(tmp_path: Path) -> None:
 def test_stage_success_mirrors_episodes(tmp_path: Path) -> None:
     from components.stages import validated_latents
 
-    traj = write_synthetic_trajectories(tmp_path / "raw", [[(8, "train"), (2, "train"), (6, "heldout")], [(7, "train")]])
+    traj = write_synthetic_trajectories(tmp_path / "raw",
+                                        [[(8, "train"), (2, "train"), (6, "heldout")], [(7, "train")]])
     _tiny_autoencoder(tmp_path / "ae", (24, 32))
     args = _stage_args(tmp_path, _micro_params(tmp_path), traj)
     validated_latents.main(args)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from components.models.motion_warp import ActionWarp, LatentGeometry, fit_action_warp
-from components.params import parse_params
 from components.models.world_model import ActionConditionedUNet, WorldModelConfig
+from components.params import parse_params
 from tests.conftest import micro_params_dict
 
 SIZE = (12, 16)
@@ -46,7 +46,7 @@ def pan_frames(count: int, pans: torch.Tensor, seed: int = 0) -> tuple[torch.Ten
     frames = frames.sigmoid()
     moved = torch.stack([torch.cat([f[..., :1].expand(-1, -1, int(p)), f[..., : f.shape[-1] - int(p)]], -1)
                          if p >= 0 else torch.cat([f[..., -int(p):], f[..., -1:].expand(-1, -1, -int(p))], -1)
-                         for f, p in zip(frames, pans)])
+                         for f, p in zip(frames, pans, strict=True)])
     moved[:, :, -HUD_ROWS * 4 :] = frames[:, :, -HUD_ROWS * 4 :]
     return frames, moved
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import psutil
 from safetensors.torch import load_file
-
 from world_model_data import (
     checkpoint_step,
     micro_params_dict,
@@ -114,8 +113,8 @@ def test_two_processes_train_the_autoencoder(tmp_path: Path) -> None:
     _inputs(tmp_path)
     done = _run(_launch(tmp_path, [
         "base_autoencoder", "--trajectories", str(tmp_path / "frames"), "--out", str(tmp_path / "ae"),
-        "--metrics", str(tmp_path / "metrics.json"), "--curve", str(tmp_path / "curve.json"), "--plots", str(tmp_path / "curves"),
-        "--cache", str(tmp_path / "cache"),
+        "--metrics", str(tmp_path / "metrics.json"), "--curve", str(tmp_path / "curve.json"),
+        "--plots", str(tmp_path / "curves"), "--cache", str(tmp_path / "cache"),
     ]), tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 12 and metrics["processes"] == 2

@@ -5,6 +5,7 @@ The browser test drives Debian's headless Chromium through Playwright (never ``p
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -76,7 +77,7 @@ def test_player_runs_without_torch(export: Path) -> None:
         "assert len(state.latents) == game.K and state.frame_index == 4\n"
         "piped = game.new_state(0)\n"
         "last = [piped.advance(a) for a in (1, 1, 3, 9)][-1].result()\n"
-        "assert (last.pixels == state.frame).all() and last.index == 4\n"
+        "assert (last.pixels == state.frame).all() and last.number == 4\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'vizdoom'))\n"
         "assert not bad, bad\n"
         "print('ok')\n"
@@ -100,10 +101,10 @@ def test_pipelined_play_gives_the_sequential_frames(export: Path) -> None:
         assert pipelined.finish() is frames[-1] and pipelined.finish() is None
     finally:
         game.close()
-    assert all((a != b).any() for a, b in zip(expected, expected[1:])), "frames must change, or this proves nothing"
+    assert all((a != b).any() for a, b in itertools.pairwise(expected)), "frames must change, or this proves nothing"
     for index, (want, got) in enumerate(zip(expected, frames, strict=True)):
         np.testing.assert_array_equal(got.pixels, want, err_msg=f"frame {index + 1}")
-        assert got.index == index + 1 and got.context_index == 0 and got.model_ms > 0
+        assert got.number == index + 1 and got.context_index == 0 and got.model_ms > 0
     np.testing.assert_array_equal(np.stack(pipelined.latents), np.stack(sequential.latents))
     assert list(pipelined.actions) == list(sequential.actions)
     assert pipelined.frame_index == sequential.frame_index == len(ROLLOUT_ACTIONS)
@@ -125,7 +126,7 @@ def test_pipelined_prediction_uses_the_action_read_when_it_starts(export: Path) 
             assert state.actions[-1] == action
             frame = decoding.result()
             np.testing.assert_array_equal(frame.pixels, game.decode(latent[None])[0])
-            assert frame.action == action and frame.index == n + 1
+            assert frame.action == action and frame.number == n + 1
             header = FRAME_HEADER.unpack(frame_message(frame)[: FRAME_HEADER.size])
             assert (header[0], header[4], header[5]) == (n + 1, action, 1)
             context, previous = [*context[1:], latent], [*previous, action][1:]

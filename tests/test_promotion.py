@@ -24,7 +24,8 @@ CRITERIA = [
 
 def metrics(psnr: float, control: float = 0.8, fvd: float = 100.0) -> dict:
     return {
-        "onnx": {"teacher_forced": {"psnr": {"model": {"pooled": psnr}}, "controllability": {"turning": {"share": control}}}},
+        "onnx": {"teacher_forced": {"psnr": {"model": {"pooled": psnr}},
+                                    "controllability": {"turning": {"share": control}}}},
         "fvd": fvd,
     }
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from components.params import RewardParams
 from components.game.reward import TERMS, GameVariables, RewardFunction, grid_cell, total
+from components.params import RewardParams
 
 PARAMS = RewardParams()  # the paper's weights
 START = GameVariables(health=100.0, armor=0.0, ammo=50.0, position_x=10.0, position_y=10.0)

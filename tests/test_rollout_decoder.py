@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from components.data.trajectory_store import ShardWriter, TrajectoryStore
+from components.errors import PipelineError
 from components.models.autoencoder import FrameAutoencoder, build_vae, decoder_loss
 from components.models.distillation import OneStepStudent
-from components.errors import PipelineError
-from components.params import DistilledModelParams, WorldModelParams
 from components.models.rollout_decoder import fine_tune_decoder, rollout_pairs
-from components.data.trajectory_store import ShardWriter, TrajectoryStore
-from components.training import start_runtime
 from components.models.world_model import ActionConditionedUNet
+from components.params import DistilledModelParams, WorldModelParams
+from components.training import start_runtime
 from tests.export_fixtures import synthetic_frames
 
 K, ACTIONS, HEIGHT, WIDTH = 2, 5, 24, 32

@@ -24,7 +24,7 @@ def episode(length: int, offset: int, size: tuple[int, int] = (6, 8)) -> dict[st
 def write_shard(path: Path, lengths: list[int], splits: list[str]) -> Path:
     with ShardWriter(path, kind="trajectories", attributes={"resolution": [8, 6]}) as writer:
         offset = 0
-        for length, split in zip(lengths, splits):
+        for length, split in zip(lengths, splits, strict=True):
             writer.add_episode(episode(length, offset), split=split, seed=offset)
             offset += length
     return path

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.evaluation import scoring as ev
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
+from components.evaluation import scoring as ev
 from components.evaluation.view_motion import (
     action_displacements,
     detail_loss,
@@ -113,13 +113,15 @@ def test_controllable_baseline_and_turn_response_on_a_perfect_and_a_blind_model(
     response = ev.turn_response(good, windows, k, actions, motion, steps=2, batch_size=4)
     assert response["turn_left"]["right_sign_share"] == 1.0 and response["turn_right"]["right_sign_share"] == 1.0
     assert response["turn_left"]["model_mean_px"] == pytest.approx(8.0, abs=0.6)
-    assert response["turn_left"]["real_px"] == 8.0 and response["turn_right"]["fraction_of_real"] == pytest.approx(1, abs=0.1)
+    assert response["turn_left"]["real_px"] == 8.0
+    assert response["turn_right"]["fraction_of_real"] == pytest.approx(1, abs=0.1)
     ignored = ev.turn_response(ev.ModelUnderTest("blind", blind, pan, pan), windows, k, actions, motion, 2, 4)
     assert ignored["turn_left"]["right_sign_share"] == 0.0 and ignored["turn_left"]["model_mean_px"] == 0.0
 
     shown = ev.turn_test(good, windows, k, actions, steps=1, batch_size=4)
     assert list(shown) == ["turn_left", "turn_right", "noop", "real", "context"]
-    assert shown["turn_left"].shape == (count, 1, HEIGHT, WIDTH, 3) and shown["context"].shape == (count, HEIGHT, WIDTH, 3)
+    assert shown["turn_left"].shape == (count, 1, HEIGHT, WIDTH, 3)
+    assert shown["context"].shape == (count, HEIGHT, WIDTH, 3)
 
 
 def test_sharpness_above_the_hud_is_not_hidden_by_a_sharp_status_bar() -> None:

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from components.errors import PipelineError
-from components.runtime.export_contract import ExportNotFoundError
 from components.play.server import OnnxGame, action_for_keys
 from components.play.web_bundle import ORT_PACKAGE, build_bundle
+from components.runtime.export_contract import ExportNotFoundError
 from tests.conftest import REPO_ROOT, chromium_page, needs_chromium, pipeline_env, stop_process, wait_for_url
 
 ORT = ORT_PACKAGE

@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from world_model_data import LATENT_SHAPE, micro_params_dict, next_latent, tiny_autoencoder, write_synthetic_latents
 
 from components.errors import PipelineError
-from components.params import ParamsError, parse_params
 from components.models.sampler import Sampler, make_scheduler, rollout, sample_next_latent
 from components.models.world_model import ActionConditionedUNet, load_world_model, noise_bucket
 from components.models.world_model_training import WindowStream, open_latents, train
-from world_model_data import LATENT_SHAPE, micro_params_dict, next_latent, tiny_autoencoder, write_synthetic_latents
+from components.params import ParamsError, parse_params
 
 TRAIN = {"steps": 200, "batch_size": 16, "learning_rate": 0.003, "log_every": 20, "checkpoint_every": 100}
 
@@ -148,7 +148,8 @@ def test_pretrained_unet_folder_widens_conv_in(tmp_path: Path) -> None:
         cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8,
     )
     pretrained.save_pretrained(tmp_path / "unet")
-    wm = parse_params(micro_params_dict(world_model={"pretrained_unet": str(tmp_path / "unet"), "context": 3})).world_model
+    overrides = {"pretrained_unet": str(tmp_path / "unet"), "context": 3}
+    wm = parse_params(micro_params_dict(world_model=overrides)).world_model
     net = ActionConditionedUNet.from_params(wm, 4, (8, 8), num_actions=5)
     weight = net.unet.conv_in.weight
     assert weight.shape[1] == 4 * (3 + 2)

@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 
 from safetensors.torch import load_file
-
-from components.models.world_model import load_world_model
 from world_model_data import (
     checkpoint_step,
     micro_params_dict,
@@ -23,13 +21,16 @@ from world_model_data import (
     write_synthetic_latents,
 )
 
+from components.models.world_model import load_world_model
+
 STEPS = 60
 
 
 def _command(tmp: Path, name: str) -> list[str]:
     return [
         sys.executable, "-m", "components", "--params", str(tmp / "params.yaml"), "diffusion_checkpoint",
-        "--latents", str(tmp / "latents"), "--autoencoder", str(tmp / "autoencoder"), "--trajectories", str(tmp / "frames"),
+        "--latents", str(tmp / "latents"), "--autoencoder", str(tmp / "autoencoder"),
+        "--trajectories", str(tmp / "frames"),
         "--out", str(tmp / name / "model"), "--metrics", str(tmp / name / "metrics.json"),
         "--plots", str(tmp / name), "--live-dir", str(tmp / name / "dvclive"),
         "--cache", str(tmp / name / "cache"),
@@ -45,7 +46,8 @@ def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
 
     # 1. start, wait for the first checkpoint, then SIGKILL the training process
     with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(_command(tmp_path, "run"), cwd=tmp_path, env=one_thread_env(), stdout=log, stderr=log)
+        process = subprocess.Popen(_command(tmp_path, "run"), cwd=tmp_path, env=one_thread_env(), stdout=log,
+                                   stderr=log)
         deadline = time.monotonic() + 300
         while checkpoint_step(tmp_path / "run" / "cache") is None:
             assert process.poll() is None, (tmp_path / "killed.log").read_text()
@@ -59,8 +61,8 @@ def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
     # 2. rerun: resumes from the checkpoint and finishes
-    rerun = subprocess.run(_command(tmp_path, "run"), cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True,
-                           timeout=600)
+    rerun = subprocess.run(_command(tmp_path, "run"), cwd=tmp_path, env=one_thread_env(), capture_output=True,
+                           text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"at step {killed_at} of {STEPS}" in rerun.stderr, rerun.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -71,8 +73,8 @@ def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # 3. a run never interrupted ends with the same weights
-    fresh = subprocess.run(_command(tmp_path, "fresh"), cwd=tmp_path, env=one_thread_env(), capture_output=True, text=True,
-                           timeout=600)
+    fresh = subprocess.run(_command(tmp_path, "fresh"), cwd=tmp_path, env=one_thread_env(), capture_output=True,
+                           text=True, timeout=600)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     resumed = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     uninterrupted = load_file(str(tmp_path / "fresh" / "model" / "model.safetensors"))

@@ -3,7 +3,8 @@
 The dynamic depends on the action, so a model CAN learn that actions matter: each frame is a bright vertical bar
 over a per-episode background (so the context matters too); the action taken on frame t moves the bar for frame
 t+1 by ``shift(a) = a % 3 - 1`` columns (left, none, right), with wrap-around, and sets channel 0's background
-to ``shift(a)`` (a global effect, learned fast; the bar's move is the spatial one). Written with the project's real ``ShardWriter`` (kind "latents").
+to ``shift(a)`` (a global effect, learned fast; the bar's move is the spatial one). Written with the project's real
+``ShardWriter`` (kind "latents").
 """
 
 from __future__ import annotations

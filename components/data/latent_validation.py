@@ -245,13 +245,15 @@ def validate_latents(tables: LatentTables, limits: GateLimits) -> GateReport:
             continue
         result = batch_definition.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
         for item in result.results:
-            meta = item.expectation_config.meta or {}
+            expectation = item.expectation_config
+            assert expectation is not None  # a validation result always names its expectation
+            meta = expectation.meta or {}
             checks.append({
-                "name": meta.get("check", item.expectation_config.type),
+                "name": meta.get("check", expectation.type),
                 "table": table,
                 "description": meta.get("description", ""),
                 "success": bool(item.success),
-                "expectation": item.expectation_config.type,
+                "expectation": expectation.type,
                 "details": _details(item),
             })
     order = [name for name, *_ in _expectations(limits)]

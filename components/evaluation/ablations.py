@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import PipelineError
-from components.params import parse_overrides
 from components.evaluation.promotion import metric_value
+from components.params import parse_overrides
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ def _dvc(args: Sequence[str], cwd: Path, capture: bool = True) -> subprocess.Com
     log.info("$ %s", " ".join(command))
     result = subprocess.run(command, cwd=cwd, text=True, capture_output=capture)
     if result.returncode != 0:
-        raise AblationError(f"`{' '.join(command)}` failed ({result.returncode}):\n{result.stdout or ''}{result.stderr or ''}")
+        output = f"{result.stdout or ''}{result.stderr or ''}"
+        raise AblationError(f"`{' '.join(command)}` failed ({result.returncode}):\n{output}")
     return result
 
 
@@ -339,7 +340,7 @@ def write_results(path: Path, body: str, command: str, tag: str, profile: str,
     """Write ``docs/results.md``: the command that made the tables, the date, the scale and the tables."""
     from components.atomic import atomic_write_text
 
-    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    today = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = (
         "# Results: the paper's ablations as DVC experiments\n\n"
         f"Made on {today} by `{command}` (profile `{profile}`, experiment tag `{tag}`), on held-out episodes.\n"

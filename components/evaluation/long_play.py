@@ -70,7 +70,7 @@ class RealFrames:
     view_rows: float
 
     @classmethod
-    def of(cls, frames: np.ndarray, view_rows: float) -> "RealFrames":
+    def of(cls, frames: np.ndarray, view_rows: float) -> RealFrames:
         view = np.asarray(frames)[:, :, : view_row_count(np.shape(frames)[2], view_rows)]
         return cls(float(laplacian_energy(view).mean()), colour_histogram(view), view_rows)
 

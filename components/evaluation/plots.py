@@ -71,8 +71,8 @@ def line_chart(
         points = [xy(xs[i], v) for i, v in enumerate(curve) if v is not None and math.isfinite(v)]
         if len(points) > 1:
             draw.line(points, fill=color, width=2)
-        for x, y in points if len(points) <= 16 else []:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        for px, py in points if len(points) <= 16 else []:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
         ly = top + 8 + 18 * index
         draw.line([width - right + 12, ly + 6, width - right + 36, ly + 6], fill=color, width=3)
         draw.text((width - right + 42, ly), name, fill="black", font=font)
@@ -140,9 +140,10 @@ def side_by_side_gif(
         for col, name in enumerate(names):
             draw.text((col * w * scale + 2, 1), f"{name} t={step + 1}", fill="black", font=font)
             for row in range(n):
-                tile = Image.fromarray(columns[name][row, step]).resize((w * scale, h * scale), Image.NEAREST)
+                tile = Image.fromarray(columns[name][row, step]).resize((w * scale, h * scale),
+                                                                         Image.Resampling.NEAREST)
                 canvas.paste(tile, (col * w * scale, label_h + row * h * scale))
-        frames.append(canvas.convert("P", palette=Image.ADAPTIVE))
+        frames.append(canvas.convert("P", palette=Image.Palette.ADAPTIVE))
     target = Path(path)
     with atomic_path(target, suffix=".gif") as temporary:
         frames[0].save(temporary, format="GIF", save_all=True, append_images=frames[1:],
@@ -175,7 +176,7 @@ def frame_grid(
         y = head + index * (h * scale + gap)
         draw.text((4, y + h * scale // 2 - 6), label, fill="black", font=font)
         for col, frame in enumerate(frames):
-            tile = Image.fromarray(np.asarray(frame, np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
+            tile = Image.fromarray(np.asarray(frame, np.uint8)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
             canvas.paste(tile, (label_w + col * (w * scale + gap), y))
     return _save(canvas, Path(path))
 

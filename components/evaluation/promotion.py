@@ -203,7 +203,7 @@ def promote(
     champion = champion_metrics if champion_metrics is not None else stored
     decision = decide(challenger_metrics, champion, criteria)
     decision.source = source
-    decision.decided_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    decision.decided_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     if decision.promoted:
         info = {"source": source, "promoted_at": decision.decided_at, "reason": decision.reason}
         install_champion(export_dir, challenger_metrics, champion_dir, info)
@@ -255,8 +255,8 @@ def criteria_from_params(settings: Any) -> list[Criterion]:
 def reevaluate_champion(params: Any, champion_dir: Path, raw_root: Path, latents_root: Path | None) -> dict[str, Any]:
     """Score the champion's export on the current held-out episodes, with the same windows and settings the
     challenger's evaluation used (ONNX only: the teacher is not part of what ships)."""
-    from components.evaluation import scoring as ev
     from components.data.trajectory_store import TrajectoryStore
+    from components.evaluation import scoring as ev
 
     settings = params.evaluation
     raw = TrajectoryStore(raw_root)

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from components.evaluation import long_play, view_motion
 from components.errors import PipelineError
+from components.evaluation import long_play, view_motion
 
 PSNR_CAP_DB = 50.0
 ACTION_KINDS = ("turning", "moving", "static")
@@ -161,7 +161,7 @@ def action_kinds(actions: Sequence[Any]) -> list[str]:
 
 def win_shares(
     model_mse: np.ndarray, baseline_mse: np.ndarray, kinds: Sequence[str]
-) -> dict[str, dict[str, float | int]]:
+) -> dict[str, dict[str, float | int | None]]:
     """Share of windows where the model's MSE is strictly lower than the baseline's, overall and per kind.
 
     A tie (e.g. both exact on a frame that did not change) is not a win. Kinds with no window report
@@ -170,11 +170,11 @@ def win_shares(
     return _shares(np.asarray(model_mse) < np.asarray(baseline_mse), kinds)
 
 
-def _shares(wins: np.ndarray, kinds: Sequence[str]) -> dict[str, dict[str, float | int]]:
-    kinds = np.asarray(list(kinds))
-    result: dict[str, dict[str, float | int]] = {}
+def _shares(wins: np.ndarray, kinds: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
+    kind_of = np.asarray(list(kinds))
+    result: dict[str, dict[str, float | int | None]] = {}
     for kind in ("all", *ACTION_KINDS):
-        mask = np.ones(len(wins), bool) if kind == "all" else kinds == kind
+        mask = np.ones(len(wins), bool) if kind == "all" else kind_of == kind
         count = int(mask.sum())
         result[kind] = {"share": float(wins[mask].mean()) if count else None, "count": count}
     return result
@@ -182,7 +182,7 @@ def _shares(wins: np.ndarray, kinds: Sequence[str]) -> dict[str, dict[str, float
 
 def controllability(
     true_mse: np.ndarray, counterfactual_mse: np.ndarray, kinds: Sequence[str]
-) -> dict[str, dict[str, float | int]]:
+) -> dict[str, dict[str, float | int | None]]:
     """How often the prediction made with the true action is closer to the real frame than the one made
     with the counterfactual action (strictly), overall and per kind. A model that ignores its actions
     ties everywhere and scores 0."""
@@ -229,7 +229,7 @@ class Windows:
     def __len__(self) -> int:
         return len(self.actions)
 
-    def first(self, count: int) -> "Windows":
+    def first(self, count: int) -> Windows:
         """The first ``count`` windows."""
         latents = None if self.latents is None else self.latents[:count]
         return Windows(self.frames[:count], latents, self.actions[:count], self.episode_ids[:count])
@@ -261,7 +261,8 @@ def rollout_latents(
     """
     k = context_latents.shape[1]
     if actions.shape[1] < k + steps - 1:
-        raise ValueError(f"a {steps}-step rollout with context {k} needs {k + steps - 1} actions, got {actions.shape[1]}")
+        raise ValueError(f"a {steps}-step rollout with context {k} needs {k + steps - 1} actions, "
+                         f"got {actions.shape[1]}")
     context = np.array(context_latents, dtype=np.float32)
     predictions = []
     for step in range(steps):
@@ -310,7 +311,7 @@ def context_latents(model: ModelUnderTest, windows: Windows, rows: slice, batch_
     return latents.reshape(n, t, *latents.shape[1:]).astype(np.float32)
 
 
-def measure_view_motion(raw: Any, environment: Any, settings: Any) -> "ViewMotion":
+def measure_view_motion(raw: Any, environment: Any, settings: Any) -> ViewMotion:
     """The real game's displacement per action on the training split of ``raw`` (``params.environment``,
     ``params.evaluation``)."""
     measured = view_motion.action_displacements(raw, len(environment.actions), environment.view_rows,
@@ -330,9 +331,10 @@ class ViewMotion:
 
     def describe(self, actions: Sequence[Any]) -> dict[str, Any]:
         """For the metrics file: the displacement per action name, what it was measured on."""
+        names = [_field(a, "name") for a in actions]
         return {"split": "train", "view_rows": self.view_rows,
-                "displacement_px": {_field(a, "name"): float(d) for a, d in zip(actions, self.displacement_px)},
-                "pairs": {_field(a, "name"): int(n) for a, n in zip(actions, self.pairs)}}
+                "displacement_px": {n: float(d) for n, d in zip(names, self.displacement_px, strict=True)},
+                "pairs": {n: int(count) for n, count in zip(names, self.pairs, strict=True)}}
 
     def shift(self, frames: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """The controllable baseline: ``frames`` with the view shifted by each action's displacement."""
@@ -426,7 +428,7 @@ def _controllability(
     swapped[:, -1] = [opposite[int(a)] for a in swapped[:, -1]]
     counter = predict_frames(swapped, has_opposite)
     cf_mse = mse_per_frame(counter, target[has_opposite])
-    selected_kinds = [k for k, keep in zip(kinds, has_opposite) if keep]
+    selected_kinds = [k for k, keep in zip(kinds, has_opposite, strict=True) if keep]
     return controllability(true_mse[has_opposite], cf_mse, selected_kinds)
 
 
@@ -469,7 +471,8 @@ def rollout(
     }
     if motion is not None:
         travelled = np.cumsum(np.asarray(motion.displacement_px)[windows.actions[:, k - 1 : k - 1 + steps]], axis=1)
-        predictions["shift_last_frame"] = lambda s: view_motion.shift_view(last_frame, travelled[:, s], motion.view_rows)
+        predictions["shift_last_frame"] = lambda s: view_motion.shift_view(last_frame, travelled[:, s],
+                                                                           motion.view_rows)
 
     curves, sharpness = {}, {}
     for name, prediction_at in predictions.items():
@@ -529,7 +532,8 @@ def hold_action(model: ModelUnderTest, windows: Windows, context: int, action: i
 def measure_long_play(model: ModelUnderTest, raw: Any, latents: Any | None, episodes: Sequence[Any], context: int,
                       settings: Any, num_actions: int, view_rows: float,
                       real_pool: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-    """``components.evaluation.long_play`` for one model: ``settings.long_play_steps`` steps of player-like keys from held-out
+    """``components.evaluation.long_play`` for one model: ``settings.long_play_steps`` steps of player-like keys from
+    held-out
     contexts (with their recorded continuation where the episodes are that long; the teacher-forced windows already
     needed longer episodes than a bare context). Returns the metrics and, for the picture, uint8
     ``[rows, 1 + shown steps, H, W, 3]``: the last context frame, then the shown steps."""
@@ -573,8 +577,8 @@ def turn_response(model: ModelUnderTest, windows: Windows, context: int, actions
     for action in (turns[b] for b in sorted(turns)):
         frames = np.concatenate([last[:, None], hold_action(model, windows, context, action, steps, batch_size)], 1)
         limit = int(MAX_STEP_SHIFT * last.shape[-1])
-        shifts = sum(view_motion.horizontal_shift(frames[:, s], frames[:, s + 1], motion.view_rows, max_shift=limit)
-                     for s in range(steps))
+        shifts = np.sum([view_motion.horizontal_shift(frames[:, s], frames[:, s + 1], motion.view_rows,
+                                                      max_shift=limit) for s in range(steps)], axis=0)
         real = steps * float(motion.displacement_px[action])
         sign = np.sign(real) if real else 1.0
         name = _field(actions[action], "name")

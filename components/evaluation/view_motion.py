@@ -94,7 +94,8 @@ def action_displacements(store: Any, num_actions: int, view_rows: float = 0.8, p
         raise PipelineError(f"no {split} episodes to measure the actions' displacement on")
     starts: list[list[tuple[int, int]]] = [[] for _ in range(num_actions)]
     for episode in episodes:
-        actions = np.asarray(store.shards[episode.shard].array("actions")[episode.start : episode.start + episode.length])
+        recorded = store.shards[episode.shard].array("actions")
+        actions = np.asarray(recorded[episode.start : episode.start + episode.length])
         for offset, action in enumerate(actions[:-1]):
             if 0 <= int(action) < num_actions:
                 starts[int(action)].append((episode.shard, episode.start + offset))

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -32,6 +32,9 @@ from components.atomic import atomic_write_json, save_safetensors
 from components.errors import PipelineError
 from components.params import Params
 from components.training import CHECKPOINT_FILE, load_checkpoint, resolve_device, save_checkpoint
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.policies import ActorCriticPolicy
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ def policy_kwargs(features_dim: int, hidden_sizes: list[int], cnn_channels: list
     }
 
 
-def build_policy(spec: PolicySpec) -> nn.Module:
+def build_policy(spec: PolicySpec) -> ActorCriticPolicy:
     """An untrained SB3 ``ActorCriticCnnPolicy`` with the architecture of ``spec``."""
     from stable_baselines3.common.policies import ActorCriticCnnPolicy
 
@@ -163,7 +166,7 @@ def _load_unique_state(policy: nn.Module, state: dict[str, torch.Tensor]) -> Non
 class _Logits(nn.Module):
     """uint8 ``[B, H, W, 3]`` observations -> action logits: the actor half of an SB3 policy, as one module."""
 
-    def __init__(self, policy: nn.Module) -> None:
+    def __init__(self, policy: ActorCriticPolicy) -> None:
         super().__init__()
         self.features = policy.features_extractor
         self.actor = policy.mlp_extractor.policy_net
@@ -185,8 +188,10 @@ def _onnx_session(module: nn.Module, shape: tuple[int, int, int]) -> Any:
     example = torch.zeros((2, *shape), dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["observations"],
-                          output_names=["logits"], dynamic_axes={"observations": {0: "batch"}})
+        # the TorchScript exporter writes to a file object too; its annotation names paths only
+        torch.onnx.export(module, (example,), buffer,  # type: ignore[arg-type]
+                          dynamo=False, input_names=["observations"], output_names=["logits"],
+                          dynamic_axes={"observations": {0: "batch"}})
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.log_severity_level = 3
@@ -202,7 +207,7 @@ class PolicyRunner:
     batches of data collection; ``"torch"`` runs the PyTorch module. Both give the same logits (to ~1e-6).
     """
 
-    def __init__(self, policy: nn.Module, spec: PolicySpec, path: Path, backend: str = "torch") -> None:
+    def __init__(self, policy: ActorCriticPolicy, spec: PolicySpec, path: Path, backend: str = "torch") -> None:
         self.policy, self.spec, self.path = policy.eval(), spec, path
         self.actor = _Logits(self.policy).eval()
         self.backend = backend
@@ -225,7 +230,8 @@ class PolicyRunner:
         self, observations: np.ndarray, rng: np.random.Generator | None = None, deterministic: bool = False
     ) -> np.ndarray:
         if observations.ndim != 4 or tuple(observations.shape[1:]) != tuple(self.expected_shape):
-            raise ValueError(f"{self.path}: expected observations [B, *{self.expected_shape}], got {observations.shape}")
+            raise ValueError(f"{self.path}: expected observations [B, *{self.expected_shape}], "
+                             f"got {observations.shape}")
         logits = self.logits(observations)
         if not deterministic:
             rng = rng or np.random.default_rng()
@@ -368,6 +374,7 @@ def train(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(resume_dir / (entry["file"] + suffix), target)
         log.info("resuming rl_agent from %d timesteps (%s)", resumed_from, resume_dir)
+    assert model.policy.observation_space.shape is not None  # a Box space: the recorded frames
     observation_shape = list(model.policy.observation_space.shape)
     rewards: list[float] = []
     lengths: list[int] = []

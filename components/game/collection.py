@@ -96,8 +96,8 @@ def record_shard(
     import torch
     from tqdm import tqdm
 
-    from components.game.environment import DoomEnv, action_names, resolve_scenario
     from components.data.trajectory_store import ShardWriter
+    from components.game.environment import DoomEnv, action_names, resolve_scenario
 
     config, env_params = params.raw_trajectories, params.environment
     torch.set_num_threads(1)  # small batches: one thread is fastest and leaves the other core to the games
@@ -149,8 +149,9 @@ def record_shard(
                      policy=int(rng.integers(len(snapshots))) if snapshots else None)
             for _ in indices
         ]
-        observations = pool.map(lambda job: games[job[0]].reset(seed=job[1].seed)[0], zip(indices, episodes))
-        return list(zip(episodes, observations))
+        jobs = zip(indices, episodes, strict=True)
+        observations = pool.map(lambda job: games[job[0]].reset(seed=job[1].seed)[0], jobs)
+        return list(zip(episodes, observations, strict=True))
 
     def finish(writer: ShardWriter, episode: _Episode, end: str) -> None:
         split = split_for(episode.seed, config.heldout_fraction)
@@ -202,12 +203,12 @@ def record_shard(
                 needs_policy = rng.random(active) >= random_fraction  # the rest keep their random action
                 # Games whose action is known start stepping at once; each policy batch then overlaps with
                 # the games already in flight (torch and the engines both release the GIL).
-                steps = {i: pool.submit(games[i].step, int(actions[i])) for i in np.flatnonzero(~needs_policy)}
+                steps = {int(i): pool.submit(games[i].step, int(actions[i])) for i in np.flatnonzero(~needs_policy)}
                 for policy_index, members in _policy_batches(current, np.flatnonzero(needs_policy)):
                     observations = np.stack([current[i][1] for i in members])
                     chosen = snapshots[policy_index](observations, rng)
-                    for i, action in zip(members, chosen):
-                        steps[i] = pool.submit(games[i].step, int(action))
+                    for i, action in zip(members, chosen, strict=True):
+                        steps[int(i)] = pool.submit(games[i].step, int(action))
                 results = [steps[i].result() for i in range(active)]
                 ended = []
                 for i, (next_observation, reward, terminated, truncated, info) in enumerate(results):
@@ -221,7 +222,7 @@ def record_shard(
                     else:
                         current[i] = (episode, next_observation)
                 if ended:
-                    for i, new in zip(ended, start(ended)):
+                    for i, new in zip(ended, start(ended), strict=True):
                         current[i] = new
                 recorded += active
                 bar.update(active)
@@ -236,10 +237,10 @@ def record_shard(
     seconds = time.monotonic() - started
     return ShardSummary(
         shard=shard,
-        episodes=totals["episodes"],
+        episodes=int(totals["episodes"]),
         frames=recorded,
-        heldout_episodes=totals["heldout_episodes"],
-        heldout_frames=totals["heldout_frames"],
+        heldout_episodes=int(totals["heldout_episodes"]),
+        heldout_frames=int(totals["heldout_frames"]),
         mean_reward=totals["reward"] / max(recorded, 1),
         mean_episode_return=float(np.mean(returns)) if returns else 0.0,
         action_histogram={names[a]: int(histogram.get(a, 0)) for a in range(n_actions)},

@@ -28,8 +28,8 @@ import vizdoom as vzd
 from PIL import Image
 
 from components.errors import PipelineError
-from components.params import ActionSpec, EnvironmentParams, RewardParams
 from components.game.reward import GameVariables, RewardFunction
+from components.params import ActionSpec, EnvironmentParams, RewardParams
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def downscale(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     factor = source_w // width
     if source_w == width * factor and source_h == height * factor:
         return np.array(image.reduce(factor))  # integer factor: box mean, about 3x faster than resize
-    return np.array(image.resize((width, height), Image.BOX))
+    return np.array(image.resize((width, height), Image.Resampling.BOX))
 
 
 # --------------------------------------------------------------------------- game construction

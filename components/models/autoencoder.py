@@ -150,7 +150,7 @@ class FrameAutoencoder:
             "scaling_factor": self.scaling_factor,
             "latent_multiple": self.latent_multiple,
             "pad_mode": self.pad_mode,
-            "padding": {"left": self.padding[0], "right": self.padding[1], "top": self.padding[2], "bottom": self.padding[3]},
+            "padding": dict(zip(("left", "right", "top", "bottom"), self.padding, strict=True)),
             "latent_shape": list(self.latent_shape),
             "downsample_factor": self.factor,
         }
@@ -162,7 +162,7 @@ class FrameAutoencoder:
             atomic_write_json(staging / CONFIG_NAME, {**(extra or {}), **self.config()})
         return Path(folder)
 
-    def eval(self) -> "FrameAutoencoder":
+    def eval(self) -> FrameAutoencoder:
         self.vae.eval()
         return self
 
@@ -178,7 +178,8 @@ def load_pretrained_vae(path: str | Path) -> Any:
     from diffusers import AutoencoderKL
 
     folder = Path(path)
-    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / VAE_SUBFOLDER / "config.json").is_file():
+    whole_checkout = (folder / VAE_SUBFOLDER / "config.json").is_file()
+    if folder.is_dir() and not (folder / "config.json").is_file() and whole_checkout:
         folder = folder / VAE_SUBFOLDER  # a whole SD checkout: use its vae/ subfolder
     expected = (
         "a local folder holding a diffusers AutoencoderKL: config.json plus diffusion_pytorch_model.safetensors "
@@ -192,7 +193,8 @@ def load_pretrained_vae(path: str | Path) -> Any:
         vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
     except Exception as error:  # diffusers raises OSError/ValueError/EnvironmentError variants
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AutoencoderError(f"autoencoder.pretrained: cannot load {folder} ({first_line}); expected {expected}") from None
+        raise AutoencoderError(f"autoencoder.pretrained: cannot load {folder} ({first_line}); "
+                               f"expected {expected}") from None
     return vae
 
 
@@ -249,7 +251,8 @@ def load_autoencoder(folder: str | Path) -> FrameAutoencoder:
     try:
         vae = AutoencoderKL.from_pretrained(str(folder / VAE_SUBFOLDER), local_files_only=True)
     except Exception as error:
-        raise AutoencoderError(f"{folder / VAE_SUBFOLDER}: cannot load the AutoencoderKL ({error}); expected {what}") from None
+        raise AutoencoderError(f"{folder / VAE_SUBFOLDER}: cannot load the AutoencoderKL ({error}); "
+                               f"expected {what}") from None
     vae = vae.to(memory_format=torch.channels_last).eval()
     return FrameAutoencoder(vae, frame_size, scaling, multiple, pad_mode)
 
@@ -275,7 +278,7 @@ class FrameSampler:
         offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         shard_of = np.searchsorted(offsets, picks, side="right") - 1
         out = []
-        for pick, shard in zip(picks, shard_of):
+        for pick, shard in zip(picks, shard_of, strict=True):
             row = self.rows[shard][pick - offsets[shard]]
             out.append(self.store.shards[shard].array("frames")[row])
         array = np.stack(out)

@@ -22,7 +22,8 @@ and context noise of std ``context_noise_level``.
     ``teacher_noise: fresh`` ``z'`` and ``e'`` are new for every window, so the student learns ``E[y]``, the mean
     of the teacher's samples; with ``frozen`` ``z' = z`` and ``e' = e``: it copies one sample.
 
-  With ``adversarial_weight`` > 0 (off by default: README "Distillation") a patch critic on latents (``LatentCritic``) trains
+  With ``adversarial_weight`` > 0 (off by default: README "Distillation") a patch critic on latents (``LatentCritic``)
+  trains
   beside the student and the student also pays ``-D(its latent)``: a blurred mean that MSE accepts costs what makes
   it look unlike a real latent.
 
@@ -55,15 +56,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from components.errors import PipelineError
-from components.models.sampler import guided_velocity
 from components.evaluation.view_motion import detail_loss
+from components.models.sampler import guided_velocity
 from components.models.world_model import ActionConditionedUNet, WorldModelConfig, make_scheduler, noise_bucket
 
 log = logging.getLogger(__name__)
 
 STUDENT_CONFIG = "student.json"
 STUDENT_WEIGHTS = "student.safetensors"
-STUDENT_AUTOENCODER = "autoencoder"  # the autoencoder whose decoder ships with the student (components.models.rollout_decoder)
+# the autoencoder whose decoder ships with the student (components.models.rollout_decoder)
+STUDENT_AUTOENCODER = "autoencoder"
 FORMAT = "gamengen-one-step-student/1"
 
 
@@ -86,7 +88,8 @@ class StudentSettings:
 def one_step_coefficients(scheduler: Any, timestep: int) -> tuple[float, float]:
     """``(c_x, c_v)`` with ``scheduler.step(v, t, x).prev_sample == c_x * x + c_v * v`` for a 1-step DDIM schedule.
 
-    With v-prediction: ``x0 = a x - s v``, ``eps = s x + a v`` (``a = sqrt(alpha_bar_t)``, ``s = sqrt(1 - alpha_bar_t)``)
+    With v-prediction: ``x0 = a x - s v``, ``eps = s x + a v`` (``a = sqrt(alpha_bar_t)``, ``s = sqrt(1 -
+    alpha_bar_t)``)
     and ``prev = a' x0 + s' eps`` with ``alpha_bar`` of the final step (``final_alpha_cumprod``).
     """
     alpha = float(scheduler.alphas_cumprod[timestep])
@@ -103,6 +106,9 @@ class OneStepStudent(nn.Module):
     ``context_eps`` [K,C,h,w]; see the module docstring.
     """
 
+    target_noise: torch.Tensor  # buffers, registered in __init__
+    context_eps: torch.Tensor
+
     def __init__(self, net: ActionConditionedUNet, settings: StudentSettings,
                  target_noise: torch.Tensor, context_eps: torch.Tensor) -> None:
         super().__init__()
@@ -117,7 +123,7 @@ class OneStepStudent(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: ActionConditionedUNet, steps: int, cfg: float, context_noise_level: float,
-                     noise_seed: int, target: str = "teacher", rollout_steps: int = 1) -> "OneStepStudent":
+                     noise_seed: int, target: str = "teacher", rollout_steps: int = 1) -> OneStepStudent:
         """A student initialised from (a deep copy of) ``teacher``; the teacher itself is left untouched."""
         config = teacher.config
         scheduler = make_scheduler(config, "ddim")

@@ -64,6 +64,10 @@ def resampling_matrix(source: torch.Tensor, size: int, mode: str = "nearest") ->
 class ActionWarp(nn.Module):
     """Moves a latent [B, C, h, w] by the fitted motion of (previous action, action), gated per cell."""
 
+    motion: torch.Tensor  # buffers, registered in __init__
+    centre: torch.Tensor
+    gate: torch.Tensor
+
     def __init__(self, num_actions: int, latent_size: tuple[int, int], resampling: str = "nearest") -> None:
         super().__init__()
         height, width = latent_size
@@ -165,7 +169,8 @@ def fit_action_warp(warp: ActionWarp, last: torch.Tensor, context_actions: torch
     Per window the view's motion is measured in pixels (``view_motion.horizontal_shift`` above the HUD, then
     ``measure_zoom``) and converted to latent cells; ``dy`` stays 0, since DOOM's view does not tilt. Each
     (previous action, action) pair gets the median of its windows, or, with fewer than ``MIN_WINDOWS``, the
-    action's median over all pairs; an action never seen keeps no motion. The gate, per cell, is 1 where the least-squares ``g`` of ``target - last ~ g * (moved - last)``
+    action's median over all pairs; an action never seen keeps no motion. The gate, per cell, is 1 where the
+    least-squares ``g`` of ``target - last ~ g * (moved - last)``
     (shrunk towards 1 where cells barely move) is above 1/2, else 0: the cells that move with the view, and the
     HUD that does not. Returns a summary for the logs.
     """

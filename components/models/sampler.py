@@ -107,7 +107,7 @@ class Sampler:
         self.actions: torch.Tensor | None = None  # [K-1]
 
     @classmethod
-    def from_params(cls, net: ActionConditionedUNet, autoencoder: Any, sampler: Any) -> "Sampler":
+    def from_params(cls, net: ActionConditionedUNet, autoencoder: Any, sampler: Any) -> Sampler:
         """Build with the ``params.sampler`` section's settings."""
         return cls(net, autoencoder, steps=sampler.steps, cfg=sampler.cfg,
                    context_noise_level=sampler.context_noise_level, eta=sampler.eta, seed=sampler.seed)
@@ -146,7 +146,8 @@ class Sampler:
             raise ValueError(f"{n} context frames need {n - 1} context actions (the action on the newest frame is "
                              f"step()'s argument), got {len(actions)}")
         if n > self.context:
-            latents, actions = latents[-self.context:], actions[-(self.context - 1):] if self.context > 1 else actions[:0]
+            latents = latents[-self.context:]
+            actions = actions[-(self.context - 1):] if self.context > 1 else actions[:0]
         elif n < self.context:
             pad = self.context - n
             latents = torch.cat([latents[:1].expand(pad, -1, -1, -1), latents])

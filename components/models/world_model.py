@@ -88,7 +88,7 @@ class WorldModelConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "WorldModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> WorldModelConfig:
         data = dict(data)
         data.pop("format", None)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -147,6 +147,8 @@ def unet_config_from_params(params: Any, input_latents: int, latent_channels: in
 class ActionConditionedUNet(nn.Module):
     """UNet denoiser conditioned on K past latents (channels), K actions (cross-attention) and a noise bucket."""
 
+    residual_scale: torch.Tensor  # a buffer, registered with predict_residual
+
     def __init__(self, config: WorldModelConfig) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
@@ -167,7 +169,7 @@ class ActionConditionedUNet(nn.Module):
 
     @classmethod
     def from_params(cls, world_model: Any, latent_channels: int, latent_size: tuple[int, int],
-                    num_actions: int) -> "ActionConditionedUNet":
+                    num_actions: int) -> ActionConditionedUNet:
         """Build from ``params.world_model``: the small config, or a local pretrained UNet when one is set."""
         if world_model.pretrained_unet:
             return cls.from_pretrained_unet(
@@ -179,11 +181,12 @@ class ActionConditionedUNet(nn.Module):
 
     @classmethod
     def from_pretrained_unet(cls, folder: str | Path, world_model: Any, latent_channels: int,
-                             latent_size: tuple[int, int], num_actions: int) -> "ActionConditionedUNet":
+                             latent_size: tuple[int, int], num_actions: int) -> ActionConditionedUNet:
         """Start from a local ``UNet2DConditionModel`` folder (e.g. SD v1.4 ``unet/``), never from a hub.
 
         ``conv_in`` gets ``C * (K + 1)`` input channels (``C * (K + 2)`` with the action warp): its pretrained
-        weights are copied onto the noisy-target channels and the context channels get zero weights (paper). A learned noise-bucket embedding is added
+        weights are copied onto the noisy-target channels and the context channels get zero weights (paper). A learned
+        noise-bucket embedding is added
         (zero-initialised, so the pretrained model's output is unchanged at the start). The action tokens take
         the pretrained ``cross_attention_dim``.
         """
@@ -296,7 +299,7 @@ def _config(world_model: Any, latent_channels: int, latent_size: tuple[int, int]
     return WorldModelConfig(
         context=world_model.context,
         latent_channels=latent_channels,
-        latent_size=tuple(latent_size),
+        latent_size=(int(latent_size[0]), int(latent_size[1])),
         num_actions=num_actions,
         noise_buckets=world_model.noise_buckets,
         max_noise_level=world_model.max_noise_level,

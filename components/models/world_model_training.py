@@ -22,7 +22,8 @@ minutes-or-steps plan, the atomic safetensors checkpoint every ``checkpoint_ever
 process count), exact resume after ``kill -9``. DVC deletes the stage's outs before a rerun; the cache lives outside
 them, so a killed run resumes from the last checkpoint and ends at the same step with the same final files.
 
-Several processes: ``accelerate launch --multi_gpu --num_processes N -m components diffusion_checkpoint <its arguments in dvc.yaml>``
+Several processes: ``accelerate launch --multi_gpu --num_processes N -m components diffusion_checkpoint <its arguments
+in dvc.yaml>``
 (on a machine without GPUs, or with ``device: cpu``, N CPU processes with gloo).
 ``batch_size`` is per process (the effective batch is ``N x batch_size``); at step ``s`` process ``r`` reads the
 windows at global positions ``(s * N + r) * batch_size + i`` of the epoch's permutation; gradients are averaged.
@@ -41,11 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.errors import PipelineError
-from components.training import CHECKPOINT_FILE, Budget, Recipe, TrainResult
 from components.data.trajectory_store import TrajectoryStore
+from components.errors import PipelineError
 from components.models.motion_warp import LatentGeometry, fit_action_warp
 from components.models.world_model import ActionConditionedUNet, context_noise, make_scheduler, noise_bucket
+from components.training import CHECKPOINT_FILE, Budget, Recipe, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Batch:
     context_actions: torch.Tensor  # [B, K]
     target: torch.Tensor  # [B, C, h, w]
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(self.context_latents.to(device), self.context_actions.to(device), self.target.to(device))
 
 
@@ -143,15 +144,14 @@ def diffusion_loss(net: Any, ddpm: Any, batch: Batch, config: Any, context_dropo
     """The v-prediction loss with context noise augmentation and context dropout (module docstring)."""
     device = batch.target.device
     size = batch.target.shape[0]
-    cpu = dict(generator=generator)
-    levels = torch.rand(size, **cpu) * config.max_noise_level
+    levels = torch.rand(size, generator=generator) * config.max_noise_level
     buckets = noise_bucket(levels, config.max_noise_level, config.noise_buckets).to(device)
     context = context_noise(batch.context_latents, levels.to(device), generator)
     target = net.to_residual(batch.target, net.residual_base(context, batch.context_actions))
-    keep = (torch.rand(size, **cpu) >= context_dropout).to(device=device, dtype=context.dtype)
+    keep = (torch.rand(size, generator=generator) >= context_dropout).to(device=device, dtype=context.dtype)
     context = context * keep.view(-1, 1, 1, 1, 1)
-    timesteps = torch.randint(0, config.num_train_timesteps, (size,), **cpu).to(device)
-    noise = torch.randn(batch.target.shape, **cpu).to(device)
+    timesteps = torch.randint(0, config.num_train_timesteps, (size,), generator=generator).to(device)
+    noise = torch.randn(batch.target.shape, generator=generator).to(device)
     noisy = ddpm.add_noise(target, noise, timesteps)
     target_v = ddpm.get_velocity(target, noise, timesteps)
     predicted = net(noisy, timesteps, context, batch.context_actions, buckets)
@@ -245,7 +245,9 @@ def fit_to_data(net: ActionConditionedUNet, stream: WindowStream, frames: Trajec
         rows = np.random.default_rng([stream.seed, 12]).permutation(len(stream))[:FIT_WINDOWS]
         batch = stream.read(sorted(rows.tolist()))
         with torch.no_grad():
-            residual = batch.target - net.residual_base(batch.context_latents, batch.context_actions)
+            base = net.residual_base(batch.context_latents, batch.context_actions)
+            assert base is not None  # predict_residual is on
+            residual = batch.target - base
             net.residual_scale.fill_(float(residual.std()))
         log.info("predicting the residual to the %s last latent: std %.3f (the latents' std is %.3f)",
                  "warped" if net.action_warp is not None else "unwarped", float(net.residual_scale),
@@ -277,9 +279,11 @@ def fit_warp(net: ActionConditionedUNet, stream: WindowStream, frames: Trajector
     padding = attributes.get("padding", {})
     geometry = LatentGeometry(int(attributes.get("downsample_factor", pixels.shape[-1] // batch.target.shape[-1])),
                               int(padding.get("left", 0)), int(padding.get("top", 0)))
-    fitted = fit_action_warp(net.action_warp, batch.context_latents[:, -1], batch.context_actions, batch.target,
+    warp = net.action_warp
+    assert warp is not None  # called only for a model with the warp
+    fitted = fit_action_warp(warp, batch.context_latents[:, -1], batch.context_actions, batch.target,
                              pixels[:, 0], pixels[:, 1], geometry, environment.view_rows)
-    motion = net.action_warp.describe([a.name for a in environment.actions])
+    motion = warp.describe([a.name for a in environment.actions])
     log.info("action warp fitted on %d training windows (gate by row %s): %s", fitted["windows"],
              fitted["gate_rows"], ", ".join(
                  f"{name} dx {m['dx_cells']:+.2f} ({m['dx_cells_from_noop']:+.2f} from noop) zoom {m['zoom']:.3f}"
@@ -355,7 +359,7 @@ def save_preview(path: str | Path, autoencoder: Any, batch: Batch, predicted: to
         tiles = [context[r * k + i] for i in range(k)] + [pred[r], real[r]]
         for c, tile in enumerate(tiles):
             array = (tile.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            image = Image.fromarray(array).resize((width * scale, height * scale), Image.NEAREST)
+            image = Image.fromarray(array).resize((width * scale, height * scale), Image.Resampling.NEAREST)
             canvas.paste(image, (c * (width * scale + gap), label + r * (height * scale + gap)))
     with atomic_path(path, suffix=".png") as temporary:
         canvas.save(temporary, format="PNG")

@@ -95,7 +95,7 @@ class OnnxGame(OnnxExport):
     browser tabs can play at once. ``threads`` is the intra-op thread count of each session.
     """
 
-    def new_state(self, context_index: int = 0) -> "GameState":
+    def new_state(self, context_index: int = 0) -> GameState:
         """A player starting from held-out context ``context_index`` (modulo the number shipped)."""
         index = context_index % self.num_contexts
         return GameState(
@@ -120,7 +120,7 @@ class Frame(NamedTuple):
     """A frame shown to the player, with what the wire protocol's header says about it."""
 
     pixels: np.ndarray  # uint8 [H, W, 3]
-    index: int  # frames generated since the context (its last real frame is 0)
+    number: int  # frames generated since the context (its last real frame is 0)
     action: int  # the action that led to it
     model_ms: float  # from reading that action to the end of the decode: the frame's latency
     context_index: int
@@ -129,7 +129,7 @@ class Frame(NamedTuple):
 def frame_message(frame: Frame) -> bytes:
     """The binary frame message of the wire protocol (module docstring)."""
     height, width = frame.pixels.shape[:2]
-    header = FRAME_HEADER.pack(frame.index, width, height, frame.model_ms, frame.action, frame.context_index)
+    header = FRAME_HEADER.pack(frame.number, width, height, frame.model_ms, frame.action, frame.context_index)
     return header + np.ascontiguousarray(frame.pixels).tobytes()
 
 

@@ -19,7 +19,8 @@ The page plays exactly as ``components.play.server.GameState.step`` does (same k
 rolling context, same uint8 conversion), so from the same context and actions it makes the same frames up to
 ONNX Runtime Web's arithmetic (tests/test_web_bundle.py measures it).
 
-``python -m components play --engine browser`` writes it and ``serve_bundle(folder, host, port)`` serves it with the cross-origin isolation headers that WASM threads need
+``python -m components play --engine browser`` writes it and ``serve_bundle(folder, host, port)`` serves it with the
+cross-origin isolation headers that WASM threads need
 (``Cross-Origin-Opener-Policy: same-origin``, ``Cross-Origin-Embedder-Policy: require-corp``) and stops cleanly
 on SIGTERM or SIGINT.
 """
@@ -40,6 +41,7 @@ import numpy as np
 
 from components.atomic import atomic_directory
 from components.errors import PipelineError
+from components.play.server import KEY_BUTTONS, PAGE_DIR, stop_on_signals
 from components.runtime.export_contract import (
     CONTEXTS_FILE,
     DECODER_FILE,
@@ -49,7 +51,6 @@ from components.runtime.export_contract import (
     file_sha256,
     load_manifest,
 )
-from components.play.server import KEY_BUTTONS, PAGE_DIR, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ async def serve_until_signal(server: ThreadingHTTPServer, folder: Path, isolated
         server.daemon_threads = True
         stop = stop_on_signals()
         threading.Thread(target=server.serve_forever, name="bundle-server", daemon=True).start()
-        print(f"playing {folder} at http://{server.server_address[0]}:{server.server_address[1]}/ "
+        host, port = server.server_address[:2]
+        print(f"playing {folder} at http://{host!s}:{port}/ "
               f"({'cross-origin isolated: WASM threads' if isolated else 'not isolated: one WASM thread'}); "
               "Ctrl-C stops", flush=True)
         if ready is not None:

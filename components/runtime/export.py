@@ -84,6 +84,8 @@ def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pa
             )
     except Exception as error:  # torch.export raises many types; the message is what matters
         raise ExportError(f"{graph}: torch.onnx.export failed: {str(error).strip().splitlines()[0]}") from error
+    if program is None:
+        raise ExportError(f"{graph}: torch.onnx.export returned no program")
     path = Path(path)
     proto = program.model_proto
     if proto.ByteSize() < PROTOBUF_LIMIT:

@@ -64,14 +64,15 @@ def load_session(source: Path | bytes, threads: int, name: str = "") -> Any:
     serialized model; ``ExportNotFoundError`` if it cannot load."""
     import onnxruntime as ort
 
+    label = name or (str(source) if isinstance(source, Path) else "a model")
     try:
         model = str(source) if isinstance(source, Path) else source
         session = ort.InferenceSession(model, session_options(threads), providers=execution_providers())
-        log.info("ONNX Runtime runs %s on %s", name or (source if isinstance(source, Path) else "a model"),
+        log.info("ONNX Runtime runs %s on %s", label,
                  session.get_providers()[0])
         return session
     except Exception as error:  # onnxruntime raises its own exception types
-        raise ExportNotFoundError(f"{name or source}: ONNX Runtime cannot load it ({error})") from None
+        raise ExportNotFoundError(f"{label}: ONNX Runtime cannot load it ({error})") from None
 
 
 def cpu_ms(run: Any, repeats: int = 7) -> float:

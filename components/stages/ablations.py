@@ -43,14 +43,14 @@ def main(args: argparse.Namespace) -> None:
         experiments = ab.plan(settings, raw, [g.strip() for g in args.groups.split(",") if g.strip()])
         for experiment in experiments:  # every experiment's params valid before any is queued
             check_params(args.params, overrides=experiment.set_params())
-        tag = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S")
+        tag = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
         log.info("running %d ablation experiments with tag %s: %s", len(experiments), tag,
                  ", ".join(e.label for e in experiments))
         ab.queue_and_run(experiments, repo, tag, jobs=settings.jobs)
     results = ab.read_experiments(ab.dvc_exp_show(repo))
     tag = tag or ab.latest_tag(results)
     chosen = [r for r in results if r.tag == tag]
-    if not chosen:
+    if tag is None or not chosen:
         raise ab.AblationError(f"no ablation experiments with metrics in {repo} (tag {tag}); run without --report-only")
     command = "python -m components " + " ".join(sys.argv[1:]) if "ablations" in sys.argv else "make ablations"
     body = ab.tables(chosen, settings)

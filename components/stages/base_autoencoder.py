@@ -32,12 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     import torch
 
-    from components.models import autoencoder as aem
     from components import training
     from components.atomic import atomic_write_json
-    from components.evaluation.plots import training_charts
-    from components.errors import PipelineError
     from components.data.trajectory_store import TrajectoryStore
+    from components.errors import PipelineError
+    from components.evaluation.plots import training_charts
+    from components.models import autoencoder as aem
 
     params = load_params(args.params)
     p = params.autoencoder

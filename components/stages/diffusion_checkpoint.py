@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", required=True, help="metrics JSON")
     parser.add_argument("--plots", required=True, help="folder for samples.png and the training charts")
     parser.add_argument("--live-dir", required=True, help="DVCLive folder; '' disables it")
-    parser.add_argument("--cache", default=".cache/diffusion_checkpoint", help="resumable checkpoints; '' disables them")
+    parser.add_argument("--cache", default=".cache/diffusion_checkpoint",
+                        help="resumable checkpoints; '' disables them")
     parser.add_argument("--no-preview", action="store_true", help="skip the decoded sample PNG (debugging)")
 
 
@@ -39,11 +40,11 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     from components.atomic import atomic_write_json
-    from components.evaluation.plots import training_charts
     from components.errors import PipelineError
+    from components.evaluation.plots import training_charts
+    from components.models.world_model_training import heldout_metrics, open_latents, save_preview, train
     from components.params import load_params
     from components.training import resolve_device
-    from components.models.world_model_training import heldout_metrics, open_latents, save_preview, train
 
     params = load_params(args.params)
     autoencoder = None

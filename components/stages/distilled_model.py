@@ -47,10 +47,12 @@ def teacher_generator(settings: Any, step: int) -> Any:
 def main(args: argparse.Namespace) -> None:
     import torch
 
+    from components import training
     from components.atomic import atomic_write_json
+    from components.data.trajectory_store import TrajectoryStore
+    from components.errors import PipelineError
     from components.evaluation.plots import training_charts
     from components.models.autoencoder import load_autoencoder
-    from components import training
     from components.models.distillation import (
         LatentCritic,
         LatentWindows,
@@ -60,12 +62,10 @@ def main(args: argparse.Namespace) -> None:
         distillation_metrics,
         teacher_sample,
     )
-    from components.errors import PipelineError
-    from components.runtime.export_contract import file_sha256
-    from components.params import load_params
     from components.models.rollout_decoder import fine_tune_decoder, rollout_windows
-    from components.data.trajectory_store import TrajectoryStore
     from components.models.world_model import load_world_model, make_scheduler
+    from components.params import load_params
+    from components.runtime.export_contract import file_sha256
 
     params = load_params(args.params)
     settings, sampler = params.distilled_model, params.sampler
@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> None:
         critic = LatentCritic(teacher.config.latent_channels, teacher.config.num_actions,
                               settings.critic_width).to(runtime.device)
         trained = StudentAndCritic(student, critic)
-    groups = [{"params": list(student.net.parameters())}]
+    groups: list[training.ParamGroup] = [{"params": list(student.net.parameters())}]
     if critic is not None:
         groups.append({"params": list(critic.parameters()), "lr_scale": settings.critic_lr_scale})
     result = training.train(

@@ -45,8 +45,8 @@ def main(args: argparse.Namespace) -> None:
 def run(params: Any, export: Path, raw_root: Path, latents_root: Path, teacher_dir: Path, autoencoder_dir: Path,
         teacher: bool | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
     """Evaluate the export (and the teacher unless ``teacher`` is false); returns metrics and image arrays."""
-    from components.evaluation import scoring as ev
     from components.data.trajectory_store import TrajectoryStore
+    from components.evaluation import scoring as ev
     from components.training import resolve_device
 
     settings = params.evaluation
@@ -78,8 +78,9 @@ def run(params: Any, export: Path, raw_root: Path, latents_root: Path, teacher_d
     shortest = str(min(settings.rollout_lengths))
     models = [m for m in ("onnx", "teacher") if m in extras]
     real_clip = extras["onnx"].get(f"real_{shortest}")
+    rollouts = f"rollout_{shortest}"
     metrics["fvd"] = ev.fvd_scores(settings.fvd_weights, real_clip,
-                                   {m: extras[m][f"rollout_{shortest}"] for m in models if f"rollout_{shortest}" in extras[m]})
+                                   {m: extras[m][rollouts] for m in models if rollouts in extras[m]})
     metrics["lpips"] = ev.lpips_scores(settings.lpips_weights, {
         m: (extras[m][f"rollout_{shortest}"][:, 0], extras[m][f"real_{shortest}"][:, 0])
         for m in models if f"rollout_{shortest}" in extras[m]

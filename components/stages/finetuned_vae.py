@@ -10,7 +10,8 @@ fine-tuned decoder.
 
 Writes ``data/finetuned_vae/`` (a full ``FrameAutoencoder`` folder), ``metrics/finetuned_vae.json`` (held-out
 PSNR, SSIM and sharpness above the HUD of decode(encode(x)) before and after) and
-``plots/finetuned_vae/reconstructions.png`` (rows: original, base decoder, fine-tuned decoder). Resumable state: ``.cache/finetuned_vae/<hash>/``.
+``plots/finetuned_vae/reconstructions.png`` (rows: original, base decoder, fine-tuned decoder). Resumable state:
+``.cache/finetuned_vae/<hash>/``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def save_grid(path: Path, rows: list, scale: int = 3) -> None:
         for c in range(n):
             y, x = r * (height + gap), c * (width + gap)
             canvas[y : y + height, x : x + width] = pixels[c]
-    image = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    image = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST)
     with atomic_path(path, suffix=".png") as temporary:
         image.save(temporary, format="PNG")
 
@@ -60,12 +61,12 @@ def main(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from components.models import autoencoder as aem
     from components import training
     from components.atomic import atomic_write_json
-    from components.evaluation.plots import training_charts
-    from components.errors import PipelineError
     from components.data.trajectory_store import TrajectoryStore
+    from components.errors import PipelineError
+    from components.evaluation.plots import training_charts
+    from components.models import autoencoder as aem
 
     params = load_params(args.params)
     p = params.finetuned_vae

@@ -45,12 +45,14 @@ def main(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from components.runtime import export_contract as contract
     from components.atomic import atomic_directory, atomic_write_json
+    from components.data.trajectory_store import ShardError, TrajectoryStore
+    from components.errors import PipelineError
+    from components.game.environment import resolve_scenario
     from components.models.autoencoder import load_autoencoder
     from components.models.distillation import load_student
-    from components.game.environment import resolve_scenario
-    from components.errors import PipelineError
+    from components.params import load_params
+    from components.runtime import export_contract as contract
     from components.runtime.export import (
         DecoderGraph,
         EncoderGraph,
@@ -58,12 +60,10 @@ def main(args: argparse.Namespace) -> None:
         export_graph,
         heldout_windows,
         ort_session,
-        parity,
         params_hash,
+        parity,
     )
     from components.runtime.export_contract import file_sha256
-    from components.params import load_params
-    from components.data.trajectory_store import ShardError, TrajectoryStore
 
     params = load_params(args.params)
     settings, environment = params.onnx_export, params.environment
@@ -144,7 +144,8 @@ def main(args: argparse.Namespace) -> None:
         manifest = {
             "format_version": contract.FORMAT_VERSION,
             "K": K, "C": C, "h": h, "w": w, "H": H, "W": W,
-            "actions": [{"id": i, "name": a.name, "buttons": list(a.buttons)} for i, a in enumerate(environment.actions)],
+            "actions": [{"id": i, "name": a.name, "buttons": list(a.buttons)}
+                        for i, a in enumerate(environment.actions)],
             "frame_skip": environment.frame_skip,
             "scenario": {"name": scenario.scenario, "cfg": Path(scenario.config).name,
                          "wad": Path(scenario.wad).name if scenario.wad else config_wad(scenario.config),
@@ -159,7 +160,7 @@ def main(args: argparse.Namespace) -> None:
                 "rollout_steps": student.settings.rollout_steps,
                 "deterministic": True,
             },
-            "padding": dict(zip(("left", "right", "top", "bottom"), autoencoder.padding)),
+            "padding": dict(zip(("left", "right", "top", "bottom"), autoencoder.padding, strict=True)),
             "scaling_factor": autoencoder.scaling_factor,
             "contexts": {"count": len(contexts["context_latents"]), "future_steps": settings.future_steps,
                          "split": shipped["split"], "frames_source": shipped["frames_source"]},

@@ -60,7 +60,8 @@ def fetch(url: str) -> bytes:
         with urllib.request.urlopen(url, timeout=60) as response:
             return response.read()
     except OSError as error:  # no network, DNS, HTTP errors: one line, and the committed template stays as it is
-        raise PipelineError(f"{url}: cannot download ({error}); the committed .dvc/plots/offline.html is unchanged")
+        raise PipelineError(f"{url}: cannot download ({error}); "
+                            "the committed .dvc/plots/offline.html is unchanged") from None
 
 
 def library_source(name: str, version: str, member: str) -> str:

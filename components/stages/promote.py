@@ -25,12 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from components.atomic import atomic_write_json
-    from components.params import load_params
     from components.evaluation.promotion import promote_challenger
+    from components.params import load_params
 
     params = load_params(args.params)
     decision = promote_challenger(
-        params, args.export, args.metrics, args.trajectories, args.latents, source=args.source or default_source(), reevaluate=False if args.no_reevaluate else None,
+        params, args.export, args.metrics, args.trajectories, args.latents, source=args.source or default_source(),
+        reevaluate=False if args.no_reevaluate else None,
     )
     print(("PROMOTED: " if decision.promoted else "REJECTED: ") + decision.reason)
     for c in decision.comparisons:

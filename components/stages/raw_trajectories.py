@@ -35,8 +35,8 @@ def main(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from components.atomic import atomic_path, atomic_write_json
-    from components.game.collection import record_shard, sample_grid
     from components.data.trajectory_store import Shard
+    from components.game.collection import record_shard, sample_grid
 
     log.info("recording %s: %d frames, policy %s, %d games in lockstep", args.out, config.frames_per_shard,
              config.policy, config.parallel_games)

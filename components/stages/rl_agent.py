@@ -32,10 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     import numpy as np
-    from dvclive import Live
 
-    from components.game.agent import train
     from components.atomic import atomic_directory, atomic_write_json
+    from components.game.agent import train
+    from dvclive import Live
 
     config = params.rl_agent
     log.info("training PPO for %d timesteps on %s %s at %dx%d", config.total_timesteps,

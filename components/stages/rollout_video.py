@@ -30,11 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def recorded_sequence(game: Any, args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(start latents [K,C,h,w], recorded actions from the first context row [K+T-1 or more], the real frames
-    that followed [T,H,W,3], the real context frames [K,H,W,3]) for ``game`` (a ``components.runtime.sessions.OnnxExport``)."""
+    that followed [T,H,W,3], the real context frames [K,H,W,3]) for ``game``
+    (a ``components.runtime.sessions.OnnxExport``)."""
     import numpy as np
 
-    from components.errors import PipelineError
     from components.data.trajectory_store import TrajectoryStore
+    from components.errors import PipelineError
 
     K = game.K
     if args.trajectories is None:
@@ -69,7 +70,8 @@ def main(args: argparse.Namespace) -> None:
     context, actions, real, context_frames = recorded_sequence(game, args)
     steps = min(len(real), len(actions) - game.K + 1) if args.steps is None else args.steps
     if steps < 1 or steps > len(real) or steps > len(actions) - game.K + 1:
-        raise PipelineError(f"--steps: between 1 and {min(len(real), len(actions) - game.K + 1)} recorded steps, got {args.steps}")
+        most = min(len(real), len(actions) - game.K + 1)
+        raise PipelineError(f"--steps: between 1 and {most} recorded steps, got {args.steps}")
 
     latents = np.array(context, np.float32)[None]
     generated = []
@@ -83,7 +85,7 @@ def main(args: argparse.Namespace) -> None:
     pictures = []
     def panel(left: np.ndarray, right: np.ndarray, caption: str) -> Image.Image:
         row = np.concatenate([left, np.zeros((height, 2, 3), np.uint8), right], axis=1)
-        image = Image.fromarray(row).resize((row.shape[1] * args.scale, height * args.scale), Image.NEAREST)
+        image = Image.fromarray(row).resize((row.shape[1] * args.scale, height * args.scale), Image.Resampling.NEAREST)
         canvas = Image.new("RGB", (image.width, image.height + 14))
         canvas.paste(image, (0, 14))
         ImageDraw.Draw(canvas).text((2, 1), caption, fill=(255, 255, 255))

@@ -1,4 +1,5 @@
-"""Stage ``validated_latents``: encode every frame to scaled latents, then gate them (components/data/latent_validation.py).
+"""Stage ``validated_latents``: encode every frame to scaled latents, then gate them
+(components/data/latent_validation.py).
 
 For each trajectory shard ``data/raw_trajectories/shard-N`` it writes ``data/validated_latents/shard-N``
 (``ShardWriter(kind="latents")``) with arrays ``latents`` [N, C, h, w] (scaled, ``validated_latents.dtype``),
@@ -73,10 +74,10 @@ def main(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from components.atomic import atomic_directory, atomic_write_json
-    from components.models.autoencoder import load_autoencoder
-    from components.errors import PipelineError
     from components.data.latent_validation import GateLimits, latent_statistics, validate_latents
     from components.data.trajectory_store import ShardWriter, TrajectoryStore, shard_paths
+    from components.errors import PipelineError
+    from components.models.autoencoder import load_autoencoder
 
     params = load_params(args.params)
     p = params.validated_latents
@@ -123,7 +124,8 @@ def main(args: argparse.Namespace) -> None:
                                 chunk = np.array(arrays["frames"][start : start + p.batch_size])
                                 latents[start : start + len(chunk)] = encode(to_unit_chw(chunk)).astype(dtype)
                                 bar.update(len(chunk))
-                            metadata = {k: v for k, v in episode.metadata.items() if k not in ("start", "length", "split")}
+                            metadata = {k: v for k, v in episode.metadata.items()
+                                        if k not in ("start", "length", "split")}
                             writer.add_episode(
                                 {
                                     "latents": latents,
