@@ -79,24 +79,25 @@ def main() -> None:
     num_actions = len(params.environment.actions)
     torch.manual_seed(0)
     net = ActionConditionedUNet.from_params(params.world_model, channels, (height, width), num_actions).to(device)
-    tp = params.diffusion_checkpoint
+    settings = params.diffusion_checkpoint
 
     # training step
-    optimizer = make_optimizer(tp.optimizer, list(net.parameters()), tp.learning_rate, tp.weight_decay)
-    plan, runtime = recipe(tp), start_runtime(args.device)
+    optimizer = make_optimizer(settings.optimizer, list(net.parameters()), settings.learning_rate,
+                               settings.weight_decay)
+    plan, runtime = recipe(settings), start_runtime(args.device)
     ddpm = make_scheduler(net.config, "ddpm")
-    b = tp.batch_size
+    b = settings.batch_size
     batch = Batch(torch.randn(b, k, channels, height, width), torch.randint(0, num_actions, (b, k)),
                   torch.randn(b, channels, height, width)).to(device)
     step = [0]
 
     def train_step() -> None:
         for group in optimizer.param_groups:
-            group["lr"] = tp.learning_rate * plan.budget.lr_scale(step[0], tp.steps)
-        loss = diffusion_loss(net, ddpm, batch, net.config, tp.context_dropout,
+            group["lr"] = settings.learning_rate * plan.budget.lr_scale(step[0], settings.steps)
+        loss = diffusion_loss(net, ddpm, batch, net.config, settings.context_dropout,
                               make_step(0, runtime, step[0]).generator)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), tp.grad_clip)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step[0] += 1
@@ -127,10 +128,10 @@ def main() -> None:
         "batch_size": b,
         "train_step_ms": round(train_ms, 2),
         "train_samples_per_s": round(b / train_ms * 1000, 2),
-        "max_steps": tp.steps,
-        "train_minutes": tp.train_minutes,
-        "steps_in_train_minutes": None if tp.train_minutes is None else
-        min(tp.steps, int(tp.train_minutes * 60000 / train_ms)),
+        "max_steps": settings.steps,
+        "train_minutes": settings.train_minutes,
+        "steps_in_train_minutes": None if settings.train_minutes is None else
+        min(settings.steps, int(settings.train_minutes * 60000 / train_ms)),
         "cfg": s.cfg,
         "ms_per_frame": ms_per_frame,
         "ms_per_frame_cfg1": ms_per_frame_cfg1,

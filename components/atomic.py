@@ -1,12 +1,13 @@
 """Atomic writes: every artifact is written under a temporary name, then renamed into place.
 
 A crash (even SIGKILL) therefore leaves either the old output or no output, never a half-written one
-that DVC would cache.
+that DVC would cache. ``file_sha256`` is the one checksum of a written file (shards, exports, bundles, champions).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -105,8 +106,17 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 def save_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
     """Write torch tensors to a safetensors file atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # here, so that atomic (and params, which uses it) loads without torch
 
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     with atomic_path(path, suffix=".safetensors") as temporary:
         save_file(contiguous, str(temporary), metadata=metadata)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of the file at ``path`` (hex), read in ``chunk``-byte blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

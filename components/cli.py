@@ -1,7 +1,8 @@
 """Command-line entry point: ``python -m components <stage> ...`` or ``gamengen <stage> ...``.
 
 ``dvc.yaml`` calls these commands. Each stage lives in ``components/stages/<stage>.py`` and exposes
-``add_arguments(parser)`` and ``main(args)``; register new stages in ``STAGES`` below.
+``add_arguments(parser)`` and ``main(args)``; register new stages in ``STAGES`` below. Only the chosen command's
+module is imported, so a stage imports what it needs at its top and pays for no other stage's libraries.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command, with the arguments of ``command`` only (its module is imported for them); None: all."""
     parser = argparse.ArgumentParser(
         prog="gamengen",
         description="GameNGen pipeline stages. dvc.yaml runs these; run one by hand to debug it.",
@@ -59,18 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", metavar="<stage>", required=True)
     for name, help_text in STAGES.items():
-        _add_command(commands, name, f"components.stages.{name}", help_text)
+        _add_command(commands, name, f"components.stages.{name}", help_text, command in (None, name))
     for name, (module, help_text) in COMMANDS.items():
-        _add_command(commands, name, module, help_text)
+        _add_command(commands, name, module, help_text, command in (None, name))
     return parser
 
 
-def _add_command(commands: argparse._SubParsersAction, name: str, module: str, help_text: str) -> None:
+def _add_command(commands: argparse._SubParsersAction, name: str, module: str, help_text: str,
+                 with_arguments: bool) -> None:
     sub = commands.add_parser(name, help=help_text, description=help_text)
     sub.set_defaults(_module=module)
-    stage = importlib.import_module(module)
-    if hasattr(stage, "add_arguments"):
-        stage.add_arguments(sub)
+    if with_arguments:
+        stage = importlib.import_module(module)
+        if hasattr(stage, "add_arguments"):
+            stage.add_arguments(sub)
 
 
 def missing_dependency(error: ModuleNotFoundError) -> str | None:
@@ -107,24 +111,32 @@ def check_device(params_path: str) -> None:
 PASSTHROUGH = {"repro": "dvc_args"}
 
 
+def command_index(argv: Sequence[str]) -> int | None:
+    """Where the command's name is in ``argv``: the first word that is neither a global option nor its value."""
+    for index, token in enumerate(argv):
+        if not token.startswith("-") and not (index and argv[index - 1] == "--params"):
+            return index
+    return None
+
+
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """``[..., "repro", "--force", "x"]`` -> ``([..., "repro"], ["--force", "x"])``; other commands unchanged.
     ``repro -h`` keeps its own help."""
     argv = list(argv)
-    for index, token in enumerate(argv):
-        if token.startswith("-") or (index and argv[index - 1] == "--params"):
-            continue  # a global option or its value
-        rest = argv[index + 1 :]
+    index = command_index(argv)
+    if index is not None:
+        token, rest = argv[index], argv[index + 1 :]
         if token in PASSTHROUGH and rest[:1] not in (["-h"], ["--help"]):
             return argv[: index + 1], rest
-        break
     return argv, []
 
 
 def run_command(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command (what :func:`main` does, without its check of the interpreter)."""
+    importlib.import_module("components.params")  # every command reads params: this must be the project's Python
     own, passed = split_passthrough(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(own)
+    index = command_index(own)
+    args = build_parser(own[index] if index is not None else "").parse_args(own)
     if args.command in PASSTHROUGH:
         setattr(args, PASSTHROUGH[args.command], passed)
     logging.basicConfig(

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from components.atomic import atomic_write_text
 from components.errors import PipelineError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
@@ -790,7 +791,6 @@ def apply_profile(profile: str, params_path: str | Path = DEFAULT_PARAMS_PATH) -
 
     ``params.yaml`` as committed is the default profile; ``git checkout params.yaml`` returns to it.
     """
-    from components.atomic import atomic_write_text
 
     merged = profile_params(profile, read_yaml(Path(params_path)))
     params = parse_params(merged, source=f"{params_path} + profile {profile!r}")

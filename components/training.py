@@ -33,7 +33,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from dvclive import Live
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from tqdm import tqdm
 
+from components.atomic import save_safetensors
 from components.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -92,7 +101,6 @@ class Runtime:
         """The mean of ``value`` over processes (every process must call it at the same step)."""
         if self.processes == 1:
             return value
-        import torch.distributed as dist
 
         value = value.detach().clone()
         dist.all_reduce(value)
@@ -102,14 +110,12 @@ class Runtime:
         """The main process's ``value`` on every process."""
         if self.processes == 1:
             return value
-        from accelerate.utils import broadcast_object_list
 
         return int(broadcast_object_list([value])[0])
 
 
 def start_runtime(device: str = "auto", key: str = "device") -> Runtime:
     """This process's ``Runtime``; under ``accelerate launch`` (or torchrun) it joins the process group."""
-    from accelerate import PartialState
 
     wanted = resolve_device(device, key)
     state = PartialState(cpu=wanted.type == "cpu")
@@ -121,8 +127,6 @@ def average_gradients(parameters: Sequence[torch.nn.Parameter], runtime: Runtime
     """Data parallelism: every process ends the backward pass with the mean gradient of all processes."""
     if runtime.processes == 1:
         return
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     for parameter in parameters:  # the same tensors on every process, so the flat buffers line up
         if parameter.grad is None:
@@ -232,7 +236,6 @@ def save_checkpoint(path: Path, model: dict[str, torch.Tensor], optimizer: torch
                     ema: dict[str, torch.Tensor] | None, counters: dict[str, Any]) -> None:
     """One atomic safetensors file (no pickle): the ``model`` state as ``model.*``, ``optimizer.*``, ``ema.*`` and
     JSON counters."""
-    from components.atomic import save_safetensors
 
     tensors = {f"model.{k}": v for k, v in model.items()}
     optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
@@ -245,9 +248,6 @@ def save_checkpoint(path: Path, model: dict[str, torch.Tensor], optimizer: torch
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
@@ -320,7 +320,6 @@ def _update_ema(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: fl
 def open_live(live_dir: str | Path | None, runtime: Runtime) -> Any:
     if live_dir is None or not runtime.is_main:
         return None
-    from dvclive import Live
 
     return Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=True)
 
@@ -372,7 +371,6 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
     unchanged. On return ``module`` holds the final (or EMA) weights, in
     eval mode, on ``runtime.device``.
     """
-    from tqdm import tqdm
 
     folder = Path(folder) if folder else None
     budget = recipe.budget

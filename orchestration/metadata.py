@@ -71,7 +71,7 @@ IMAGE_TYPES = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", "
 
 def preview_images(root: Path, plots: list[str]) -> list[Path]:
     """The images among the stage's plots (files, or files inside plot folders): PNGs first, and the training
-    curves (``curve_*``, ``components/evaluation/plots.py``) after the stage's own pictures."""
+    curves (``curve_*``, ``components/images.py``) after the stage's own pictures."""
     images: list[Path] = []
     for relpath in plots:
         path = root / relpath

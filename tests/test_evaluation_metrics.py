@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from components import metrics
 from components.evaluation import scoring as ev
 
 ACTIONS = [
@@ -30,10 +31,10 @@ ACTIONS = [
 
 def test_identical_frames_give_infinite_psnr_and_capped_summaries() -> None:
     frames = torch.rand(4, 3, 12, 16)
-    mse = ev.mse_per_frame(frames, frames.clone())
+    mse = metrics.mse_per_frame(frames, frames.clone())
     assert (mse == 0).all()
-    assert np.isinf(ev.psnr_from_mse(mse)).all()
-    summary = ev.psnr_summary(mse)
+    assert np.isinf(metrics.psnr_from_mse(mse)).all()
+    summary = metrics.psnr_summary(mse)
     assert summary == {"pooled": 50.0, "mean": 50.0, "median": 50.0, "count": 4}
     assert all(math.isfinite(v) for v in summary.values())
 
@@ -43,32 +44,32 @@ def test_known_noise_level_gives_known_psnr() -> None:
     clean = np.full((8, 3, 64, 64), 0.5, np.float32)
     sigma = 0.05  # PSNR = 10 log10(1 / sigma^2) = 26.02 dB; 0.5 +- 10 sigma never clips
     noisy = clean + rng.normal(0.0, sigma, clean.shape).astype(np.float32)
-    summary = ev.psnr_summary(ev.mse_per_frame(noisy, clean))
+    summary = metrics.psnr_summary(metrics.mse_per_frame(noisy, clean))
     expected = 10 * math.log10(1 / sigma**2)
     for view in ("pooled", "mean", "median"):
         assert summary[view] == pytest.approx(expected, abs=0.05)
     # a constant offset of 0.1 is exactly 20 dB
-    assert ev.psnr_summary(ev.mse_per_frame(clean + 0.1, clean))["pooled"] == pytest.approx(20.0, abs=1e-4)
+    assert metrics.psnr_summary(metrics.mse_per_frame(clean + 0.1, clean))["pooled"] == pytest.approx(20.0, abs=1e-4)
 
 
 def test_three_psnr_views_differ_as_defined() -> None:
     mse = np.array([0.0, 1e-2, 1e-3, 1e-4])  # inf (capped 50), 20, 30, 40 dB
-    summary = ev.psnr_summary(mse)
+    summary = metrics.psnr_summary(mse)
     assert summary["pooled"] == pytest.approx(10 * math.log10(1 / mse.mean()))
     assert summary["mean"] == pytest.approx((50 + 20 + 30 + 40) / 4)
     assert summary["median"] == pytest.approx(35.0)
     assert summary["count"] == 4
-    assert ev.psnr_summary(mse, cap_db=45.0)["mean"] == pytest.approx((45 + 20 + 30 + 40) / 4)
-    empty = ev.psnr_summary([])
+    assert metrics.psnr_summary(mse, cap_db=45.0)["mean"] == pytest.approx((45 + 20 + 30 + 40) / 4)
+    empty = metrics.psnr_summary([])
     assert empty["count"] == 0 and math.isnan(empty["pooled"])
 
 
 def test_ssim_is_one_on_identical_frames_and_drops_with_noise() -> None:
     torch.manual_seed(0)
     frames = torch.rand(3, 3, 24, 32)  # the micro profile's frame size
-    assert ev.ssim(frames, frames) == pytest.approx(np.ones(3), abs=1e-4)
+    assert metrics.ssim(frames, frames) == pytest.approx(np.ones(3), abs=1e-4)
     noisy = (frames + 0.2 * torch.randn_like(frames)).clamp(0, 1)
-    assert (ev.ssim(noisy, frames) < 0.9).all()
+    assert (metrics.ssim(noisy, frames) < 0.9).all()
 
 
 # --------------------------------------------------------------------------- actions and comparisons

@@ -11,7 +11,7 @@ import pytest
 from conftest import run
 from PIL import Image
 
-from components.evaluation.plots import COLORS, line_chart
+from components.images import COLORS, line_chart
 
 # stage -> charts it must write with a line (relative to plots/); the micro agent's two episodes end together,
 # so its episode charts are only checked to exist

@@ -12,12 +12,11 @@ from components.data.trajectory_store import ShardWriter, TrajectoryStore
 from components.evaluation import scoring as ev
 from components.evaluation.view_motion import (
     action_displacements,
-    detail_loss,
     horizontal_shift,
-    laplacian_energy,
     sharpness,
     shift_view,
 )
+from components.metrics import detail_loss, laplacian_energy
 
 HEIGHT, WIDTH, HUD = 24, 40, 4
 

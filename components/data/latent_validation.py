@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from great_expectations.data_context.types.base import ProgressBarsConfig
+import great_expectations as gx
+import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,6 @@ def _episode_digest(rows: np.ndarray) -> str:
 
 def latent_statistics(latents: Any, trajectories: Any) -> LatentTables:
     """Build the gate's tables from a latent ``TrajectoryStore`` and the trajectory store it came from."""
-    import pandas as pd
 
     frame_parts: list[Any] = []
     channel_sum: np.ndarray | None = None
@@ -167,7 +169,6 @@ def latent_statistics(latents: Any, trajectories: Any) -> LatentTables:
 
 def _expectations(limits: GateLimits) -> list[tuple[str, str, str, Any]]:
     """(name, table, description, GX expectation) for every check."""
-    import great_expectations as gx
 
     e = gx.expectations
     k1 = limits.context + 1
@@ -220,8 +221,6 @@ def _details(result: Any) -> dict[str, Any]:
 def validate_latents(tables: LatentTables, limits: GateLimits) -> GateReport:
     """Run the GX suite over ``tables``. The report lists every check by name, with counts."""
     logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its import logs a lot at INFO
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")

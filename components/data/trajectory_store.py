@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from components.atomic import atomic_directory, atomic_write_json
+from components.atomic import atomic_directory, atomic_write_json, file_sha256
 from components.errors import PipelineError
 
 FORMAT_VERSION = 1
@@ -156,14 +156,6 @@ class ShardWriter:
             self.abort()
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Shard:
     """A read-only, memory-mapped shard. Construction validates it (see module docstring)."""
 
@@ -197,7 +189,7 @@ class Shard:
         size = file.stat().st_size
         if size != spec["bytes"]:
             raise ShardError(f"{file}: truncated or corrupt, {size} bytes on disk but {spec['bytes']} expected")
-        if verify_checksums and _sha256_file(file) != spec["sha256"]:
+        if verify_checksums and file_sha256(file) != spec["sha256"]:
             raise ShardError(f"{file}: corrupt, sha256 does not match {MANIFEST}")
 
     def _check_episodes(self) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from components.atomic import atomic_write_text
 from components.errors import PipelineError
 from components.evaluation.promotion import metric_value
 from components.params import parse_overrides
@@ -338,7 +339,6 @@ def scale_note(overrides: Sequence[str]) -> str:
 def write_results(path: Path, body: str, command: str, tag: str, profile: str,
                   overrides: Sequence[str] = ()) -> None:
     """Write ``docs/results.md``: the command that made the tables, the date, the scale and the tables."""
-    from components.atomic import atomic_write_text
 
     today = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = (

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from components.evaluation.view_motion import laplacian_energy, view_row_count
+from components.evaluation.view_motion import view_row_count
+from components.metrics import laplacian_energy
 
 HISTOGRAM_BINS = 16
 

@@ -24,7 +24,6 @@ experiment's commit (``orchestration/retraining.py``).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
@@ -34,8 +33,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from components.atomic import atomic_directory, atomic_write_json, atomic_write_text, file_sha256
+from components.data.trajectory_store import TrajectoryStore
 from components.errors import PipelineError
+from components.evaluation import scoring as ev
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def file_hashes(folder: str | Path) -> dict[str, str]:
     folder = Path(folder)
     hashes = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        hashes[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        hashes[str(path.relative_to(folder))] = file_sha256(path)
     return hashes
 
 
@@ -255,8 +256,6 @@ def criteria_from_params(settings: Any) -> list[Criterion]:
 def reevaluate_champion(params: Any, champion_dir: Path, raw_root: Path, latents_root: Path | None) -> dict[str, Any]:
     """Score the champion's export on the current held-out episodes, with the same windows and settings the
     challenger's evaluation used (ONNX only: the teacher is not part of what ships)."""
-    from components.data.trajectory_store import TrajectoryStore
-    from components.evaluation import scoring as ev
 
     settings = params.evaluation
     raw = TrajectoryStore(raw_root)

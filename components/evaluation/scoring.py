@@ -9,14 +9,13 @@ the PyTorch teacher. Conventions:
   actions taken on them); the model predicts row ``K`` from them (store convention: frames ``t-K..t-1``
   with actions ``t-K..t-1`` predict frame ``t``). A rollout keeps predicting rows ``K..K+L-1``, feeding its
   own predictions back and using the recorded actions.
-* PSNR is reported three ways (:func:`psnr_summary`): pooled over the mean MSE, mean per frame with
-  identical frames capped (50 dB), and the median. About a quarter of random-play windows barely change, and
-  copy-last is exact on them, so an uncapped mean would be infinite.
+* PSNR is reported three ways (``components.metrics.psnr_summary``): pooled over the mean MSE, mean per frame
+  with identical frames capped (50 dB), and the median. About a quarter of random-play windows barely change,
+  and copy-last is exact on them, so an uncapped mean would be infinite.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import linalg
 
+from components.data.windows import HeldOutError
 from components.errors import PipelineError
 from components.evaluation import long_play, view_motion
+from components.metrics import PSNR_CAP_DB, mse_per_frame, psnr_summary, ssim
+from components.models.autoencoder import load_autoencoder
+from components.models.sampler import sample_next_latent
+from components.models.world_model import load_world_model, make_scheduler
+from components.runtime.sessions import OnnxExport
 
-PSNR_CAP_DB = 50.0
 ACTION_KINDS = ("turning", "moving", "static")
 
 # (context_latents [B,K,C,h,w] f32, context_actions [B,K] i64) -> next latent [B,C,h,w] f32
@@ -36,69 +41,6 @@ Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # latents [B,C,h,w] -> frames [B,3,H,W] in 0..1 ; frames -> latents
 Decoder = Callable[[np.ndarray], np.ndarray]
 Encoder = Callable[[np.ndarray], np.ndarray]
-
-
-class HeldOutError(PipelineError):
-    """Evaluation was asked to use an episode the models may have trained on."""
-
-
-# --------------------------------------------------------------------------- PSNR / SSIM
-
-
-def mse_per_frame(prediction: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Mean squared error of each frame ``[B, ...]`` (values in 0..1), as float64 ``[B]``."""
-    p = torch.as_tensor(prediction, dtype=torch.float64)
-    t = torch.as_tensor(target, dtype=torch.float64)
-    if p.shape != t.shape:
-        raise ValueError(f"prediction {tuple(p.shape)} and target {tuple(t.shape)} differ in shape")
-    return ((p - t) ** 2).flatten(1).mean(1).numpy()
-
-
-def psnr_from_mse(mse: np.ndarray | float, max_value: float = 1.0) -> np.ndarray:
-    """PSNR in dB of each MSE; an MSE of exactly 0 gives ``inf`` (not an error, not NaN)."""
-    mse = np.asarray(mse, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(max_value**2 / mse)
-
-
-def psnr_summary(mse: Sequence[float] | np.ndarray, cap_db: float = PSNR_CAP_DB) -> dict[str, float]:
-    """The three PSNR views of per-frame MSEs, in dB.
-
-    * ``pooled``: PSNR of the mean MSE over all frames (dominated by the hard frames);
-    * ``mean``: mean of per-frame PSNR, each capped at ``cap_db`` so identical frames count as ``cap_db``;
-    * ``median``: median per-frame PSNR (uncapped; ``inf`` only if more than half the frames are exact).
-    ``count`` is the number of frames. An empty input gives NaNs and count 0.
-    """
-    mse = np.asarray(mse, dtype=np.float64).reshape(-1)
-    if mse.size == 0:
-        return {"pooled": math.nan, "mean": math.nan, "median": math.nan, "count": 0}
-    per_frame = psnr_from_mse(mse)
-    return {
-        "pooled": _finite_or_cap(float(psnr_from_mse(mse.mean())), cap_db),
-        "mean": float(np.minimum(per_frame, cap_db).mean()),
-        "median": _finite_or_cap(float(np.median(per_frame)), cap_db),
-        "count": int(mse.size),
-    }
-
-
-def _finite_or_cap(value: float, cap_db: float) -> float:
-    """JSON has no infinity: an exact match is reported as the cap."""
-    return cap_db if math.isinf(value) else value
-
-
-def ssim(prediction: torch.Tensor, target: torch.Tensor, window_size: int = 7) -> np.ndarray:
-    """SSIM of each frame ``[B, 3, H, W]`` (kornia), averaged over its pixel map: float64 ``[B]``.
-
-    The window shrinks (odd, >= 3) for frames smaller than it, e.g. the micro profile's 32x24 frames.
-    """
-    import kornia
-
-    p = torch.as_tensor(prediction, dtype=torch.float32)
-    t = torch.as_tensor(target, dtype=torch.float32)
-    size = min(window_size, min(p.shape[-2:]) // 2 * 2 - 1)
-    size = max(size, 3)
-    ssim_map = kornia.metrics.ssim(p.clamp(0, 1), t.clamp(0, 1), window_size=size, max_val=1.0)
-    return ssim_map.flatten(1).mean(1).double().numpy()
 
 
 # --------------------------------------------------------------------------- actions
@@ -618,7 +560,6 @@ def to_uint8_hwc(frames: np.ndarray) -> np.ndarray:
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Fréchet distance between two Gaussian fits of feature sets ``[N, D]`` (the FVD/FID formula)."""
-    from scipy import linalg
 
     mu_a, mu_b = features_a.mean(0), features_b.mean(0)
     sigma_a = np.atleast_2d(np.cov(features_a, rowvar=False))
@@ -781,7 +722,6 @@ def _shown_steps(steps: int) -> list[int]:
 def onnx_model(export_dir: str | Path, threads: int = 2) -> tuple[ModelUnderTest, dict[str, Any]]:
     """The shipped export, run by ONNX Runtime exactly as the player runs it: encode real frames, predict,
     decode. Returns the model and the export's manifest."""
-    from components.runtime.sessions import OnnxExport
 
     game = OnnxExport(export_dir, threads=threads)
 
@@ -798,9 +738,6 @@ def teacher_model(checkpoint_dir: str | Path, vae_dir: str | Path, sampler: Any,
                   device: torch.device | str = "cpu") -> tuple[ModelUnderTest, int]:
     """The PyTorch teacher on ``device``: DDIM with ``sampler.steps`` steps and CFG on the past frames, decoded by
     the fine-tuned VAE; its context is the validated latents. Returns the model and its context length K."""
-    from components.models.autoencoder import load_autoencoder
-    from components.models.sampler import sample_next_latent
-    from components.models.world_model import load_world_model, make_scheduler
 
     net = load_world_model(checkpoint_dir, device).eval()
     autoencoder = load_autoencoder(vae_dir)

@@ -7,8 +7,8 @@
   training split: what the real game does for each key.
 * ``shift_view``: the controllable baseline's prediction, the frame with its view rows shifted by whole pixels
   (edges replicated, HUD rows unchanged).
-* ``sharpness``: the mean squared Laplacian of frames, whose ratio to the real frames' says blur (< 1) or noise
-  (> 1).
+* ``sharpness``: the mean squared Laplacian of frames (``components.metrics.laplacian_energy``) above the HUD,
+  whose ratio to the real frames' says blur (< 1) or noise (> 1).
 
 Frames are float ``[B, 3, H, W]`` in 0..1 throughout.
 """
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from components.errors import PipelineError
+from components.metrics import laplacian_energy
 
 
 def view_row_count(height: int, view_rows: float) -> int:
@@ -117,21 +117,6 @@ def action_displacements(store: Any, num_actions: int, view_rows: float = 0.8, p
     return {"median_px": medians, "pairs": counts, "split": split, "view_rows": view_rows}
 
 
-LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
-
-
-def laplacian(images: torch.Tensor) -> torch.Tensor:
-    """The 3x3 Laplacian of each channel of ``images`` [B,C,H,W] on the interior: [B,C,H-2,W-2] (differentiable)."""
-    kernel = LAPLACIAN.to(images).expand(images.shape[1], 1, 3, 3)
-    return torch.nn.functional.conv2d(images, kernel, groups=images.shape[1])
-
-
-def laplacian_energy(frames: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Mean squared Laplacian of each frame [B,3,H,W] (interior pixels, channels averaged): float64 ``[B]``."""
-    response = laplacian(torch.as_tensor(np.asarray(frames), dtype=torch.float32))
-    return response.pow(2).flatten(1).mean(1).double().numpy()
-
-
 def sharpness(generated: np.ndarray, real: np.ndarray, view_rows: float = 1.0) -> float:
     """Mean Laplacian energy of ``generated`` over that of ``real`` (pooled over frames [B,3,H,W]), on the top
     ``view_rows`` of the rows: 1 is as sharp as the game, below 1 is blur, above 1 is noise. Measure above the
@@ -144,27 +129,9 @@ def sharpness(generated: np.ndarray, real: np.ndarray, view_rows: float = 1.0) -
     return float(laplacian_energy(np.asarray(generated)[:, :, :rows]).mean()) / real_energy
 
 
-def local_detail(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """RMS of the Laplacian of ``images`` [B,C,H,W] (frames or latents) over ``patch`` x ``patch`` regions: how
-    much fine detail each region holds, [B,C,ceil(H/patch),ceil(W/patch)]. Blur lowers it; where in the region
-    the detail sits does not matter."""
-    response = laplacian(torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"))
-    return torch.nn.functional.avg_pool2d(response.pow(2), patch, ceil_mode=True).add(1e-6).sqrt()
-
-
-def detail_loss(predicted: torch.Tensor, goal: torch.Tensor, patch: int) -> torch.Tensor:
-    """Mean squared difference of :func:`local_detail`: zero when every region of ``predicted`` is as detailed as
-    the same region of ``goal``, large for the blurred mean that MSE alone prefers."""
-    return torch.mean((local_detail(predicted, patch) - local_detail(goal, patch)) ** 2)
-
-
 __all__ = [
     "action_displacements",
-    "detail_loss",
     "horizontal_shift",
-    "laplacian",
-    "laplacian_energy",
-    "local_detail",
     "sharpness",
     "shift_view",
     "view_row_count",

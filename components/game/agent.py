@@ -13,11 +13,12 @@ observations that returns ``int64 [B]`` action ids.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,13 +26,23 @@ from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
+import onnxruntime as ort
 import torch
+from safetensors.torch import load_file
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.policies import ActorCriticCnnPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
+from tqdm import tqdm
 
-from components.atomic import atomic_write_json, save_safetensors
+from components.atomic import atomic_write_json, file_sha256, save_safetensors
 from components.errors import PipelineError
+from components.game.environment import DoomEnv, action_names
 from components.params import Params
-from components.training import CHECKPOINT_FILE, load_checkpoint, resolve_device, save_checkpoint
+from components.training import CHECKPOINT_FILE, Runtime, load_checkpoint, resolve_device, run_folder, save_checkpoint
 
 if TYPE_CHECKING:
     from stable_baselines3.common.policies import ActorCriticPolicy
@@ -82,7 +93,6 @@ class DoomCNN(nn.Module):
 
 def _features_extractor_class() -> type:
     """``DoomCNN`` as a real SB3 ``BaseFeaturesExtractor`` subclass (SB3 checks the type)."""
-    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
     class DoomCNNExtractor(BaseFeaturesExtractor):
         def __init__(
@@ -125,7 +135,6 @@ def policy_kwargs(features_dim: int, hidden_sizes: list[int], cnn_channels: list
 
 def build_policy(spec: PolicySpec) -> ActorCriticPolicy:
     """An untrained SB3 ``ActorCriticCnnPolicy`` with the architecture of ``spec``."""
-    from stable_baselines3.common.policies import ActorCriticCnnPolicy
 
     observation_space = gym.spaces.Box(0, 255, tuple(spec.observation_shape), dtype=np.uint8)
     return ActorCriticCnnPolicy(
@@ -179,10 +188,7 @@ class _Logits(nn.Module):
 
 def _onnx_session(module: nn.Module, shape: tuple[int, int, int]) -> Any:
     """An in-memory ONNX Runtime session of ``module`` with a dynamic batch axis, one thread."""
-    import io
-    import warnings
 
-    import onnxruntime as ort
 
     buffer = io.BytesIO()
     example = torch.zeros((2, *shape), dtype=torch.uint8)
@@ -249,7 +255,6 @@ def load_policy(path: str | Path, backend: str = "onnxruntime") -> PolicyRunner:
 
     ``backend``: ``"onnxruntime"`` (fast batched inference for recording) or ``"torch"``.
     """
-    from safetensors.torch import load_file
 
     spec_path = Path(path).with_suffix(".json")
     weights_path = spec_path.with_suffix(".safetensors")
@@ -285,11 +290,9 @@ def list_checkpoints(agent_dir: str | Path) -> list[dict[str, Any]]:
 def resume_folder(params: Params, cache_dir: Path) -> Path:
     """The run's folder under ``cache_dir``, keyed like every trainer's (``training.run_folder``) by everything
     the run depends on (params sections and the agent's source), so a stale state is never resumed."""
-    from components.training import Runtime, run_folder
 
     payload = {s: getattr(params, s).model_dump(mode="json") for s in ("environment", "reward", "rl_agent")}
-    sources = [hashlib.sha256(Path(__file__).with_name(n).read_bytes()).hexdigest()
-               for n in ("agent.py", "environment.py", "reward.py")]
+    sources = [file_sha256(Path(__file__).with_name(n)) for n in ("agent.py", "environment.py", "reward.py")]
     folder = run_folder(cache_dir, Runtime(torch.device("cpu")), payload, sources)
     assert folder is not None
     return folder
@@ -325,13 +328,7 @@ def train(
     ``on_episode(index, reward, length, timesteps)`` is called for every finished episode and
     ``on_update(timesteps, statistics)`` after every policy update with SB3's ``train/*`` statistics.
     """
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback
-    from stable_baselines3.common.monitor import Monitor
-    from stable_baselines3.common.vec_env import DummyVecEnv
-    from tqdm import tqdm
 
-    from components.game.environment import DoomEnv, action_names
 
     config, ppo = params.rl_agent, params.rl_agent.ppo
     if config.torch_threads > 0:

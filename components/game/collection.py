@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from components.data.trajectory_store import ShardWriter
+from components.game.agent import list_checkpoints, load_policy
+from components.game.environment import DoomEnv, action_names, resolve_scenario
 from components.params import Params
 
 log = logging.getLogger(__name__)
@@ -80,7 +85,6 @@ class ShardSummary:
 
 def load_snapshots(agent_dir: Path) -> list[Any]:
     """Every policy snapshot of an ``rl_agent`` output, least to most trained."""
-    from components.game.agent import list_checkpoints, load_policy
 
     return [load_policy(agent_dir / entry["file"]) for entry in list_checkpoints(agent_dir)]
 
@@ -93,11 +97,7 @@ def record_shard(
     progress: bool = True,
 ) -> ShardSummary:
     """Record ``raw_trajectories.frames_per_shard`` frames into a new shard at ``out_path`` (atomic)."""
-    import torch
-    from tqdm import tqdm
 
-    from components.data.trajectory_store import ShardWriter
-    from components.game.environment import DoomEnv, action_names, resolve_scenario
 
     config, env_params = params.raw_trajectories, params.environment
     torch.set_num_threads(1)  # small batches: one thread is fastest and leaves the other core to the games
@@ -263,20 +263,3 @@ def _policy_batches(current: list[tuple[_Episode, np.ndarray]], games: np.ndarra
             half = (len(members) + 1) // 2
             return [(policy_index, members[:half]), (policy_index, members[half:])]
     return [(policy_index, groups[policy_index]) for policy_index in sorted(groups)]
-
-
-def sample_grid(frames: np.ndarray, count: int = 16, columns: int = 4, min_width: int = 160) -> np.ndarray:
-    """A grid image of ``count`` frames spread evenly over ``frames``, upscaled (nearest) to ``min_width``."""
-    indices = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
-    picked = np.stack([np.asarray(frames[i]) for i in indices])
-    height, width = picked.shape[1:3]
-    scale = max(1, min_width // width)
-    picked = picked.repeat(scale, axis=1).repeat(scale, axis=2)
-    rows = -(-len(picked) // columns)
-    gap = 2
-    h, w = picked.shape[1:3]
-    grid = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, 3), 255, dtype=np.uint8)
-    for k, frame in enumerate(picked):
-        r, c = divmod(k, columns)
-        grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = frame
-    return grid

@@ -31,12 +31,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 
 from components.atomic import atomic_directory, atomic_write_json
 from components.errors import PipelineError
+from components.evaluation.view_motion import view_row_count
+from components.metrics import PSNR_CAP_DB, detail_loss, laplacian_energy, psnr_from_mse
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +179,6 @@ def load_pretrained_vae(path: str | Path) -> Any:
 
     Nothing is downloaded: a missing or malformed folder raises ``AutoencoderError`` saying what was expected.
     """
-    from diffusers import AutoencoderKL
 
     folder = Path(path)
     whole_checkout = (folder / VAE_SUBFOLDER / "config.json").is_file()
@@ -206,7 +209,6 @@ def build_vae(
     mid_block_attention: bool,
 ) -> Any:
     """A fresh ``AutoencoderKL`` from a config (the stand-in for SD's VAE when no weights are available)."""
-    from diffusers import AutoencoderKL
 
     blocks = len(block_out_channels)
     return AutoencoderKL(
@@ -224,7 +226,6 @@ def build_vae(
 
 def load_autoencoder(folder: str | Path) -> FrameAutoencoder:
     """Load a folder written by ``FrameAutoencoder.save`` (``data/base_autoencoder`` or ``data/finetuned_vae``)."""
-    from diffusers import AutoencoderKL
 
     folder = Path(folder)
     config_file = folder / CONFIG_NAME
@@ -303,20 +304,18 @@ def evaluation_frames(store: Any, count: int, episode_ids: set[str] | None = Non
 
 
 @torch.no_grad()
-def reconstruction_metrics(ae: FrameAutoencoder, frames: torch.Tensor, batch_size: int = 64,
+def reconstruction_metrics(autoencoder: FrameAutoencoder, frames: torch.Tensor, batch_size: int = 64,
                            view_rows: float = 1.0) -> dict[str, float]:
     """PSNR (pooled over the mean squared error of all frames, in dB), mean SSIM and sharpness (Laplacian energy
     over the real frames', on the top ``view_rows`` of the rows; ``components.evaluation.view_motion.sharpness``) of
     decode(encode(x))."""
-    import kornia
 
-    from components.evaluation.view_motion import laplacian_energy, view_row_count
 
     rows = view_row_count(frames.shape[2], view_rows)
     squared, ssim, pixels, energy, real_energy = 0.0, 0.0, 0, 0.0, 0.0
     for start in range(0, len(frames), batch_size):
-        batch = frames[start : start + batch_size].to(ae.device)
-        recon = ae.reconstruct(batch)
+        batch = frames[start : start + batch_size].to(autoencoder.device)
+        recon = autoencoder.reconstruct(batch)
         squared += F.mse_loss(recon, batch, reduction="sum").item()
         ssim += kornia.metrics.ssim(recon, batch, window_size=7).mean(dim=(1, 2, 3)).sum().item()
         pixels += batch.numel()
@@ -324,7 +323,7 @@ def reconstruction_metrics(ae: FrameAutoencoder, frames: torch.Tensor, batch_siz
         real_energy += float(laplacian_energy(batch[:, :, :rows]).sum())
     mse = squared / max(pixels, 1)
     return {
-        "psnr": 10.0 * math.log10(1.0 / max(mse, 1e-12)),
+        "psnr": min(float(psnr_from_mse(mse)), PSNR_CAP_DB),
         "ssim": ssim / max(len(frames), 1),
         "sharpness": energy / real_energy if real_energy > 0 else float("nan"),
         "mse": mse,
@@ -333,9 +332,10 @@ def reconstruction_metrics(ae: FrameAutoencoder, frames: torch.Tensor, batch_siz
 
 
 @torch.no_grad()
-def measure_scaling_factor(ae: FrameAutoencoder, frames: torch.Tensor, batch_size: int = 64) -> float:
+def measure_scaling_factor(autoencoder: FrameAutoencoder, frames: torch.Tensor, batch_size: int = 64) -> float:
     """``1 / std`` of the unscaled latents of ``frames`` (training frames), as SD's 0.18215 was measured."""
-    latents = torch.cat([ae.encode_unscaled(frames[i : i + batch_size]) for i in range(0, len(frames), batch_size)])
+    latents = torch.cat([autoencoder.encode_unscaled(frames[i : i + batch_size])
+                         for i in range(0, len(frames), batch_size)])
     std = latents.float().std().item()
     if not math.isfinite(std) or std <= 0:
         raise PipelineError(f"cannot measure the latent scaling factor: latent std is {std}; the autoencoder is broken")
@@ -359,15 +359,15 @@ def kl_divergence(posterior: Any) -> torch.Tensor:
     return 0.5 * (mean.pow(2) + var - 1.0 - logvar).mean()
 
 
-def decoder_loss(ae: FrameAutoencoder, latents: torch.Tensor, frames: torch.Tensor, detail_weight: float = 0.0,
+def decoder_loss(autoencoder: FrameAutoencoder, latents: torch.Tensor, frames: torch.Tensor, detail_weight: float = 0.0,
                  detail_patch: int = 4, ssim_weight: float = 0.0) -> torch.Tensor:
     """A decoder fine-tune's loss: pixel MSE of decode(``latents``) (scaled) against ``frames`` [B,3,H,W] in
-    ``[0, 1]``, plus ``detail_weight`` times the detail term (``components.evaluation.view_motion.detail_loss``) and
+    ``[0, 1]``, plus ``detail_weight`` times the detail term (``components.metrics.detail_loss``) and
     ``ssim_weight`` times the SSIM loss."""
-    from components.evaluation.view_motion import detail_loss
 
-    z = (latents.to(ae.device, torch.float32) / ae.scaling_factor).contiguous(memory_format=torch.channels_last)
-    output = ae.crop(ae.vae.decode(z).sample, clamp=False)
+    z = latents.to(autoencoder.device, torch.float32) / autoencoder.scaling_factor
+    z = z.contiguous(memory_format=torch.channels_last)
+    output = autoencoder.crop(autoencoder.vae.decode(z).sample, clamp=False)
     loss = F.mse_loss(output, frames)
     if ssim_weight:
         import kornia

@@ -52,11 +52,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
+from components.atomic import atomic_directory, atomic_write_json, save_safetensors
+from components.data.windows import LatentWindows
 from components.errors import PipelineError
-from components.evaluation.view_motion import detail_loss
+from components.metrics import detail_loss, pooled_psnr
 from components.models.sampler import guided_velocity
 from components.models.world_model import ActionConditionedUNet, WorldModelConfig, make_scheduler, noise_bucket
 
@@ -165,7 +168,6 @@ class OneStepStudent(nn.Module):
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None, autoencoder: Any = None) -> Path:
         """``folder/student.json`` (settings + the network config) and ``student.safetensors``, and the
         autoencoder that ships with it in ``folder/autoencoder/`` when given, atomically."""
-        from components.atomic import atomic_directory, atomic_write_json, save_safetensors
 
         with atomic_directory(folder) as staging:
             if autoencoder is not None:
@@ -191,7 +193,6 @@ def fixed_noise(config: WorldModelConfig, seed: int) -> tuple[torch.Tensor, torc
 
 def load_student(folder: str | Path) -> OneStepStudent:
     """Load a student written by ``OneStepStudent.save`` (stage ``distilled_model``), in eval mode."""
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     config_path, weights_path = folder / STUDENT_CONFIG, folder / STUDENT_WEIGHTS
@@ -250,61 +251,21 @@ def teacher_sample(teacher: ActionConditionedUNet, scheduler: Any, student: OneS
 # --------------------------------------------------------------------------- windows
 
 
-class LatentWindows:
-    """Windows of ``K + 1`` consecutive rows of validated latents: K context latents/actions, then the target,
-    as tensors on ``device``."""
-
-    def __init__(self, store: Any, context: int, split: str, device: torch.device | str = "cpu") -> None:
-        self.store, self.context, self.split, self.device = store, context, split, torch.device(device)
-        self.index = store.window_index(context + 1, split)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def batch(self, picks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(context latents [B,K,C,h,w], context actions [B,K] long, target latents [B,C,h,w]) for index rows."""
-        windows = [self.store.read_window(int(s), int(r), self.context + 1, ("latents", "actions"))
-                   for s, r in self.index[picks]]
-        latents = torch.from_numpy(np.stack([w["latents"] for w in windows])).float().to(self.device)
-        actions = torch.from_numpy(np.stack([w["actions"] for w in windows]).astype(np.int64)).to(self.device)
-        return latents[:, :-1], actions[:, :-1], latents[:, -1]
-
-    def random_batch(self, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
-        return self.batch(rng.integers(0, len(self.index), size))
-
-    def rollout_batch(self, size: int, rng: np.random.Generator, steps: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``size`` random windows of ``K + steps`` rows: (context latents [B,K,C,h,w], actions [B,K+steps-1],
-        the ``steps`` latents that follow [B,steps,C,h,w]). Windows of episodes shorter than that are skipped."""
-        index = self.store.window_index(self.context + steps, self.split) if steps > 1 else self.index
-        if len(index) == 0:
-            raise PipelineError(f"no {self.split} episode has the {self.context + steps} rows a {steps}-step "
-                                "rollout needs; lower distilled_model.rollout_steps")
-        windows = [self.store.read_window(int(s), int(r), self.context + steps, ("latents", "actions"))
-                   for s, r in index[rng.integers(0, len(index), size)]]
-        latents = torch.from_numpy(np.stack([w["latents"] for w in windows])).float().to(self.device)
-        actions = torch.from_numpy(np.stack([w["actions"] for w in windows]).astype(np.int64)).to(self.device)
-        return latents[:, : self.context], actions[:, :-1], latents[:, self.context :]
-
-    def evenly_spaced(self, count: int) -> np.ndarray:
-        count = min(count, len(self.index))
-        return np.linspace(0, len(self.index) - 1, count).round().astype(np.int64)
+def context_and_future(windows: LatentWindows, rows: np.ndarray, context: int, device: torch.device | str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The windows at ``rows`` split at ``context``: (context latents [B,K,C,h,w], the actions from the first
+    context row on [B,L-1], the latents that follow [B,L-K,C,h,w])."""
+    latents, actions = windows.read(rows, device)
+    return latents[:, :context], actions[:, :-1], latents[:, context:]
 
 
 # --------------------------------------------------------------------------- metrics
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB pooled over the mean squared error of all frames (values in [0, 1]); capped at 100 dB."""
-    mse = torch.mean((a.double() - b.double()) ** 2).item()
-    return float(10.0 * np.log10(1.0 / max(mse, 1e-10)))
-
-
-@torch.no_grad()
 def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet, autoencoder: Any,
                          windows: LatentWindows, picks: np.ndarray, batch_size: int = 16,
                          with_teacher: bool = True) -> dict[str, float]:
-    """Next-frame PSNR on ``picks`` (held-out windows), all decoded to frames.
+    """Next-frame PSNR on ``picks`` (rows of held-out windows of K + 1 rows), all decoded to frames.
 
     * ``student_psnr`` / ``teacher_psnr``: the decoded 1-step / multi-step prediction against the ground
       truth, the decoded true next latent (the autoencoder's reconstruction, the best a latent model can do);
@@ -315,8 +276,10 @@ def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet
     was_training = student.training
     student.eval()
     outs: dict[str, list[torch.Tensor]] = {"student": [], "teacher": [], "truth": [], "copy_last": []}
+    k, device = student.config.context, student.target_noise.device
     for start in range(0, len(picks), batch_size):
-        context, actions, target = windows.batch(picks[start : start + batch_size])
+        context, actions, future = context_and_future(windows, picks[start : start + batch_size], k, device)
+        target = future[:, 0]
         outs["student"].append(autoencoder.decode(student(context, actions)))
         outs["truth"].append(autoencoder.decode(target))
         outs["copy_last"].append(autoencoder.decode(context[:, -1]))
@@ -325,13 +288,13 @@ def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet
     student.train(was_training)
     frames = {k: torch.cat(v) for k, v in outs.items() if v}
     metrics = {
-        "student_psnr": psnr(frames["student"], frames["truth"]),
-        "copy_last_psnr": psnr(frames["copy_last"], frames["truth"]),
+        "student_psnr": pooled_psnr(frames["student"], frames["truth"]),
+        "copy_last_psnr": pooled_psnr(frames["copy_last"], frames["truth"]),
         "windows": float(len(picks)),
     }
     if with_teacher:
-        metrics["teacher_psnr"] = psnr(frames["teacher"], frames["truth"])
-        metrics["student_vs_teacher_psnr"] = psnr(frames["student"], frames["teacher"])
+        metrics["teacher_psnr"] = pooled_psnr(frames["teacher"], frames["truth"])
+        metrics["student_vs_teacher_psnr"] = pooled_psnr(frames["student"], frames["teacher"])
     return metrics
 
 
@@ -383,7 +346,8 @@ def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, s
                       generator: torch.Generator | None = None, target: str = "teacher",
                       rollout_steps: int = 1, detail_weight: float = 0.0, detail_patch: int = 1,
                       critic: LatentCritic | None = None, adversarial_weight: float = 0.0) -> torch.Tensor:
-    """The student's loss on a random batch, over ``rollout_steps`` steps of its own rollout.
+    """The student's loss on a random batch of ``windows`` (training windows of K + ``rollout_steps`` rows), over
+    ``rollout_steps`` steps of its own rollout.
 
     Step 1 starts from real context latents; each later step's context ends with the student's own (detached)
     predictions, so it learns to continue from what it made. At every step the student's latent is compared
@@ -395,8 +359,9 @@ def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, s
     recorded next latent from the student's (:func:`adversarial_terms`, conditioned on the real previous latent and
     the action), so a blurred mean that MSE accepts is pushed towards latents that look like real ones.
     """
-    context, actions, future = windows.rollout_batch(batch_size, rng, rollout_steps)
-    k = context.shape[1]
+    k = student.config.context
+    rows = rng.integers(0, len(windows), batch_size)
+    context, actions, future = context_and_future(windows, rows, k, student.target_noise.device)
     real_last = context[:, -1]
     total = torch.zeros((), device=context.device)
     for step in range(rollout_steps):

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.evaluation.view_motion import horizontal_shift, view_row_count
+
 log = logging.getLogger(__name__)
 
 MIN_WINDOWS = 8  # windows an action pair needs for its own median; fewer: the action's median over all pairs
@@ -174,7 +176,6 @@ def fit_action_warp(warp: ActionWarp, last: torch.Tensor, context_actions: torch
     (shrunk towards 1 where cells barely move) is above 1/2, else 0: the cells that move with the view, and the
     HUD that does not. Returns a summary for the logs.
     """
-    from components.evaluation.view_motion import horizontal_shift, view_row_count
 
     height, width = last_frames.shape[-2:]
     rows = view_row_count(height, view_rows)

@@ -5,7 +5,7 @@ its latents are no longer codes the encoder ever made. The decoder of ``finetune
 encoder's codes and renders such latents as a brown smear (README "Distillation"). This step fine-tunes a copy
 of it on pairs (the student's latent at rollout step ``s``, driven by the recorded actions from a real training
 context, and the real frame at step ``s``), mixed with real latents so that true codes still decode as before,
-with pixel MSE plus the detail term (``components.evaluation.view_motion.detail_loss``).
+with pixel MSE plus the detail term (``components.metrics.detail_loss``).
 
 The decoder sits outside the rollout loop: what it draws never feeds back into the next prediction, unlike the
 detail term in the student's own loss, whose added detail grew into streaks over long rollouts. The encoder is
@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from components.errors import PipelineError
+from components.models.autoencoder import decoder_loss
+from components.training import Budget, Recipe, Step, train
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +113,6 @@ def fine_tune_decoder(student: Any, autoencoder: Any, latents: Any, raw: Any, se
     """Fine-tune ``autoencoder``'s decoder in place on ``student``'s rollouts (``settings``: the
     ``distilled_model`` params ``decoder_*``, ``batch_size`` and ``seed``) with the training engine on ``runtime``;
     the encoder stays frozen. ``folder`` holds the resumable checkpoint. Returns what the metrics record."""
-    from components.models.autoencoder import decoder_loss
-    from components.training import Budget, Recipe, Step, train
 
     started = time.monotonic()
     pairs = rollout_pairs(student, latents, raw, settings.decoder_windows, settings.decoder_rollout_steps,

@@ -46,10 +46,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
 from torch import nn
 
+from components.atomic import atomic_directory, atomic_write_json, save_safetensors
 from components.errors import PipelineError
 from components.models.motion_warp import ActionWarp, previous_actions
+from components.params import ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +117,6 @@ def noise_bucket(level: torch.Tensor | float, max_level: float, buckets: int) ->
 def unet_config_from_params(params: Any, input_latents: int, latent_channels: int, latent_size: tuple[int, int],
                             noise_buckets: int) -> dict[str, Any]:
     """The ``UNet2DConditionModel`` config for a small UNet built from ``params.world_model``."""
-    from components.params import ParamsError
 
     blocks = len(params.block_out_channels)
     if len(params.down_block_types) != blocks or len(params.up_block_types) != blocks:
@@ -151,7 +154,6 @@ class ActionConditionedUNet(nn.Module):
 
     def __init__(self, config: WorldModelConfig) -> None:
         super().__init__()
-        from diffusers import UNet2DConditionModel
 
         self.config = config
         self.unet = UNet2DConditionModel(**config.unet)
@@ -190,7 +192,6 @@ class ActionConditionedUNet(nn.Module):
         (zero-initialised, so the pretrained model's output is unchanged at the start). The action tokens take
         the pretrained ``cross_attention_dim``.
         """
-        from diffusers import UNet2DConditionModel
 
         folder = Path(folder)
         if not (folder / "config.json").is_file():
@@ -282,7 +283,6 @@ class ActionConditionedUNet(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write ``config.json``, ``model.safetensors`` and ``scheduler_config.json`` into ``folder`` atomically."""
-        from components.atomic import atomic_directory, atomic_write_json, save_safetensors
 
         with atomic_directory(folder) as staging:
             save_safetensors(staging / WEIGHTS_FILE, self.state_dict(), metadata={"format": FORMAT})
@@ -324,7 +324,6 @@ def make_scheduler(config: WorldModelConfig, kind: str = "ddim") -> Any:
     v-prediction; with ``zero_terminal_snr`` the betas are rescaled so the last timestep is pure noise, and
     DDIM uses "trailing" spacing so that even 1 step starts from t = T-1.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler
 
     common = dict(
         num_train_timesteps=config.num_train_timesteps,
@@ -345,7 +344,6 @@ def make_scheduler(config: WorldModelConfig, kind: str = "ddim") -> Any:
 
 def load_world_model(folder: str | Path, device: str | torch.device = "cpu") -> ActionConditionedUNet:
     """Load a saved world model (``net.save`` / stage ``diffusion_checkpoint``), in eval mode."""
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE

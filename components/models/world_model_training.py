@@ -43,10 +43,14 @@ import numpy as np
 import torch
 
 from components.data.trajectory_store import TrajectoryStore
+from components.data.windows import LatentWindows, heldout_windows
 from components.errors import PipelineError
+from components.images import frame_grid, to_uint8
 from components.models.motion_warp import LatentGeometry, fit_action_warp
+from components.models.sampler import sample_next_latent
 from components.models.world_model import ActionConditionedUNet, context_noise, make_scheduler, noise_bucket
-from components.training import CHECKPOINT_FILE, Budget, Recipe, TrainResult
+from components.training import CHECKPOINT_FILE, Budget, Recipe, TrainResult, check_precision, run_folder, start_runtime
+from components.training import train as run_training
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +78,17 @@ class WindowStream:
                  rank: int = 0, world_size: int = 1) -> None:
         self.store, self.context, self.seed = store, context, seed
         self.rank, self.world_size = rank, world_size
-        self.index = store.window_index(context + 1, split)
+        self.windows = LatentWindows(store, context + 1, split)
         self._epoch, self._permutation = -1, np.zeros(0, np.int64)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.windows)
 
     def _position(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.index))
+        epoch, offset = divmod(position, len(self.windows))
         if epoch != self._epoch:
             self._epoch = epoch
-            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
+            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
         return int(self._permutation[offset])
 
     def batch(self, step: int, batch_size: int) -> Batch:
@@ -93,11 +97,13 @@ class WindowStream:
         return self.read([self._position(first + i) for i in range(batch_size)])
 
     def read(self, rows: list[int]) -> Batch:
-        windows = [self.store.read_window(int(self.index[r, 0]), int(self.index[r, 1]), self.context + 1,
-                                          ("latents", "actions")) for r in rows]
-        latents = torch.from_numpy(np.stack([w["latents"] for w in windows]).astype(np.float32))
-        actions = torch.from_numpy(np.stack([w["actions"] for w in windows]).astype(np.int64))
-        return Batch(latents[:, :-1], actions[:, :-1], latents[:, -1])
+        return windows_batch(self.windows, rows)
+
+
+def windows_batch(windows: LatentWindows, rows: list[int]) -> Batch:
+    """The windows of K + 1 rows at ``rows``, as the K context rows and the next latent."""
+    latents, actions = windows.read(rows)
+    return Batch(latents[:, :-1], actions[:, :-1], latents[:, -1])
 
 
 def open_latents(root: str | Path, context: int, num_actions: int) -> TrajectoryStore:
@@ -201,8 +207,6 @@ def train(params: Any, latents_root: str | Path, cache_root: str | Path | None =
     (``world_model.action_warp``) is fitted on their frames, so it is needed only then. ``stop_after`` ends this
     call early after that many steps (for tests); the plan is unchanged.
     """
-    from components.training import check_precision, run_folder, start_runtime
-    from components.training import train as run_training
 
     wm_params, tp = params.world_model, params.diffusion_checkpoint
     num_actions = len(params.environment.actions)
@@ -265,7 +269,7 @@ def fit_warp(net: ActionConditionedUNet, stream: WindowStream, frames: Trajector
     k = stream.context
     kept, pairs = [], []
     for row in sorted(rows.tolist()):
-        shard, start = (int(v) for v in stream.index[row])
+        shard, start = (int(v) for v in stream.windows.index[row])
         window = frames.read_matching_window(stream.store, shard, start, k + 1, ["frames"])
         if window is not None:
             kept.append(row)
@@ -303,22 +307,16 @@ def heldout_metrics(net: ActionConditionedUNet, store: TrajectoryStore, params: 
     last context latent, the baseline that shows learned dynamics. Runs in chunks of ``chunk`` windows on
     ``device``; ``batch`` / ``sampled`` of the first chunk are returned for the preview.
     """
-    from components.models.sampler import sample_next_latent
 
-    split = "heldout"
-    stream = WindowStream(store, net.config.context, split, seed)
-    if len(stream) == 0:
-        log.warning("no held-out windows of %d frames; metrics use train windows", net.config.context + 1)
-        split = "train"
-        stream = WindowStream(store, net.config.context, split, seed)
+    heldout = heldout_windows(store, net.config.context + 1, "diffusion_checkpoint's held-out metrics")
     net = net.to(device)
-    rows = np.random.default_rng(seed).permutation(len(stream))[:windows].tolist()
+    rows = np.random.default_rng(seed).permutation(len(heldout))[:windows].tolist()
     ddpm, ddim, s = make_scheduler(net.config, "ddpm"), make_scheduler(net.config, "ddim"), params.sampler
     generator = torch.Generator().manual_seed(seed)
     sums = {"heldout_loss": 0.0, "sampled_latent_mse": 0.0, "copy_last_latent_mse": 0.0}
     first: tuple[Batch, torch.Tensor] | None = None
     for begin in range(0, len(rows), chunk):
-        batch = stream.read(rows[begin : begin + chunk]).to(device)
+        batch = windows_batch(heldout, rows[begin : begin + chunk]).to(device)
         size = batch.target.shape[0]
         loss = diffusion_loss(net, ddpm, batch, net.config, 0.0, generator)
         sampled = sample_next_latent(net, ddim, batch.context_latents, batch.context_actions, steps=s.steps,
@@ -331,35 +329,19 @@ def heldout_metrics(net: ActionConditionedUNet, store: TrajectoryStore, params: 
             first = (batch.to("cpu"), sampled.cpu())
     net.cpu()
     assert first is not None
-    return {"eval_split": split, "eval_windows": len(rows), **{k: v / len(rows) for k, v in sums.items()},
+    return {"eval_split": "heldout", "eval_windows": len(rows), **{k: v / len(rows) for k, v in sums.items()},
             "batch": first[0], "sampled": first[1]}
 
 
 def save_preview(path: str | Path, autoencoder: Any, batch: Batch, predicted: torch.Tensor, rows: int) -> None:
     """PNG grid, one row per window: the K context frames | predicted next frame | real next frame."""
-    from PIL import Image, ImageDraw
-
-    from components.atomic import atomic_path
 
     rows = min(rows, batch.target.shape[0])
     k = batch.context_latents.shape[1]
     with torch.no_grad():
-        context = autoencoder.decode(batch.context_latents[:rows].flatten(0, 1)).clamp(0, 1)
-        pred = autoencoder.decode(predicted[:rows]).clamp(0, 1)
-        real = autoencoder.decode(batch.target[:rows]).clamp(0, 1)
-    _, height, width = real.shape[1:]
-    scale = max(1, 160 // width)
-    gap, label = 4, 14
-    cols = k + 2
-    canvas = Image.new("RGB", (cols * (width * scale + gap), label + rows * (height * scale + gap)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, text in enumerate([f"ctx {i - k}" for i in range(k)] + ["predicted", "real"]):
-        draw.text((c * (width * scale + gap) + 2, 1), text, fill="black")
-    for r in range(rows):
-        tiles = [context[r * k + i] for i in range(k)] + [pred[r], real[r]]
-        for c, tile in enumerate(tiles):
-            array = (tile.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            image = Image.fromarray(array).resize((width * scale, height * scale), Image.Resampling.NEAREST)
-            canvas.paste(image, (c * (width * scale + gap), label + r * (height * scale + gap)))
-    with atomic_path(path, suffix=".png") as temporary:
-        canvas.save(temporary, format="PNG")
+        context = to_uint8(autoencoder.decode(batch.context_latents[:rows].flatten(0, 1)))
+        pred = to_uint8(autoencoder.decode(predicted[:rows]))
+        real = to_uint8(autoencoder.decode(batch.target[:rows]))
+    context = context.reshape(rows, k, *real.shape[1:])
+    frame_grid(path, [(f"window {r + 1}", [*context[r], pred[r], real[r]]) for r in range(rows)],
+               [f"ctx {i - k}" for i in range(k)] + ["predicted", "real"])

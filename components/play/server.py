@@ -40,6 +40,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from websockets.asyncio.server import serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Response
 
 from components.runtime.sessions import OnnxExport, OnnxModels
 
@@ -226,9 +230,6 @@ class GameState:
 
 
 def _http_response(status: int, body: bytes, content_type: str) -> Any:
-    from websockets.datastructures import Headers
-    from websockets.http11 import Response
-
     reasons = {200: "OK", 403: "Forbidden", 404: "Not Found", 503: "Service Unavailable"}
     headers = Headers(
         [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
@@ -311,8 +312,6 @@ class PlayServer:
             self.players -= 1
 
     async def play(self, websocket: Any) -> None:
-        from websockets.exceptions import ConnectionClosed
-
         state = self.game.new_state(self.next_context)
         self.next_context += 1
         held: set[str] = set()
@@ -393,8 +392,6 @@ class PlayServer:
                 sending.cancel()
 
     async def serve(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
-        from websockets.asyncio.server import serve
-
         async with serve(
             self.handler, host, port, process_request=self.process_request, compression=None, max_size=1 << 16
         ) as server:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from components.atomic import atomic_directory
+from components.atomic import atomic_directory, file_sha256
 from components.errors import PipelineError
 from components.play.server import KEY_BUTTONS, PAGE_DIR, stop_on_signals
 from components.runtime.export_contract import (
@@ -48,7 +48,6 @@ from components.runtime.export_contract import (
     WORLD_MODEL_FILE,
     ExportNotFoundError,
     corrupt_files,
-    file_sha256,
     load_manifest,
 )
 

@@ -16,12 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import onnx
+from onnx import numpy_helper, shape_inference
+from onnx.utils import Extractor
+
 COST_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 def load_graph(path: str | Path) -> Any:
     """The ONNX model at ``path`` (an ``onnx.ModelProto``); ImportError without the onnx package."""
-    import onnx
 
     return onnx.load(str(path))
 
@@ -52,8 +55,6 @@ def single_tensor_cuts(model: Any) -> list[tuple[int, str]]:
 def node_costs(model: Any) -> list[float]:
     """Multiply-adds of each node at batch 1 (convolutions and matrix products; other nodes count 0), from
     ONNX shape inference."""
-    import onnx
-    from onnx import numpy_helper, shape_inference
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     for graph_input in model.graph.input:
@@ -104,8 +105,6 @@ def choose_cut(model: Any, head_share: float) -> tuple[str, float] | None:
 
 def split(model: Any, tensor: str) -> tuple[bytes, bytes]:
     """(head, tail) as serialized ONNX models: graph inputs -> ``tensor``, and ``tensor`` -> graph outputs."""
-    from onnx import shape_inference
-    from onnx.utils import Extractor
 
     model = shape_inference.infer_shapes(model)  # the extractor needs the cut tensor's type
     extractor = Extractor(model)

@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+import yaml
 from torch import nn
 
 from components.atomic import atomic_path, atomic_write_bytes
+from components.data.windows import heldout_windows
 from components.errors import PipelineError
-from components.runtime.export_contract import GRAPHS
+from components.runtime.export_contract import ENCODER_FILE, GRAPHS, execution_providers
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,6 @@ def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pa
     Uses the dynamo exporter; ``onnx.checker`` (full check, with shape inference) must pass. The file is a
     single protobuf unless the weights pass 2 GB, when they go to ``<path>.data`` beside it.
     """
-    import onnx
 
     spec = GRAPHS[graph]
     input_names = [name for name, _, _ in spec["inputs"]]
@@ -103,12 +106,9 @@ def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pa
 
 
 def ort_session(path: str | Path, threads: int = 2) -> Any:
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    from components.runtime.export_contract import execution_providers
 
     session = ort.InferenceSession(str(path), options, providers=execution_providers())
     log.info("ONNX Runtime runs %s on %s", Path(path).name, session.get_providers()[0])
@@ -123,7 +123,6 @@ def onnx_encoder(autoencoder: Any, folder: str | Path, max_batch: int, threads: 
     With ``check_frames`` the graph is first compared with PyTorch on them; a max abs difference above
     ``tolerance`` raises ``ExportError``.
     """
-    from components.runtime.export_contract import ENCODER_FILE
 
     frame_size = tuple(autoencoder.frame_size)
     example = torch.rand(min(2, max_batch), 3, *frame_size)
@@ -178,7 +177,6 @@ def dvc_lock_hashes(inputs: list[str], lock_path: str | Path = "dvc.lock") -> di
 
     Upstream stages are locked before this one runs, so their outs' hashes are final.
     """
-    import yaml
 
     recorded: dict[str, str] = {}
     lock = Path(lock_path)
@@ -204,30 +202,22 @@ def dvc_lock_hashes(inputs: list[str], lock_path: str | Path = "dvc.lock") -> di
 # --------------------------------------------------------------------------- held-out windows with real frames
 
 
-def heldout_windows(latent_store: Any, length: int, count: int, raw_store: Any = None, decode: Any = None,
-                    seed: int = 0) -> dict[str, Any]:
+def sample_contexts(latent_store: Any, length: int, count: int, raw_store: Any = None, decode: Any = None,
+                    needed_for: str = "onnx_export") -> dict[str, Any]:
     """``count`` evenly spread held-out windows of ``length`` rows: latents, actions and the real frames.
 
     Real frames come from the latent shard's own ``frames`` array when it has one, else from the raw
     trajectory episode with the same ``episode_id`` (and length); failing both, from ``decode(latents)``
-    (then ``frames_source`` says "decoded"). Falls back to training episodes, with a warning, when no
-    held-out episode is long enough.
+    (then ``frames_source`` says "decoded"). ``HeldOutError`` (naming ``needed_for``) when no held-out episode
+    is long enough.
     """
-    split = "heldout"
-    index = latent_store.window_index(length, split)
-    if len(index) == 0:
-        log.warning("no held-out episode has %d rows: using training episodes for the shipped contexts", length)
-        split = "train"
-        index = latent_store.window_index(length, split)
-    if len(index) == 0:
-        raise PipelineError(f"no episode has {length} rows (K + steps); lower onnx_export.future_steps")
-    # Spread over episodes: at most one window per episode first, evenly over the index.
-    picks = np.linspace(0, len(index) - 1, min(count, len(index))).round().astype(np.int64)
-    latents, actions, frames, sources = [], [], [], set()
-    for shard, start in index[picks]:
-        window = latent_store.read_window(int(shard), int(start), length, ("latents", "actions"))
-        latents.append(window["latents"].astype(np.float32))
-        actions.append(window["actions"].astype(np.int64))
+    windows = heldout_windows(latent_store, length, needed_for)
+    picks = windows.evenly_spaced(count)
+    read_latents, read_actions = windows.read(picks)
+    latents = list(read_latents.numpy())
+    actions = list(read_actions.numpy())
+    frames, sources = [], set()
+    for (shard, start), window_latents in zip(windows.index[picks], latents, strict=True):
         source = latent_store.shards[int(shard)]
         if "frames" in source.array_names:
             frames.append(np.array(source.array("frames")[start : start + length]))
@@ -239,7 +229,7 @@ def heldout_windows(latent_store: Any, length: int, count: int, raw_store: Any =
             frames.append(raw["frames"])
             sources.add("raw_trajectories")
         elif decode is not None:
-            frames.append(decode(window["latents"].astype(np.float32)))
+            frames.append(decode(window_latents))
             sources.add("decoded")
         else:
             episode = latent_store.episode_at(int(shard), int(start))
@@ -248,6 +238,6 @@ def heldout_windows(latent_store: Any, length: int, count: int, raw_store: Any =
         "latents": np.stack(latents),
         "actions": np.stack(actions),
         "frames": np.stack(frames).astype(np.uint8),
-        "split": split,
+        "split": "heldout",
         "frames_source": ",".join(sorted(sources)),
     }

@@ -17,11 +17,13 @@ increases ``FORMAT_VERSION``; adding a new optional manifest field does not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
+
+from components.atomic import file_sha256
 from components.errors import PipelineError
 
 FORMAT_VERSION = 1
@@ -130,14 +132,6 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     return _check_manifest(manifest, path)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def corrupt_files(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
     """The files of ``manifest["files"]`` whose sha256 in ``folder`` differs from the manifest's (or that are gone)."""
     folder = Path(folder)
@@ -153,7 +147,6 @@ def axis_sizes(manifest: dict[str, Any]) -> dict[str, int]:
 def execution_providers() -> list[str]:
     """ONNX Runtime's CUDA execution provider first when this onnxruntime has it (``onnxruntime-gpu`` on a
     machine with a GPU), then the CPU one; with the plain ``onnxruntime`` wheel, the CPU only. Torch-free."""
-    import onnxruntime as ort
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or ["CPUExecutionProvider"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from components.runtime.export_contract import (
     CONTEXTS_FILE,
@@ -42,7 +43,6 @@ def session_options(threads: int) -> Any:
     threads slow every frame down (measured 5x with 2 threads on a loaded 2-core machine); when idle, it costs
     little, and with one thread per session, as the pipelined player runs, there is no pool to spin.
     """
-    import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -62,7 +62,6 @@ def pipelined_threads(threads: int) -> int:
 def load_session(source: Path | bytes, threads: int, name: str = "") -> Any:
     """An ONNX Runtime session (CUDA when this onnxruntime has it: ``execution_providers``) for a file or a
     serialized model; ``ExportNotFoundError`` if it cannot load."""
-    import onnxruntime as ort
 
     label = name or (str(source) if isinstance(source, Path) else "a model")
     try:

@@ -9,7 +9,13 @@ See components/evaluation/ablations.py.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import logging
 import sys
+from pathlib import Path
+
+from components.evaluation import ablations as ab
+from components.params import check_params, load_params, read_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,13 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    import datetime as dt
-    import logging
-    from pathlib import Path
-
-    from components.evaluation import ablations as ab
-    from components.params import check_params, load_params, read_yaml
-
     log = logging.getLogger("components.evaluation.ablations")
     params = load_params(args.params)
     settings = params.evaluation.ablations

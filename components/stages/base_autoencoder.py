@@ -15,6 +15,23 @@ from __future__ import annotations
 import argparse
 import logging
 
+import torch
+
+from components import training
+from components.atomic import atomic_write_json
+from components.data.trajectory_store import TrajectoryStore
+from components.errors import PipelineError
+from components.images import training_charts
+from components.models.autoencoder import (
+    FrameAutoencoder,
+    FrameSampler,
+    build_vae,
+    evaluation_frames,
+    load_pretrained_vae,
+    measure_scaling_factor,
+    reconstruction_metrics,
+    training_loss,
+)
 from components.params import load_params
 
 log = logging.getLogger(__name__)
@@ -30,21 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    import torch
-
-    from components import training
-    from components.atomic import atomic_write_json
-    from components.data.trajectory_store import TrajectoryStore
-    from components.errors import PipelineError
-    from components.evaluation.plots import training_charts
-    from components.models import autoencoder as aem
-
     params = load_params(args.params)
-    p = params.autoencoder
+    settings = params.autoencoder
     runtime = training.start_runtime(params.device)
-    torch.manual_seed(p.seed)
+    torch.manual_seed(settings.seed)
     store = TrajectoryStore(args.trajectories)
-    train_frames = aem.FrameSampler(store, "train")
+    train_frames = FrameSampler(store, "train")
     if not train_frames.total:
         raise PipelineError(f"{args.trajectories}: no training-split episodes to train the autoencoder on")
     frame_size = (params.environment.height, params.environment.width)
@@ -55,44 +63,46 @@ def main(args: argparse.Namespace) -> None:
             f"{args.trajectories}: frames are {stored[1]}x{stored[0]} but environment.resolution is "
             f"{params.environment.width}x{params.environment.height}; re-run raw_trajectories"
         )
-    eval_frames, eval_split = aem.evaluation_frames(store, p.eval_frames)
+    eval_frames, eval_split = evaluation_frames(store, settings.eval_frames)
 
-    if p.pretrained:
-        vae = aem.load_pretrained_vae(p.pretrained)
-        source = {"source": "pretrained", "pretrained": p.pretrained}
+    if settings.pretrained:
+        vae = load_pretrained_vae(settings.pretrained)
+        source = {"source": "pretrained", "pretrained": settings.pretrained}
     else:
-        vae = aem.build_vae(p.block_out_channels, p.latent_channels, p.layers_per_block, p.norm_num_groups,
-                            p.mid_block_attention)
+        vae = build_vae(settings.block_out_channels, settings.latent_channels, settings.layers_per_block,
+                            settings.norm_num_groups, settings.mid_block_attention)
         source = {"source": "trained"}
     vae = vae.to(memory_format=torch.channels_last)
-    ae = aem.FrameAutoencoder(vae, frame_size, 1.0, p.latent_multiple, p.pad_mode)
+    autoencoder = FrameAutoencoder(vae, frame_size, 1.0, settings.latent_multiple, settings.pad_mode)
     log.info(
         "autoencoder: %s, %.2fM params, frames %s padded to %s, latents %s",
-        source["source"], sum(t.numel() for t in vae.parameters()) / 1e6, frame_size, ae.padded_size, ae.latent_shape,
+        source["source"], sum(t.numel() for t in vae.parameters()) / 1e6, frame_size, autoencoder.padded_size,
+        autoencoder.latent_shape,
     )
 
     result = None
     vae.to(runtime.device)
-    if not p.pretrained:
+    if not settings.pretrained:
         def loss_fn(step: training.Step) -> torch.Tensor:
-            x = ae.pad(train_frames.random_batch(p.batch_size, step.rng).to(step.device))
-            return aem.training_loss(vae, x.contiguous(memory_format=torch.channels_last), p.kl_weight,
-                                     p.mixed_precision)
+            x = autoencoder.pad(train_frames.random_batch(settings.batch_size, step.rng).to(step.device))
+            return training_loss(vae, x.contiguous(memory_format=torch.channels_last), settings.kl_weight,
+                                     settings.mixed_precision)
 
-        recipe = training.Recipe(training.Budget(p.train_minutes, p.max_steps, p.warmup_steps), p.learning_rate,
-                                 seed=p.seed, batch_size=p.batch_size, eval_every_s=p.eval_every_s,
-                                 checkpoint_every_s=p.checkpoint_every_s)
-        folder = training.run_folder(args.cache, runtime, p.model_dump(exclude={"checkpoint_every_s"}), frame_size,
-                                     training.inputs_fingerprint(store))
+        budget = training.Budget(settings.train_minutes, settings.max_steps, settings.warmup_steps)
+        recipe = training.Recipe(budget, settings.learning_rate, seed=settings.seed, batch_size=settings.batch_size,
+                                 eval_every_s=settings.eval_every_s, checkpoint_every_s=settings.checkpoint_every_s)
+        folder = training.run_folder(args.cache, runtime, settings.model_dump(exclude={"checkpoint_every_s"}),
+                                     frame_size, training.inputs_fingerprint(store))
         result = training.train(vae, list(vae.parameters()), loss_fn, recipe, runtime, folder, name="base_autoencoder",
-                                evaluate=lambda: aem.reconstruction_metrics(ae, eval_frames, view_rows=view_rows))
+                                evaluate=lambda: reconstruction_metrics(autoencoder, eval_frames, view_rows=view_rows))
     if not runtime.is_main:
         return  # under `accelerate launch` the main process writes the outputs
     vae.eval()
-    ae.scaling_factor = aem.measure_scaling_factor(ae, train_frames.evenly_spaced(p.scaling_frames))
+    scaling_frames = train_frames.evenly_spaced(settings.scaling_frames)
+    autoencoder.scaling_factor = measure_scaling_factor(autoencoder, scaling_frames)
     # the engine's last curve point is these weights' held-out numbers (the scaling factor does not change them)
-    final = result.curve[-1] if result else aem.reconstruction_metrics(ae, eval_frames, view_rows=view_rows)
-    log.info("scaling factor %.5f; %s PSNR %.2f dB, SSIM %.4f, sharpness %.3f", ae.scaling_factor, eval_split,
+    final = result.curve[-1] if result else reconstruction_metrics(autoencoder, eval_frames, view_rows=view_rows)
+    log.info("scaling factor %.5f; %s PSNR %.2f dB, SSIM %.4f, sharpness %.3f", autoencoder.scaling_factor, eval_split,
              final["psnr"], final["ssim"], final["sharpness"])
 
     trained = {} if result is None else {
@@ -101,10 +111,11 @@ def main(args: argparse.Namespace) -> None:
     }
     curve = [] if result is None else list(result.curve)  # from the untrained start to the end of training
     vae.to("cpu")
-    ae.save(args.out, extra={**source, "eval_split": eval_split, "eval_psnr": final["psnr"]})
+    autoencoder.save(args.out, extra={**source, "eval_split": eval_split, "eval_psnr": final["psnr"]})
     atomic_write_json(args.metrics, {
         **source, "eval_split": eval_split, "psnr": final["psnr"], "ssim": final["ssim"],
-        "sharpness": final["sharpness"], "scaling_factor": ae.scaling_factor, "latent_shape": list(ae.latent_shape),
+        "sharpness": final["sharpness"], "scaling_factor": autoencoder.scaling_factor,
+        "latent_shape": list(autoencoder.latent_shape),
         **trained,
     })
     atomic_write_json(args.curve, [{"seconds": c["seconds"], "step": c["step"], "psnr": c["psnr"], "ssim": c["ssim"]}

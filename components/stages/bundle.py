@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 
+from components.params import load_params
+from components.play.web_bundle import build_bundle
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", default=None, help="the ONNX export to bundle (default: params play.export_dir)")
@@ -21,9 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from components.params import load_params
-    from components.play.web_bundle import build_bundle
-
     settings = load_params(args.params).play
     out = args.out or settings.bundle_dir
     build_bundle(args.export or settings.export_dir, out, settings.fps if args.fps is None else args.fps)

@@ -17,6 +17,15 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+
+from components.atomic import atomic_write_json
+from components.errors import PipelineError
+from components.images import training_charts
+from components.models.world_model_training import heldout_metrics, open_latents, save_preview, train
+from components.params import load_params
+from components.training import resolve_device
+
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.png"  # in --plots: held-out context | predicted | real
@@ -37,15 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    import torch
-
-    from components.atomic import atomic_write_json
-    from components.errors import PipelineError
-    from components.evaluation.plots import training_charts
-    from components.models.world_model_training import heldout_metrics, open_latents, save_preview, train
-    from components.params import load_params
-    from components.training import resolve_device
-
     params = load_params(args.params)
     autoencoder = None
     if not args.no_preview:
@@ -68,18 +68,18 @@ def main(args: argparse.Namespace) -> None:
     log.info("saved the world model to %s", args.out)
 
     store = open_latents(args.latents, net.config.context, net.config.num_actions)
-    tp = params.diffusion_checkpoint
-    torch.manual_seed(tp.seed)
-    evaluation = heldout_metrics(net, store, params, max(tp.eval_windows, tp.preview_windows), seed=tp.seed,
-                                 device=resolve_device(params.device))
+    settings = params.diffusion_checkpoint
+    torch.manual_seed(settings.seed)
+    evaluation = heldout_metrics(net, store, params, max(settings.eval_windows, settings.preview_windows),
+                                 seed=settings.seed, device=resolve_device(params.device))
     if autoencoder is not None:
         samples = Path(args.plots) / SAMPLES_FILE
-        save_preview(samples, autoencoder, evaluation["batch"], evaluation["sampled"], tp.preview_windows)
+        save_preview(samples, autoencoder, evaluation["batch"], evaluation["sampled"], settings.preview_windows)
         log.info("sample predictions: %s", samples)
     metrics = {
         "steps": result.steps,
         "planned_steps": result.planned_steps,
-        "train_minutes_budget": tp.train_minutes,
+        "train_minutes_budget": settings.train_minutes,
         "resumed_from_step": result.resumed_from_step,
         "final_train_loss": result.losses[-1][1] if result.losses else result.last_loss,
         "train_samples_per_s": result.samples_per_s,

@@ -19,6 +19,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from components import training
+from components.atomic import atomic_write_json, file_sha256
+from components.data.trajectory_store import TrajectoryStore
+from components.data.windows import LatentWindows, heldout_windows
+from components.errors import PipelineError
+from components.images import training_charts
+from components.models.autoencoder import load_autoencoder
+from components.models.distillation import (
+    LatentCritic,
+    OneStepStudent,
+    StudentAndCritic,
+    context_and_future,
+    distillation_loss,
+    distillation_metrics,
+    teacher_sample,
+)
+from components.models.rollout_decoder import fine_tune_decoder, rollout_windows
+from components.models.world_model import load_world_model, make_scheduler
+from components.params import load_params
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def teacher_generator(settings: Any, step: int) -> Any:
     """The teacher's noise for one step (``teacher_noise: fresh``): a function of (seed, step), so a resumed run
     draws what an uninterrupted one would; None for ``frozen`` (the student's own noise)."""
-    import torch
 
     if settings.teacher_noise == "frozen":
         return None
@@ -45,28 +66,6 @@ def teacher_generator(settings: Any, step: int) -> Any:
 
 
 def main(args: argparse.Namespace) -> None:
-    import torch
-
-    from components import training
-    from components.atomic import atomic_write_json
-    from components.data.trajectory_store import TrajectoryStore
-    from components.errors import PipelineError
-    from components.evaluation.plots import training_charts
-    from components.models.autoencoder import load_autoencoder
-    from components.models.distillation import (
-        LatentCritic,
-        LatentWindows,
-        OneStepStudent,
-        StudentAndCritic,
-        distillation_loss,
-        distillation_metrics,
-        teacher_sample,
-    )
-    from components.models.rollout_decoder import fine_tune_decoder, rollout_windows
-    from components.models.world_model import load_world_model, make_scheduler
-    from components.params import load_params
-    from components.runtime.export_contract import file_sha256
-
     params = load_params(args.params)
     settings, sampler = params.distilled_model, params.sampler
     runtime = training.start_runtime(params.device)
@@ -82,13 +81,12 @@ def main(args: argparse.Namespace) -> None:
     if settings.decoder_minutes > 0:  # the decoder fine-tune's inputs, checked now, before minutes of training
         frames = TrajectoryStore(args.trajectories)
         rollout_windows(store, context, settings.decoder_rollout_steps)
-    train_windows = LatentWindows(store, context, "train", runtime.device)
-    heldout = LatentWindows(store, context, "heldout", runtime.device)
+    train_windows = LatentWindows(store, context + settings.rollout_steps, "train")
     if len(train_windows) == 0:
-        raise PipelineError(f"{args.latents}: no training episode has {context + 1} rows; record longer episodes")
-    if len(heldout) == 0:
-        log.warning("no held-out window of %d rows: the metrics use training windows instead", context + 1)
-        heldout = train_windows
+        raise PipelineError(f"{args.latents}: no training episode has the {context + settings.rollout_steps} rows "
+                            f"a {settings.rollout_steps}-step rollout needs; lower distilled_model.rollout_steps "
+                            "or record longer episodes")
+    heldout = heldout_windows(store, context + 1, "distilled_model's held-out metrics")
     picks = heldout.evenly_spaced(settings.eval_windows)
 
     student = OneStepStudent.from_teacher(teacher, sampler.steps, sampler.cfg, sampler.context_noise_level,
@@ -101,7 +99,8 @@ def main(args: argparse.Namespace) -> None:
     log.info("before distillation: %s", {k: round(v, 3) for k, v in before.items()})
 
     # A fixed held-out batch with its targets (the teacher's samples, or the real next latents), for the curve.
-    curve_context, curve_actions, curve_next = heldout.batch(picks[: min(len(picks), 16)])
+    curve_context, curve_actions, curve_future = context_and_future(heldout, picks[:16], context, runtime.device)
+    curve_next = curve_future[:, 0]
     scheduler = make_scheduler(teacher.config, "ddim")
     if settings.target == "teacher":
         curve_next = teacher_sample(teacher, scheduler, student, curve_context, curve_actions)
@@ -148,7 +147,7 @@ def main(args: argparse.Namespace) -> None:
         "undistilled_1step_psnr": before["student_psnr"],
         "undistilled_1step_vs_teacher_psnr": before["student_vs_teacher_psnr"],
         "heldout_windows": int(after["windows"]),
-        "heldout_split": "heldout" if heldout is not train_windows else "train",
+        "heldout_split": "heldout",
         "train_steps": result.steps,
         "train_seconds": round(result.seconds, 1),
         "train_samples_per_s": round(result.samples_per_s, 2),

@@ -20,6 +20,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from components.atomic import atomic_write_json
+from components.data.trajectory_store import TrajectoryStore
+from components.errors import PipelineError
+from components.evaluation import scoring as ev
+from components.images import frame_grid, line_chart, side_by_side_gif
+from components.params import load_params
+from components.training import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -34,8 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from components.params import load_params
-
     params = load_params(args.params)
     metrics, extras = run(params, Path(args.export), Path(args.trajectories), Path(args.latents), Path(args.teacher),
                           Path(args.autoencoder))
@@ -45,9 +53,6 @@ def main(args: argparse.Namespace) -> None:
 def run(params: Any, export: Path, raw_root: Path, latents_root: Path, teacher_dir: Path, autoencoder_dir: Path,
         teacher: bool | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
     """Evaluate the export (and the teacher unless ``teacher`` is false); returns metrics and image arrays."""
-    from components.data.trajectory_store import TrajectoryStore
-    from components.evaluation import scoring as ev
-    from components.training import resolve_device
 
     settings = params.evaluation
     raw = TrajectoryStore(raw_root)
@@ -96,8 +101,6 @@ def run(params: Any, export: Path, raw_root: Path, latents_root: Path, teacher_d
 
 
 def _check_export_matches(manifest: dict[str, Any], raw: Any, params: Any) -> None:
-    from components.errors import PipelineError
-
     frame_shape = tuple(raw.shards[0].array("frames").shape[1:3])
     if (int(manifest["H"]), int(manifest["W"])) != frame_shape:
         raise PipelineError(
@@ -112,10 +115,7 @@ def _check_export_matches(manifest: dict[str, Any], raw: Any, params: Any) -> No
 def write_outputs(metrics: dict[str, Any], extras: dict[str, dict], metrics_path: Path, plots_dir: Path,
                   settings: Any) -> None:
     """metrics JSON, the PSNR-by-step chart (PNG + JSON for dvc plots) and the side-by-side GIF."""
-    import numpy as np
 
-    from components.atomic import atomic_write_json
-    from components.evaluation.plots import line_chart, side_by_side_gif
 
     atomic_write_json(metrics_path, metrics)
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,6 @@ def write_outputs(metrics: dict[str, Any], extras: dict[str, dict], metrics_path
 def write_turn_test(path: Path, shown: dict[str, Any]) -> None:
     """The turn test: per held-out context, the last context frame then the generated steps of each held action,
     and the recorded continuation (``components.evaluation.scoring.turn_test``)."""
-    from components.evaluation.plots import frame_grid
 
     context = shown["context"]
     steps = shown["real"].shape[1]
@@ -181,7 +180,6 @@ def write_turn_test(path: Path, shown: dict[str, Any]) -> None:
 def write_long_play(plots_dir: Path, metrics: dict[str, Any], picture: Any) -> None:
     """``long_play.png`` (per held-out context: the last context frame, then the ONNX model's frames at the shown
     steps of player-like keys) and ``long_play_by_step.png`` (its sharpness, colour distance and HUD change)."""
-    from components.evaluation.plots import frame_grid, line_chart
 
     played = metrics["onnx"]["long_play"]
     shown = list(played["at_step"])

@@ -12,6 +12,29 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.atomic import atomic_directory, atomic_write_json, file_sha256
+from components.data.trajectory_store import ShardError, TrajectoryStore
+from components.errors import PipelineError
+from components.game.environment import resolve_scenario
+from components.models.autoencoder import load_autoencoder
+from components.models.distillation import load_student
+from components.params import load_params
+from components.runtime import export_contract as contract
+from components.runtime.export import (
+    DecoderGraph,
+    EncoderGraph,
+    dvc_lock_hashes,
+    export_graph,
+    ort_session,
+    params_hash,
+    parity,
+    sample_contexts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_wad(config: str) -> str | None:
     """The wad a ViZDoom .cfg names (``doom_scenario_path``, else ``doom_game_path``), as a file name."""
-    from pathlib import Path
 
     values = {}
     for line in Path(config).read_text(errors="replace").splitlines():
@@ -40,31 +62,6 @@ def config_wad(config: str) -> str | None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    import numpy as np
-    import torch
-
-    from components.atomic import atomic_directory, atomic_write_json
-    from components.data.trajectory_store import ShardError, TrajectoryStore
-    from components.errors import PipelineError
-    from components.game.environment import resolve_scenario
-    from components.models.autoencoder import load_autoencoder
-    from components.models.distillation import load_student
-    from components.params import load_params
-    from components.runtime import export_contract as contract
-    from components.runtime.export import (
-        DecoderGraph,
-        EncoderGraph,
-        dvc_lock_hashes,
-        export_graph,
-        heldout_windows,
-        ort_session,
-        params_hash,
-        parity,
-    )
-    from components.runtime.export_contract import file_sha256
-
     params = load_params(args.params)
     settings, environment = params.onnx_export, params.environment
     torch.manual_seed(0)
@@ -91,8 +88,10 @@ def main(args: argparse.Namespace) -> None:
             frames = autoencoder.decode(torch.from_numpy(latents))
         return (frames.clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).numpy()
 
-    shipped = heldout_windows(latent_store, K + settings.future_steps, settings.contexts, raw_store, decode_uint8)
-    checked = heldout_windows(latent_store, K + 1, settings.parity_windows, raw_store, decode_uint8)
+    shipped = sample_contexts(latent_store, K + settings.future_steps, settings.contexts, raw_store, decode_uint8,
+                              "onnx_export's shipped contexts (K + onnx_export.future_steps rows)")
+    checked = sample_contexts(latent_store, K + 1, settings.parity_windows, raw_store, decode_uint8,
+                              "onnx_export's parity check")
     contexts = {
         "context_latents": shipped["latents"][:, :K],
         "context_actions": shipped["actions"][:, :K],

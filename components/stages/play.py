@@ -17,6 +17,12 @@ import asyncio
 import logging
 from typing import Any
 
+from components.errors import PipelineError
+from components.params import load_params
+from components.play.server import OnnxGame, PlayServer
+from components.play.web_bundle import build_bundle, serve_bundle
+from components.runtime.sessions import pipelined_threads
+
 log = logging.getLogger(__name__)
 
 
@@ -33,9 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from components.errors import PipelineError
-    from components.params import load_params
-
     settings = load_params(args.params).play
     export = args.export or settings.export_dir
     host = args.host or settings.host
@@ -52,7 +55,6 @@ def main(args: argparse.Namespace) -> None:
 
 def serve_in_browser(export: str, bundle_dir: str, host: str, port: int, fps: float, isolated: bool) -> None:
     """The browser engine: write the bundle, then serve its files until a signal."""
-    from components.play.web_bundle import build_bundle, serve_bundle
 
     build_bundle(export, bundle_dir, fps)
     serve_bundle(bundle_dir, host, port, isolated=isolated)
@@ -60,8 +62,6 @@ def serve_in_browser(export: str, bundle_dir: str, host: str, port: int, fps: fl
 
 def serve_frames(export: str, host: str, port: int, fps: float, settings: Any) -> None:
     """The server engine: run the model here and stream the frames until a signal."""
-    from components.play.server import OnnxGame, PlayServer
-    from components.runtime.sessions import pipelined_threads
 
     # The pipelined loop runs two sessions at once: play.threads cores are split between them.
     game = OnnxGame(export, threads=pipelined_threads(settings.threads), balance=True)

@@ -19,6 +19,9 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
+from components.atomic import atomic_write_text
+from components.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 # package -> (version, file in the npm tarball); the versions dvc_render's VegaRenderer.SCRIPTS loads
@@ -54,8 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fetch(url: str) -> bytes:
-    from components.errors import PipelineError
-
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             return response.read()
@@ -66,7 +67,6 @@ def fetch(url: str) -> bytes:
 
 def library_source(name: str, version: str, member: str) -> str:
     """The minified build of ``name@version`` from its npm tarball, checked against the registry's integrity."""
-    from components.errors import PipelineError
 
     meta = json.loads(fetch(f"{REGISTRY}/{name}/{version}"))
     tarball = fetch(meta["dist"]["tarball"])
@@ -81,8 +81,6 @@ def library_source(name: str, version: str, member: str) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    from components.atomic import atomic_write_text
-
     scripts, versions = [], []
     for name, (version, member) in LIBRARIES.items():
         source = library_source(name, version, member).replace("</script", "<\\/script")  # stays inside its tag

@@ -8,6 +8,12 @@ the champion folder and the promotion log. Rejection is a normal outcome: the ex
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+
+from components.atomic import atomic_write_json
+from components.evaluation.promotion import promote_challenger
+from components.params import load_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,10 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from components.atomic import atomic_write_json
-    from components.evaluation.promotion import promote_challenger
-    from components.params import load_params
-
     params = load_params(args.params)
     decision = promote_challenger(
         params, args.export, args.metrics, args.trajectories, args.latents, source=args.source or default_source(),
@@ -45,8 +47,6 @@ def main(args: argparse.Namespace) -> None:
 def default_source() -> str:
     """The log's label for the challenger: the DVC experiment running this stage (DVC sets ``DVC_EXP_NAME`` in
     ``dvc exp run``), else the git commit."""
-    import os
-    import subprocess
 
     experiment = os.environ.get("DVC_EXP_NAME")
     if experiment:

@@ -11,6 +11,11 @@ import argparse
 import logging
 from pathlib import Path
 
+from components.atomic import atomic_write_json
+from components.data.trajectory_store import Shard
+from components.errors import PipelineError
+from components.game.collection import record_shard
+from components.images import sample_grid, save_png
 from components.params import load_params
 
 log = logging.getLogger(__name__)
@@ -27,25 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
-    from components.errors import PipelineError
 
-    config = params.raw_trajectories
-    if args.shard not in config.shards:
-        raise PipelineError(f"--shard {args.shard}: not in raw_trajectories.shards {config.shards}")
-    from PIL import Image
+    settings = params.raw_trajectories
+    if args.shard not in settings.shards:
+        raise PipelineError(f"--shard {args.shard}: not in raw_trajectories.shards {settings.shards}")
 
-    from components.atomic import atomic_path, atomic_write_json
-    from components.data.trajectory_store import Shard
-    from components.game.collection import record_shard, sample_grid
-
-    log.info("recording %s: %d frames, policy %s, %d games in lockstep", args.out, config.frames_per_shard,
-             config.policy, config.parallel_games)
+    log.info("recording %s: %d frames, policy %s, %d games in lockstep", args.out, settings.frames_per_shard,
+             settings.policy, settings.parallel_games)
     summary = record_shard(params, args.shard, args.out, args.agent, progress=not args.no_progress)
     atomic_write_json(args.metrics, summary.as_dict())
 
-    grid = sample_grid(Shard(args.out, verify_checksums=False).array("frames"))
-    args.samples.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.samples, suffix=".png") as temporary:
-        Image.fromarray(grid).save(temporary, format="PNG")
+    save_png(args.samples, sample_grid(Shard(args.out, verify_checksums=False).array("frames")))
     log.info("%s: %d episodes (%d held out), %d frames, %.0f frames/s", args.out, summary.episodes,
              summary.heldout_episodes, summary.frames, summary.frames_per_second)

@@ -22,7 +22,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import gto.api
 import yaml
+from gto.exceptions import ArtifactNotFound
 
 from components.errors import PipelineError
 
@@ -107,8 +109,6 @@ def check_committed_promotion(root: Path, report_path: Path, path: str) -> tuple
 
 def registered_versions(root: Path, name: str) -> list[dict[str, Any]]:
     """GTO's versions of ``name`` (none before the first registration)."""
-    import gto.api
-    from gto.exceptions import ArtifactNotFound
 
     try:
         return gto.api.show(root, name)
@@ -119,7 +119,6 @@ def registered_versions(root: Path, name: str) -> list[dict[str, Any]]:
 def register_champion(root: Path, rev: str, report: dict[str, Any], name: str, path: str) -> tuple[str, str]:
     """(version, commit): the champion that commit ``rev`` records, registered as a GTO version of ``name`` once
     (a champion registered before keeps its version) and assigned ``prod`` unless it already is."""
-    import gto.api
 
     champion = champion_at(root, rev, path)
     if champion is None:

@@ -14,6 +14,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from dvc.exceptions import CheckoutError
+from dvc.repo import Repo
+from dvc.stage.serialize import to_single_stage_lockfile
+
 from components.errors import PipelineError
 
 
@@ -31,8 +35,6 @@ def restore_uncached_outputs(repo: Any) -> tuple[list[str], list[str]]:
     """The ``cache: false`` outputs of each stage in dvc.lock that differ from it, checked out from the objects its
     run-cache entry committed. Returns (restored, missing) paths. Uses DVC's own run-cache machinery
     (``stage_cache._create_stage``, as ``dvc repro`` restores a cached run; pinned DVC version)."""
-    from dvc.exceptions import CheckoutError
-    from dvc.stage.serialize import to_single_stage_lockfile
 
     restored, missing = [], []
     for stage in locked_stages(repo):
@@ -57,9 +59,6 @@ def restore_uncached_outputs(repo: Any) -> tuple[list[str], list[str]]:
 
 
 def main(args: argparse.Namespace) -> None:
-    from dvc.exceptions import CheckoutError
-    from dvc.repo import Repo
-
     root = Path(args.repo)
     if not (root / "dvc.lock").is_file():
         raise PipelineError(f"{root / 'dvc.lock'}: not found; nothing to restore (no stage has run here yet)")

@@ -15,6 +15,12 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
+from dvclive import Live
+
+from components.atomic import atomic_directory, atomic_write_json
+from components.game.agent import train
+from components.images import CURVE_PREFIX, line_chart
 from components.params import load_params
 
 log = logging.getLogger(__name__)
@@ -31,14 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
-    import numpy as np
 
-    from components.atomic import atomic_directory, atomic_write_json
-    from components.game.agent import train
-    from dvclive import Live
 
-    config = params.rl_agent
-    log.info("training PPO for %d timesteps on %s %s at %dx%d", config.total_timesteps,
+    settings = params.rl_agent
+    log.info("training PPO for %d timesteps on %s %s at %dx%d", settings.total_timesteps,
              params.environment.scenario, params.environment.map, *params.environment.resolution)
     with Live(dir=str(args.live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
 
@@ -81,7 +83,6 @@ def main(args: argparse.Namespace) -> None:
 def write_charts(folder: Path, episode_steps: list[int], rewards: list[float], lengths: list[int],
                  updates: list[tuple[int, dict[str, float]]]) -> None:
     """Episode reward and length, and each of SB3's train/* statistics, against timesteps, as PNG."""
-    from components.evaluation.plots import CURVE_PREFIX, line_chart
 
     folder.mkdir(parents=True, exist_ok=True)  # a DVC out, even for a run too short to finish an episode
     if rewards and len(episode_steps) == len(rewards):

@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from components.data.trajectory_store import TrajectoryStore
+from components.errors import PipelineError
+from components.images import save_gif
+from components.metrics import pooled_psnr
+from components.params import load_params
+from components.runtime.sessions import OnnxExport
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +41,7 @@ def recorded_sequence(game: Any, args: argparse.Namespace) -> tuple[Any, Any, An
     """(start latents [K,C,h,w], recorded actions from the first context row [K+T-1 or more], the real frames
     that followed [T,H,W,3], the real context frames [K,H,W,3]) for ``game``
     (a ``components.runtime.sessions.OnnxExport``)."""
-    import numpy as np
 
-    from components.data.trajectory_store import TrajectoryStore
-    from components.errors import PipelineError
 
     K = game.K
     if args.trajectories is None:
@@ -57,14 +63,6 @@ def recorded_sequence(game: Any, args: argparse.Namespace) -> tuple[Any, Any, An
 
 
 def main(args: argparse.Namespace) -> None:
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    from components.atomic import atomic_path
-    from components.errors import PipelineError
-    from components.params import load_params
-    from components.runtime.sessions import OnnxExport
-
     settings = load_params(args.params).play
     game = OnnxExport(args.export or settings.export_dir, threads=settings.threads)
     context, actions, real, context_frames = recorded_sequence(game, args)
@@ -95,11 +93,6 @@ def main(args: argparse.Namespace) -> None:
     for step in range(steps):
         action = names[int(actions[step + game.K - 1])]
         pictures.append(panel(generated[step], real[step], f"step {step + 1}: {action}  | generated | real"))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out, suffix=".gif") as temporary:
-        pictures[0].save(temporary, format="GIF", save_all=True, append_images=pictures[1:],
-                         duration=int(1000 / args.fps), loop=0)
-    mse = float(np.mean((np.stack(generated).astype(np.float64) - real[:steps].astype(np.float64)) ** 2)) / 255**2
-    psnr = 10 * np.log10(1 / max(mse, 1e-10))
+    out = save_gif(args.out, pictures, args.fps)
+    psnr = pooled_psnr(np.stack(generated), real[:steps], max_value=255.0)
     print(f"rollout_video: wrote {out} ({steps} generated frames beside the real ones; pooled PSNR {psnr:.2f} dB)")

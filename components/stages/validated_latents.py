@@ -22,7 +22,18 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from components.atomic import atomic_directory, atomic_write_json
+from components.data.latent_validation import GateLimits, latent_statistics, validate_latents
+from components.data.trajectory_store import ShardWriter, TrajectoryStore, shard_paths
+from components.errors import PipelineError
+from components.models.autoencoder import load_autoencoder
 from components.params import load_params
+from components.runtime.export import onnx_encoder
+from components.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -40,75 +51,62 @@ class LatentValidationError(Exception):
 
 def to_unit_chw(frames: Any) -> Any:
     """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1]."""
-    import numpy as np
 
     return np.ascontiguousarray(frames.transpose(0, 3, 1, 2), np.float32) / np.float32(255.0)
 
 
-def make_encoder(ae: Any, settings: Any, trajectories: Any, scratch: str, device: str = "auto"
+def make_encoder(autoencoder: Any, settings: Any, trajectories: Any, scratch: str, device: str = "auto"
                  ) -> Callable[[Any], Any]:
     """frames float32 [B, 3, H, W] -> scaled latents, by ``settings.engine`` (ONNX Runtime checked against PyTorch
     on the first frames, or PyTorch itself on ``device``, the ``device`` setting)."""
-    import torch
 
-    from components.training import resolve_device
 
     if settings.engine == "torch":
         torch.set_num_threads(settings.threads or torch.get_num_threads())
-        ae.vae.to(resolve_device(device))
+        autoencoder.vae.to(resolve_device(device))
 
         def encode(frames: Any) -> Any:
             with torch.no_grad():
-                return ae.encode(torch.from_numpy(frames)).cpu().numpy()
+                return autoencoder.encode(torch.from_numpy(frames)).cpu().numpy()
 
         return encode
-    from components.runtime.export import onnx_encoder
 
     first = trajectories.shards[0].array("frames")[: min(8, settings.batch_size)]
-    return onnx_encoder(ae, scratch, settings.batch_size, settings.threads, to_unit_chw(first),
+    return onnx_encoder(autoencoder, scratch, settings.batch_size, settings.threads, to_unit_chw(first),
                         settings.parity_tolerance)
 
 
 def main(args: argparse.Namespace) -> None:
-    import numpy as np
-    from tqdm import tqdm
-
-    from components.atomic import atomic_directory, atomic_write_json
-    from components.data.latent_validation import GateLimits, latent_statistics, validate_latents
-    from components.data.trajectory_store import ShardWriter, TrajectoryStore, shard_paths
-    from components.errors import PipelineError
-    from components.models.autoencoder import load_autoencoder
-
     params = load_params(args.params)
-    p = params.validated_latents
+    settings = params.validated_latents
     context = params.world_model.context
-    ae = load_autoencoder(args.autoencoder)
+    autoencoder = load_autoencoder(args.autoencoder)
     trajectories = TrajectoryStore(args.trajectories)
     frame_size = tuple(trajectories.shards[0].array("frames").shape[1:3])
-    if frame_size != ae.frame_size:
+    if frame_size != autoencoder.frame_size:
         raise PipelineError(
             f"{args.trajectories}: frames are (H, W) = {frame_size} but {args.autoencoder} was trained on "
-            f"{ae.frame_size}; re-run base_autoencoder"
+            f"{autoencoder.frame_size}; re-run base_autoencoder"
         )
-    dtype = np.dtype(p.dtype)
+    dtype = np.dtype(settings.dtype)
     total = sum(e.length for e in trajectories.episodes)
     dropped: list[str] = []
-    limits = GateLimits(context, len(params.environment.actions), p.channel_mean_limit, p.channel_std_min,
-                        p.channel_std_max)
+    limits = GateLimits(context, len(params.environment.actions), settings.channel_mean_limit, settings.channel_std_min,
+                        settings.channel_std_max)
     log.info("encoding %d frames of %d episodes to latents %s (%s) with %s", total, len(trajectories.episodes),
-             ae.latent_shape, p.dtype, p.engine)
+             autoencoder.latent_shape, settings.dtype, settings.engine)
     try:
         with atomic_directory(args.out) as staging, tempfile.TemporaryDirectory(prefix="encoder-") as scratch:
-            encode = make_encoder(ae, p, trajectories, scratch, params.device)
+            encode = make_encoder(autoencoder, settings, trajectories, scratch, params.device)
             with tqdm(total=total, unit="frame", desc="encoding", mininterval=2.0) as bar:
                 for shard_index, path in enumerate(shard_paths(args.trajectories)):
                     attributes = {
                         **trajectories.shards[shard_index].attributes,
                         "source_shard": path.name,
-                        "autoencoder": ae.config(),
+                        "autoencoder": autoencoder.config(),
                     }
                     episodes = [e for e in trajectories.episodes if e.shard == shard_index]
-                    if p.drop_short_episodes:
+                    if settings.drop_short_episodes:
                         short = [e for e in episodes if e.length < context + 1]
                         dropped += [e.episode_id for e in short]
                         bar.update(sum(e.length for e in short))
@@ -119,9 +117,9 @@ def main(args: argparse.Namespace) -> None:
                     with ShardWriter(staging / path.name, kind="latents", attributes=attributes) as writer:
                         for episode in episodes:
                             arrays = trajectories.episode_arrays(episode, ["frames", "actions", "dones"])
-                            latents = np.empty((episode.length, *ae.latent_shape), dtype)
-                            for start in range(0, episode.length, p.batch_size):
-                                chunk = np.array(arrays["frames"][start : start + p.batch_size])
+                            latents = np.empty((episode.length, *autoencoder.latent_shape), dtype)
+                            for start in range(0, episode.length, settings.batch_size):
+                                chunk = np.array(arrays["frames"][start : start + settings.batch_size])
                                 latents[start : start + len(chunk)] = encode(to_unit_chw(chunk)).astype(dtype)
                                 bar.update(len(chunk))
                             metadata = {k: v for k, v in episode.metadata.items()
@@ -140,8 +138,8 @@ def main(args: argparse.Namespace) -> None:
             log.info("running the latent data gate (Great Expectations)")
             report = validate_latents(latent_statistics(TrajectoryStore(staging), trajectories), limits)
             report.summary["dropped_short_episodes"] = {"count": len(dropped), "episode_ids": dropped[:20]}
-            report.summary["latent_shape"] = list(ae.latent_shape)
-            report.summary["dtype"] = p.dtype
+            report.summary["latent_shape"] = list(autoencoder.latent_shape)
+            report.summary["dtype"] = settings.dtype
             atomic_write_json(args.report, report.as_json())
             if not report.success:
                 raise LatentValidationError(report.failure_text())

@@ -1,5 +1,5 @@
-"""Offline images: line charts (PNG; the evaluation's PSNR by rollout step, the training stages' curves), the
-side-by-side rollout video (GIF) and frame grids.
+"""Offline images, written once for every stage: line charts (PNG; the evaluation's PSNR by rollout step, the
+training stages' curves), side-by-side rollout videos (GIF), labelled frame grids and plain sample grids.
 
 Drawn with Pillow only (no matplotlib, no browser, no CDN), so they render anywhere, including in Dagster's
 UI and in ``dvc plots show`` (image plots).
@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from components.atomic import atomic_path
@@ -79,7 +80,7 @@ def line_chart(
     draw.text((left, 10), title, fill="black", font=font)
     draw.text((left + plot_w // 2 - 30, height - 18), x_label, fill="black", font=font)
     draw.text((4, 18), y_label, fill="black", font=font)
-    return _save(image, Path(path))
+    return save_png(path, image)
 
 
 def _tick(value: float, span: float) -> str:
@@ -144,10 +145,16 @@ def side_by_side_gif(
                                                                          Image.Resampling.NEAREST)
                 canvas.paste(tile, (col * w * scale, label_h + row * h * scale))
         frames.append(canvas.convert("P", palette=Image.Palette.ADAPTIVE))
+    return save_gif(path, frames, fps)
+
+
+def save_gif(path: str | Path, pictures: Sequence[Image.Image], fps: float) -> Path:
+    """An endlessly looping GIF of ``pictures`` at ``fps``, written atomically."""
     target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target, suffix=".gif") as temporary:
-        frames[0].save(temporary, format="GIF", save_all=True, append_images=frames[1:],
-                       duration=int(1000 / fps), loop=0)
+        pictures[0].save(temporary, format="GIF", save_all=True, append_images=list(pictures[1:]),
+                         duration=int(1000 / fps), loop=0)
     return target
 
 
@@ -178,10 +185,37 @@ def frame_grid(
         for col, frame in enumerate(frames):
             tile = Image.fromarray(np.asarray(frame, np.uint8)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
             canvas.paste(tile, (label_w + col * (w * scale + gap), y))
-    return _save(canvas, Path(path))
+    return save_png(path, canvas)
 
 
-def _save(image: Image.Image, path: Path) -> Path:
-    with atomic_path(path, suffix=".png") as temporary:
-        image.save(temporary, format="PNG")
-    return path
+def sample_grid(frames: np.ndarray, count: int = 16, columns: int = 4, min_width: int = 160) -> np.ndarray:
+    """A grid image of ``count`` uint8 frames [H, W, 3] spread evenly over ``frames``, upscaled (nearest) to
+    ``min_width``, with white gaps."""
+    indices = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
+    picked = np.stack([np.asarray(frames[i]) for i in indices])
+    scale = max(1, min_width // picked.shape[2])
+    picked = picked.repeat(scale, axis=1).repeat(scale, axis=2)
+    rows = -(-len(picked) // columns)
+    gap = 2
+    h, w = picked.shape[1:3]
+    grid = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for k, frame in enumerate(picked):
+        r, c = divmod(k, columns)
+        grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = frame
+    return grid
+
+
+def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Float frames [N, 3, H, W] in 0..1 (tensor or array) as uint8 [N, H, W, 3] pictures."""
+    values = torch.as_tensor(frames).detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (values * 255).round().astype(np.uint8)
+
+
+def save_png(path: str | Path, image: Image.Image | np.ndarray) -> Path:
+    """``image`` (or a uint8 [H, W, 3] array) as a PNG, written atomically."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    with atomic_path(target, suffix=".png") as temporary:
+        picture.save(temporary, format="PNG")
+    return target
