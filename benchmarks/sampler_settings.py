@@ -40,7 +40,9 @@ def main() -> None:
     import torch
 
     from components.data.trajectory_store import TrajectoryStore
+    from components.data.windows import common_episodes, heldout_episodes, load_windows, pick_windows
     from components.evaluation import scoring as ev
+    from components.evaluation.actions import action_kinds, counterfactual_actions
     from components.models.autoencoder import load_autoencoder
     from components.models.sampler import sample_next_latent
     from components.models.world_model import load_world_model, make_scheduler
@@ -51,13 +53,13 @@ def main() -> None:
     params = load_params(root / args.params)
     raw = TrajectoryStore(root / "data/raw_trajectories")
     latents = TrajectoryStore(root / "data/validated_latents")
-    episodes = ev.common_episodes(ev.heldout_episodes(raw, None), latents)
+    episodes = common_episodes(heldout_episodes(raw, None), latents)
     net = load_world_model(root / "data/diffusion_checkpoint").eval()
     autoencoder = load_autoencoder(root / "data/finetuned_vae")
     k = net.config.context
     actions = params.environment.actions
-    kinds, opposite = ev.action_kinds(actions), ev.counterfactual_actions(actions)
-    windows = ev.load_windows(raw, latents, ev.pick_windows(episodes, k + 1, args.windows, 0), k + 1)
+    kinds, opposite = action_kinds(actions), counterfactual_actions(actions)
+    windows = load_windows(raw, latents, pick_windows(episodes, k + 1, args.windows, 0), k + 1)
     scheduler = make_scheduler(net.config, "ddim")
 
     @torch.no_grad()

@@ -43,6 +43,7 @@ def main() -> None:
     import torch
 
     from components.data.trajectory_store import TrajectoryStore
+    from components.data.windows import common_episodes, heldout_episodes
     from components.evaluation import scoring as ev
     from components.models.autoencoder import FrameAutoencoder, load_autoencoder
     from components.models.distillation import load_student
@@ -59,7 +60,7 @@ def main() -> None:
     raw = TrajectoryStore(root / "data/raw_trajectories")
     settings = params.evaluation.model_copy(update={"windows": args.windows, "rollout_lengths": [16, 32],
                                                     "rollout_windows": 16, "turn_contexts": 16})
-    episodes = ev.common_episodes(ev.heldout_episodes(raw, None), latents)
+    episodes = common_episodes(heldout_episodes(raw, None), latents)
     motion = ev.measure_view_motion(raw, params.environment, settings)
 
     def predict(context: np.ndarray, actions: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,10 @@ from tqdm import tqdm
 
 from components.atomic import save_safetensors
 from components.errors import PipelineError
+
+if TYPE_CHECKING:
+    from components.data.trajectory_store import TrajectoryStore
+
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def inputs_fingerprint(store: Any) -> list[str]:
+def inputs_fingerprint(store: TrajectoryStore) -> list[str]:
     """The sha256 of every array of every shard: changes whenever the data changes."""
     return [spec["sha256"] for shard in store.shards for spec in shard.manifest["arrays"].values()]
 

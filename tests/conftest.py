@@ -108,6 +108,22 @@ def write_params(path: Path, raw: dict[str, Any]) -> Path:
     return path
 
 
+def write_micro_params(folder: Path, **overrides: Any) -> Path:
+    """The micro profile of this checkout's params.yaml plus ``overrides``, written to ``folder/params.yaml``."""
+    return write_params(folder / "params.yaml", micro_params_dict(**overrides))
+
+
+def components_cli(*args: str, cwd: Path = REPO_ROOT, params: Path | None = None, check: bool = False,
+                   timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m components [--params params] args`` in ``cwd`` with the pipeline's environment; with ``check``
+    a failure raises, showing its output."""
+    command = [sys.executable, "-m", "components", *(["--params", str(params)] if params else []), *args]
+    result = subprocess.run(command, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
 # Pipeline outputs that git does not ignore (a `make run` in this checkout leaves them); copies start without them.
 PIPELINE_OUTPUTS = {"dvc.lock", "metrics", "plots", "reports"}
 

@@ -8,13 +8,11 @@ The stages themselves run through the CLI exactly as ``dvc repro`` runs them.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import micro_params_dict, pipeline_env
-from tests.conftest import write_params as write_params_file
+from tests.conftest import components_cli, write_micro_params
 
 CONTEXT = 2
 EPISODES = (("train", 14), ("train", 12), ("heldout", 12), ("heldout", 11))
@@ -31,8 +29,8 @@ def synthetic_frames(length: int, height: int, width: int, seed: int) -> np.ndar
 
 
 def write_params(root: Path) -> Path:
-    """The micro profile of this checkout's params.yaml, written to ``root/params.yaml``."""
-    return write_params_file(root / "params.yaml", micro_params_dict(world_model={"context": CONTEXT}))
+    """The micro profile with this fixture's context, written to ``root/params.yaml``."""
+    return write_micro_params(root, world_model={"context": CONTEXT})
 
 
 def build_upstream(root: Path) -> dict[str, Path]:
@@ -75,11 +73,8 @@ def build_upstream(root: Path) -> dict[str, Path]:
 
 
 def run_stage(root: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "components", "--params", str(root / "params.yaml"), *args],
-                            cwd=root, env=pipeline_env(), capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
+    """A stage run in ``root`` with ``root/params.yaml``; a failure raises, showing its output."""
+    return components_cli(*args, cwd=root, params=root / "params.yaml", check=True)
 
 
 def build_tiny_export(root: Path) -> Path:

@@ -19,7 +19,7 @@ from components.models.autoencoder import (
     padding_for,
     training_loss,
 )
-from tests.conftest import micro_params_dict, run, write_params
+from tests.conftest import run, write_micro_params
 from tests.synthetic_trajectories import write_synthetic_trajectories
 
 
@@ -155,10 +155,6 @@ def test_from_pretrained_wrong_path_is_clear(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the stages on a micro set
 
 
-def micro_params(tmp_path: Path, **overrides: dict) -> Path:
-    return write_params(tmp_path / "params.yaml", micro_params_dict(**overrides))
-
-
 @pytest.fixture(scope="module")
 def micro_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("micro")
@@ -172,7 +168,7 @@ def test_pretrained_path_through_the_stage(tmp_path: Path, micro_set: Path) -> N
 
     vae = tiny_vae(2)
     vae.save_pretrained(tmp_path / "sd" / "vae", safe_serialization=True)
-    params = micro_params(tmp_path, autoencoder={"pretrained": str(tmp_path / "sd")})
+    params = write_micro_params(tmp_path, autoencoder={"pretrained": str(tmp_path / "sd")})
     args = argparse.Namespace(
         params=str(params), trajectories=str(micro_set), out=str(tmp_path / "base"),
         metrics=str(tmp_path / "metrics.json"), curve=str(tmp_path / "curve.json"), plots=str(tmp_path / "curves"),
@@ -191,7 +187,7 @@ def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set
     """base_autoencoder -> validated_latents -> finetuned_vae on a micro set; the fine-tune raises held-out PSNR."""
     from components.stages import base_autoencoder, finetuned_vae, validated_latents
 
-    params = str(micro_params(tmp_path))
+    params = str(write_micro_params(tmp_path))
     base = tmp_path / "data" / "base_autoencoder"
     base_autoencoder.main(argparse.Namespace(
         params=params, trajectories=str(micro_set), out=str(base), metrics=str(tmp_path / "m_base.json"),
@@ -244,7 +240,7 @@ def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set
     # the detail term: the same fine-tune with it keeps more of the real frames' Laplacian energy than MSE alone
     detailed = tmp_path / "data" / "finetuned_vae_detail"
     finetuned_vae.main(argparse.Namespace(
-        params=str(micro_params(tmp_path, finetuned_vae={"detail_weight": 10.0, "detail_patch": 4})),
+        params=str(write_micro_params(tmp_path, finetuned_vae={"detail_weight": 10.0, "detail_patch": 4})),
         trajectories=str(micro_set), latents=str(latents), autoencoder=str(base), out=str(detailed),
         metrics=str(tmp_path / "m_detail.json"), plots=str(tmp_path / "plots_detail"), cache="",
     ))

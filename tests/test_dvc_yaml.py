@@ -33,10 +33,20 @@ def module_path(dotted: str) -> str | None:
     return None
 
 
+def type_checking_blocks(tree: ast.Module) -> set[ast.AST]:
+    """The statements under ``if TYPE_CHECKING:``: imports for annotations only, which never run."""
+    return {child for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+            for statement in node.body for child in ast.walk(statement)}
+
+
 def project_imports(path: str) -> set[str]:
-    """The components/ modules that ``path`` imports anywhere in its body."""
+    """The components/ modules that ``path`` imports anywhere in its body (annotation-only imports aside)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse((REPO_ROOT / path).read_text())):
+    tree = ast.parse((REPO_ROOT / path).read_text())
+    annotation_only = type_checking_blocks(tree)
+    for node in ast.walk(tree):
+        if node in annotation_only:
+            continue
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from components import metrics
+from components.data.windows import Windows, to_chw
 from components.evaluation import scoring as ev
+from components.evaluation.actions import action_kinds, counterfactual_actions
 
 ACTIONS = [
     {"name": "noop", "buttons": []},
@@ -76,7 +78,7 @@ def test_ssim_is_one_on_identical_frames_and_drops_with_noise() -> None:
 
 
 def test_counterfactuals_by_action_name() -> None:
-    opposite = ev.counterfactual_actions(ACTIONS)
+    opposite = counterfactual_actions(ACTIONS)
     names = [a["name"] for a in ACTIONS]
     pairs = {names[a]: names[b] for a, b in opposite.items()}
     assert pairs == {
@@ -91,11 +93,11 @@ def test_counterfactuals_by_action_name() -> None:
     }
     # by buttons when the names do not say it
     renamed = [{"name": "spin_a", "buttons": ["TURN_LEFT"]}, {"name": "spin_b", "buttons": ["TURN_RIGHT"]}]
-    assert ev.counterfactual_actions(renamed) == {0: 1, 1: 0}
+    assert counterfactual_actions(renamed) == {0: 1, 1: 0}
 
 
 def test_action_kinds() -> None:
-    kinds = dict(zip([a["name"] for a in ACTIONS], ev.action_kinds(ACTIONS), strict=True))
+    kinds = dict(zip([a["name"] for a in ACTIONS], action_kinds(ACTIONS), strict=True))
     assert kinds["turn_left"] == kinds["forward_turn_right"] == "turning"
     assert kinds["forward"] == kinds["strafe_left"] == "moving"
     assert kinds["noop"] == kinds["attack"] == kinds["use"] == "static"
@@ -136,7 +138,7 @@ def test_frechet_distance_of_identical_sets_is_zero_and_grows_with_shift() -> No
 SHIFT = {3: -1, 4: 1, 5: -1, 6: 1}
 
 
-def toy_windows(count: int, rows: int, seed: int = 0) -> ev.Windows:
+def toy_windows(count: int, rows: int, seed: int = 0) -> Windows:
     rng = np.random.default_rng(seed)
     frames = np.zeros((count, rows, 8, 12, 3), np.uint8)
     actions = rng.integers(0, len(ACTIONS), size=(count, rows))
@@ -145,8 +147,8 @@ def toy_windows(count: int, rows: int, seed: int = 0) -> ev.Windows:
         for t in range(rows):
             frames[w, t] = frame
             frame = np.roll(frame, SHIFT.get(int(actions[w, t]), 0), axis=1)
-    latents = ev.to_chw(frames)
-    return ev.Windows(frames, latents, actions, [f"ep{w}" for w in range(count)])
+    latents = to_chw(frames)
+    return Windows(frames, latents, actions, [f"ep{w}" for w in range(count)])
 
 
 def true_dynamics(context: np.ndarray, actions: np.ndarray) -> np.ndarray:
@@ -164,7 +166,7 @@ def identity(x: np.ndarray) -> np.ndarray:
 
 def test_teacher_forced_perfect_model_wins_turns_and_obeys_actions() -> None:
     windows = toy_windows(40, rows=3)
-    kinds, opposite = ev.action_kinds(ACTIONS), ev.counterfactual_actions(ACTIONS)
+    kinds, opposite = action_kinds(ACTIONS), counterfactual_actions(ACTIONS)
     perfect = ev.ModelUnderTest("perfect", true_dynamics, identity)
     result = ev.teacher_forced(perfect, windows, context=2, kinds_of_actions=kinds, opposite=opposite, batch_size=16)
     assert result["psnr"]["model"]["pooled"] == 50.0  # exact everywhere, capped
@@ -184,7 +186,7 @@ def test_teacher_forced_perfect_model_wins_turns_and_obeys_actions() -> None:
 
 def test_encoded_context_matches_stored_latents() -> None:
     windows = toy_windows(5, rows=3)
-    kinds, opposite = ev.action_kinds(ACTIONS), ev.counterfactual_actions(ACTIONS)
+    kinds, opposite = action_kinds(ACTIONS), counterfactual_actions(ACTIONS)
     encoded = ev.ModelUnderTest("encoded", true_dynamics, identity, encode=identity)
     result = ev.teacher_forced(encoded, windows, context=2, kinds_of_actions=kinds, opposite=opposite, batch_size=2)
     assert result["psnr"]["model"]["pooled"] == 50.0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,9 @@ import yaml
 from PIL import Image
 
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
-from components.evaluation import scoring as ev
+from components.data.windows import HeldOutError, heldout_episodes, pick_windows
 from components.params import EvaluationParams
-from tests.conftest import REPO_ROOT, pipeline_env
+from tests.conftest import REPO_ROOT, components_cli
 from tests.export_fixtures import build_tiny_export, write_params
 
 ROLLOUTS = [4, 8]
@@ -28,11 +27,7 @@ LONG_PLAY = 6
 
 
 def cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "components", "--params", str(root / "params.yaml"), *args],
-                            cwd=root, env=pipeline_env(), capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
+    return components_cli(*args, cwd=root, params=root / "params.yaml", check=check)
 
 
 def set_evaluation(root: Path, **values: object) -> None:
@@ -56,14 +51,14 @@ def tiny_store(root: Path) -> Path:
 
 def test_heldout_selection_refuses_training_episodes(tmp_path: Path) -> None:
     store = TrajectoryStore(tiny_store(tmp_path))
-    assert [e.episode_id for e in ev.heldout_episodes(store)] == ["ep1"]
-    assert [e.episode_id for e in ev.heldout_episodes(store, ["ep1"])] == ["ep1"]
-    with pytest.raises(ev.HeldOutError, match=r"not held out: ep0 \(split 'train'\)"):
-        ev.heldout_episodes(store, ["ep1", "ep0"])
-    with pytest.raises(ev.HeldOutError, match="no such episodes"):
-        ev.heldout_episodes(store, ["nope"])
-    with pytest.raises(ev.HeldOutError, match="not held out"):
-        ev.pick_windows(store.split("train"), 3, 4, 0)
+    assert [e.episode_id for e in heldout_episodes(store)] == ["ep1"]
+    assert [e.episode_id for e in heldout_episodes(store, ["ep1"])] == ["ep1"]
+    with pytest.raises(HeldOutError, match=r"not held out: ep0 \(split 'train'\)"):
+        heldout_episodes(store, ["ep1", "ep0"])
+    with pytest.raises(HeldOutError, match="no such episodes"):
+        heldout_episodes(store, ["nope"])
+    with pytest.raises(HeldOutError, match="not held out"):
+        pick_windows(store.split("train"), 3, 4, 0)
 
 
 def evaluation_args(root: Path, raw: Path, export: Path) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from components.data.latent_validation import GateLimits, latent_statistics, validate_latents
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
 from components.errors import PipelineError
-from tests.conftest import micro_params_dict, write_params
+from tests.conftest import write_micro_params
 from tests.synthetic_trajectories import write_synthetic_trajectories
 
 K = 2
@@ -128,10 +128,6 @@ def test_too_short_episode_fails(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the stage publishes nothing on failure
 
 
-def _micro_params(tmp_path: Path, **overrides: dict) -> Path:
-    return write_params(tmp_path / "params.yaml", micro_params_dict(**overrides))
-
-
 def _tiny_autoencoder(folder: Path, frame_size: tuple[int, int]) -> None:
     from components.models.autoencoder import FrameAutoencoder, build_vae
 
@@ -152,7 +148,7 @@ def test_stage_failure_publishes_no_latents(tmp_path: Path) -> None:
     # action ids beyond the action set: the micro profile's environment has fewer actions than this data uses
     traj = write_synthetic_trajectories(tmp_path / "raw", [[(8, "train"), (6, "heldout")]], n_actions=40, seed=5)
     _tiny_autoencoder(tmp_path / "ae", (24, 32))
-    args = _stage_args(tmp_path, _micro_params(tmp_path), traj)
+    args = _stage_args(tmp_path, write_micro_params(tmp_path), traj)
     with pytest.raises(PipelineError) as failure:
         validated_latents.main(args)
     message = str(failure.value)
@@ -169,7 +165,7 @@ def test_stage_success_mirrors_episodes(tmp_path: Path) -> None:
     traj = write_synthetic_trajectories(tmp_path / "raw",
                                         [[(8, "train"), (2, "train"), (6, "heldout")], [(7, "train")]])
     _tiny_autoencoder(tmp_path / "ae", (24, 32))
-    args = _stage_args(tmp_path, _micro_params(tmp_path), traj)
+    args = _stage_args(tmp_path, write_micro_params(tmp_path), traj)
     validated_latents.main(args)
     report = json.loads(Path(args.report).read_text())
     assert report["success"] is True
@@ -196,7 +192,7 @@ def test_both_engines_publish_the_same_latents(tmp_path: Path) -> None:
     for engine in ("onnxruntime", "torch"):
         root = tmp_path / engine
         root.mkdir()
-        params = _micro_params(root, validated_latents={"engine": engine})
+        params = write_micro_params(root, validated_latents={"engine": engine})
         args = _stage_args(root, params, traj)
         args.autoencoder = str(tmp_path / "ae")
         validated_latents.main(args)

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from components.play.server import FRAME_HEADER, OnnxGame, action_for_keys, frame_message, origin_allowed
-from tests.conftest import REPO_ROOT, chromium_page, pipeline_env, stop_process, wait_for_url
+from tests.conftest import REPO_ROOT, chromium_page, components_cli, pipeline_env, stop_process, wait_for_url
 
 ACTIONS = [
     {"id": 0, "name": "noop", "buttons": []},
@@ -39,9 +39,8 @@ def export(tiny_export: Path) -> Path:
     return tiny_export / "data" / "onnx_export"
 
 
-def cli(*args: str, cwd: Path = REPO_ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "components", *args], cwd=cwd, env=pipeline_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return components_cli(*args, timeout=120)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
+from components.data.windows import Windows
 from components.evaluation import scoring as ev
+from components.evaluation.actions import action_kinds, counterfactual_actions
 from components.evaluation.view_motion import (
     action_displacements,
     horizontal_shift,
@@ -88,7 +90,7 @@ def test_controllable_baseline_and_turn_response_on_a_perfect_and_a_blind_model(
     context = textured(count, seed=3)
     taken = np.tile([1, 2], count // 2)
     frames = np.stack([context, context, motion.shift(context, taken)], axis=1)  # [N, 3, 3, H, W]
-    windows = ev.Windows((np.moveaxis(frames, 2, -1) * 255).round().astype(np.uint8), None,
+    windows = Windows((np.moveaxis(frames, 2, -1) * 255).round().astype(np.uint8), None,
                          np.stack([np.zeros(count, np.int64), taken, np.zeros(count, np.int64)], 1).astype(np.int64),
                          [str(i) for i in range(count)])
 
@@ -101,7 +103,7 @@ def test_controllable_baseline_and_turn_response_on_a_perfect_and_a_blind_model(
     def blind(ctx: np.ndarray, acts: np.ndarray) -> np.ndarray:
         return ctx[:, -1]
 
-    kinds, opposite = ev.action_kinds(actions), ev.counterfactual_actions(actions)
+    kinds, opposite = action_kinds(actions), counterfactual_actions(actions)
     good = ev.ModelUnderTest("perfect", perfect, pan, pan)
     scores = ev.teacher_forced(good, windows, k, kinds, opposite, 4, motion=motion)
     assert scores["baseline_controllability"]["shift_last_frame"]["turning"]["share"] == 1.0

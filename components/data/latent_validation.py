@@ -28,12 +28,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 from great_expectations.data_context.types.base import ProgressBarsConfig
 import great_expectations as gx
 import pandas as pd
+
+if TYPE_CHECKING:
+    from components.data.trajectory_store import TrajectoryStore
+
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,7 @@ def _episode_digest(rows: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(rows).tobytes()).hexdigest()
 
 
-def latent_statistics(latents: Any, trajectories: Any) -> LatentTables:
+def latent_statistics(latents: TrajectoryStore, trajectories: TrajectoryStore) -> LatentTables:
     """Build the gate's tables from a latent ``TrajectoryStore`` and the trajectory store it came from."""
 
     frame_parts: list[Any] = []

@@ -31,12 +31,17 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.atomic import atomic_directory, atomic_write_json, atomic_write_text, file_sha256
 from components.data.trajectory_store import TrajectoryStore
+from components.data.windows import common_episodes, heldout_episodes
 from components.errors import PipelineError
 from components.evaluation import scoring as ev
+
+if TYPE_CHECKING:
+    from components.params import Params
+
 
 log = logging.getLogger(__name__)
 
@@ -253,15 +258,16 @@ def criteria_from_params(settings: Any) -> list[Criterion]:
     return [Criterion(c.metric, c.tolerance, c.higher_is_better) for c in settings.criteria]
 
 
-def reevaluate_champion(params: Any, champion_dir: Path, raw_root: Path, latents_root: Path | None) -> dict[str, Any]:
+def reevaluate_champion(params: Params, champion_dir: Path, raw_root: Path,
+                        latents_root: Path | None) -> dict[str, Any]:
     """Score the champion's export on the current held-out episodes, with the same windows and settings the
     challenger's evaluation used (ONNX only: the teacher is not part of what ships)."""
 
     settings = params.evaluation
     raw = TrajectoryStore(raw_root)
-    episodes = ev.heldout_episodes(raw, settings.episodes)
+    episodes = heldout_episodes(raw, settings.episodes)
     if settings.teacher and latents_root is not None and latents_root.exists():
-        episodes = ev.common_episodes(episodes, TrajectoryStore(latents_root))
+        episodes = common_episodes(episodes, TrajectoryStore(latents_root))
     model, manifest = ev.onnx_model(champion_dir / EXPORT_SUBDIR, threads=settings.threads)
     motion = ev.measure_view_motion(raw, params.environment, settings)
     metrics, _ = ev.evaluate_model(model, int(manifest["K"]), raw, None, episodes, settings,
@@ -270,7 +276,7 @@ def reevaluate_champion(params: Any, champion_dir: Path, raw_root: Path, latents
 
 
 def promote_challenger(
-    params: Any,
+    params: Params,
     export_dir: str | Path,
     metrics_path: str | Path,
     raw_root: str | Path,

@@ -19,83 +19,44 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from scipy import linalg
 
-from components.data.windows import HeldOutError
+from components.data.windows import (
+    HeldOutError,
+    Windows,
+    load_windows,
+    pick_windows,
+)
 from components.errors import PipelineError
 from components.evaluation import long_play, view_motion
+from components.evaluation.actions import (
+    ACTION_KINDS,
+    action_kinds,
+    counterfactual_actions,
+    single_button_actions,
+    spec_field,
+)
 from components.metrics import PSNR_CAP_DB, mse_per_frame, psnr_summary, ssim
 from components.models.autoencoder import load_autoencoder
 from components.models.sampler import sample_next_latent
 from components.models.world_model import load_world_model, make_scheduler
 from components.runtime.sessions import OnnxExport
 
-ACTION_KINDS = ("turning", "moving", "static")
+if TYPE_CHECKING:
+    from components.data.trajectory_store import TrajectoryStore
+    from components.params import EnvironmentParams
+
+
 
 # (context_latents [B,K,C,h,w] f32, context_actions [B,K] i64) -> next latent [B,C,h,w] f32
 Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # latents [B,C,h,w] -> frames [B,3,H,W] in 0..1 ; frames -> latents
 Decoder = Callable[[np.ndarray], np.ndarray]
 Encoder = Callable[[np.ndarray], np.ndarray]
-
-
-# --------------------------------------------------------------------------- actions
-
-
-def action_kind(buttons: Sequence[str]) -> str:
-    """``turning`` if the action turns the view, ``moving`` if it moves or strafes, else ``static``."""
-    if any(b.startswith("TURN_") for b in buttons):
-        return "turning"
-    if any(b.startswith("MOVE_") for b in buttons):
-        return "moving"
-    return "static"
-
-
-# Tried in order, so a turn flips only its turn (forward_turn_left -> forward_turn_right), and an action
-# that does not turn flips its direction (forward -> backward, strafe_left -> strafe_right).
-_OPPOSITE_WORDS = ({"left": "right", "right": "left"}, {"forward": "backward", "backward": "forward"})
-_OPPOSITE_BUTTONS = (
-    {"TURN_LEFT": "TURN_RIGHT", "TURN_RIGHT": "TURN_LEFT"},
-    {"MOVE_LEFT": "MOVE_RIGHT", "MOVE_RIGHT": "MOVE_LEFT"},
-    {"MOVE_FORWARD": "MOVE_BACKWARD", "MOVE_BACKWARD": "MOVE_FORWARD"},
-)
-
-
-def counterfactual_actions(actions: Sequence[Any]) -> dict[int, int]:
-    """Map each action id to its opposite: ``turn_left`` <-> ``turn_right``, ``forward`` <-> ``backward``...
-
-    ``actions`` are the ``environment.actions`` specs (objects with ``name`` and ``buttons``, or dicts).
-    The opposite is found by name first (swap the left/right words, else the forward/backward words, so
-    ``forward_turn_left`` -> ``forward_turn_right``), then by buttons the same way. Actions with no
-    opposite (no-op, attack, use) are left out: they have no counterfactual.
-    """
-    names = [_field(a, "name") for a in actions]
-    buttons = [frozenset(_field(a, "buttons")) for a in actions]
-    by_name = {n: i for i, n in enumerate(names)}
-    by_buttons = {b: i for i, b in enumerate(buttons)}
-    opposite: dict[int, int] = {}
-    for i, name in enumerate(names):
-        candidates = ["_".join(swap.get(w, w) for w in name.split("_")) for swap in _OPPOSITE_WORDS]
-        found = [by_name[c] for c in candidates if c != name and c in by_name]
-        if not found:
-            flipped = [frozenset(swap.get(b, b) for b in buttons[i]) for swap in _OPPOSITE_BUTTONS]
-            found = [by_buttons[f] for f in flipped if f != buttons[i] and f in by_buttons]
-        if found:
-            opposite[i] = found[0]
-    return opposite
-
-
-def _field(spec: Any, key: str) -> Any:
-    return spec[key] if isinstance(spec, dict) else getattr(spec, key)
-
-
-def action_kinds(actions: Sequence[Any]) -> list[str]:
-    """The kind (turning / moving / static) of every action id."""
-    return [action_kind(_field(a, "buttons")) for a in actions]
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -158,34 +119,6 @@ def crossing_step(model_curve: Sequence[float], baseline_curve: Sequence[float])
 # --------------------------------------------------------------------------- windows and rollouts
 
 
-@dataclass(frozen=True)
-class Windows:
-    """A batch of evaluation windows: ``frames`` uint8 ``[N, T, H, W, 3]``, ``latents`` f32 ``[N, T, C, h, w]``
-    (or None when only the export is evaluated), ``actions`` int64 ``[N, T]``, ``episode_ids`` ``[N]``."""
-
-    frames: np.ndarray
-    latents: np.ndarray | None
-    actions: np.ndarray
-    episode_ids: list[str]
-
-    def __len__(self) -> int:
-        return len(self.actions)
-
-    def first(self, count: int) -> Windows:
-        """The first ``count`` windows."""
-        latents = None if self.latents is None else self.latents[:count]
-        return Windows(self.frames[:count], latents, self.actions[:count], self.episode_ids[:count])
-
-    def frames_chw(self, rows: slice | int) -> np.ndarray:
-        """Frames of ``rows`` as float32 ``[N, (T,) 3, H, W]`` in 0..1."""
-        return to_chw(self.frames[:, rows])
-
-
-def to_chw(frames: np.ndarray) -> np.ndarray:
-    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` in 0..1."""
-    return np.moveaxis(np.asarray(frames, dtype=np.float32) / 255.0, -1, -3)
-
-
 def batched(function: Callable[..., np.ndarray], batch_size: int, *arrays: np.ndarray) -> np.ndarray:
     """Apply ``function`` to slices of at most ``batch_size`` rows of ``arrays`` and concatenate."""
     parts = [function(*(a[i : i + batch_size] for a in arrays)) for i in range(0, len(arrays[0]), batch_size)]
@@ -212,15 +145,6 @@ def rollout_latents(
         predictions.append(nxt)
         context = np.concatenate([context[:, 1:], nxt[:, None]], axis=1)
     return np.stack(predictions, axis=1)
-
-
-def sample_windows(index: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """A deterministic, evenly spread subset of ``count`` window starts (all of them if fewer)."""
-    if len(index) <= count:
-        return index
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(index), size=count, replace=False))
-    return index[chosen]
 
 
 # --------------------------------------------------------------------------- one model, all metrics
@@ -253,7 +177,7 @@ def context_latents(model: ModelUnderTest, windows: Windows, rows: slice, batch_
     return latents.reshape(n, t, *latents.shape[1:]).astype(np.float32)
 
 
-def measure_view_motion(raw: Any, environment: Any, settings: Any) -> ViewMotion:
+def measure_view_motion(raw: TrajectoryStore, environment: EnvironmentParams, settings: Any) -> ViewMotion:
     """The real game's displacement per action on the training split of ``raw`` (``params.environment``,
     ``params.evaluation``)."""
     measured = view_motion.action_displacements(raw, len(environment.actions), environment.view_rows,
@@ -273,7 +197,7 @@ class ViewMotion:
 
     def describe(self, actions: Sequence[Any]) -> dict[str, Any]:
         """For the metrics file: the displacement per action name, what it was measured on."""
-        names = [_field(a, "name") for a in actions]
+        names = [spec_field(a, "name") for a in actions]
         return {"split": "train", "view_rows": self.view_rows,
                 "displacement_px": {n: float(d) for n, d in zip(names, self.displacement_px, strict=True)},
                 "pairs": {n: int(count) for n, count in zip(names, self.pairs, strict=True)}}
@@ -440,19 +364,6 @@ def rollout(
 # --------------------------------------------------------------------------- turning the view
 
 
-def single_button_actions(actions: Sequence[Any], buttons: Sequence[str]) -> dict[str, int]:
-    """``{button: action id}`` for each of ``buttons`` that some action presses alone (e.g. ``TURN_LEFT`` ->
-    ``turn_left``), plus ``"NOOP"`` for the action that presses nothing, when the action set has one."""
-    found: dict[str, int] = {}
-    for index, spec in enumerate(actions):
-        pressed = list(_field(spec, "buttons"))
-        if not pressed:
-            found.setdefault("NOOP", index)
-        elif len(pressed) == 1 and pressed[0] in buttons:
-            found.setdefault(pressed[0], index)
-    return found
-
-
 def play_keys(model: ModelUnderTest, windows: Windows, context: int, keys: np.ndarray,
               batch_size: int) -> np.ndarray:
     """Frames float ``[N, steps, 3, H, W]`` generated from each window's context with ``keys`` ``[N, steps]``
@@ -471,8 +382,8 @@ def hold_action(model: ModelUnderTest, windows: Windows, context: int, action: i
     return play_keys(model, windows, context, np.full((len(windows), steps), action, np.int64), batch_size)
 
 
-def measure_long_play(model: ModelUnderTest, raw: Any, latents: Any | None, episodes: Sequence[Any], context: int,
-                      settings: Any, num_actions: int, view_rows: float,
+def measure_long_play(model: ModelUnderTest, raw: TrajectoryStore, latents: TrajectoryStore | None,
+                      episodes: Sequence[Any], context: int, settings: Any, num_actions: int, view_rows: float,
                       real_pool: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
     """``components.evaluation.long_play`` for one model: ``settings.long_play_steps`` steps of player-like keys from
     held-out
@@ -523,7 +434,7 @@ def turn_response(model: ModelUnderTest, windows: Windows, context: int, actions
                                                       max_shift=limit) for s in range(steps)], axis=0)
         real = steps * float(motion.displacement_px[action])
         sign = np.sign(real) if real else 1.0
-        name = _field(actions[action], "name")
+        name = spec_field(actions[action], "name")
         result[name] = {
             "model_mean_px": float(shifts.mean()),
             "model_median_px": float(np.median(shifts)),
@@ -543,7 +454,7 @@ def turn_test(model: ModelUnderTest, windows: Windows, context: int, actions: Se
     shown: dict[str, np.ndarray] = {}
     for button in ("TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD", "NOOP"):
         if button in held:
-            name = _field(actions[held[button]], "name")
+            name = spec_field(actions[held[button]], "name")
             shown[name] = to_uint8_hwc(hold_action(model, windows, context, held[button], steps, batch_size))
     shown["real"] = windows.frames[:, context : context + steps]
     shown["context"] = windows.frames[:, context - 1]
@@ -569,85 +480,14 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a + sigma_b - 2.0 * covmean))
 
 
-# --------------------------------------------------------------------------- held-out data
-
-
-def heldout_episodes(store: Any, requested: Sequence[str] | None = None) -> list[Any]:
-    """The episodes to evaluate on: ``requested`` ids (each must be held out), else every held-out episode.
-
-    Raises ``HeldOutError`` naming any requested episode that is not in the held-out split (the models may
-    have trained on it) or does not exist, and when there is no held-out episode at all.
-    """
-    if requested:
-        by_id = {e.episode_id: e for e in store.episodes}
-        unknown = [i for i in requested if i not in by_id]
-        if unknown:
-            raise HeldOutError(f"evaluation.episodes: no such episodes {unknown} in the recorded trajectories")
-        not_heldout = [f"{i} (split {by_id[i].split!r})" for i in requested if by_id[i].split != "heldout"]
-        if not_heldout:
-            raise HeldOutError(
-                f"refusing to evaluate on episodes that are not held out: {', '.join(not_heldout)}. The models may "
-                "have trained on them; list only held-out episodes in evaluation.episodes (or leave it null)"
-            )
-        return [by_id[i] for i in requested]
-    episodes = store.split("heldout")
-    if not episodes:
-        raise HeldOutError(
-            "the recorded trajectories have no held-out episodes; raise raw_trajectories.heldout_fraction "
-            "(or record more episodes) and rerun raw_trajectories"
-        )
-    return episodes
-
-
-def pick_windows(episodes: Sequence[Any], length: int, count: int, seed: int) -> list[tuple[Any, int]]:
-    """Up to ``count`` windows of ``length`` rows inside held-out episodes: ``(episode, offset in episode)``."""
-    candidates = [(e, o) for e in episodes if e.split == "heldout" for o in range(e.length - length + 1)]
-    if any(e.split != "heldout" for e in episodes):  # defence in depth: never score on training play
-        raise HeldOutError("an episode that is not held out reached window selection")
-    chosen = sample_windows(np.arange(len(candidates)), count, seed)
-    return [candidates[i] for i in chosen]
-
-
-def load_windows(raw: Any, latents: Any | None, picks: Sequence[tuple[Any, int]], length: int) -> Windows:
-    """Read the frames (and stored latents, when ``latents`` is a store) of the picked windows."""
-    latent_episodes = {e.episode_id: e for e in latents.episodes} if latents is not None else {}
-    frames, stored, actions = [], [], []
-    for episode, offset in picks:
-        rows = raw.read_window(episode.shard, episode.start + offset, length, ["frames", "actions"])
-        frames.append(rows["frames"])
-        actions.append(rows["actions"].astype(np.int64))
-        if latents is not None:
-            twin = latent_episodes.get(episode.episode_id)
-            if twin is None or twin.length != episode.length or twin.split != "heldout":
-                raise PipelineError(
-                    f"episode {episode.episode_id}: validated_latents does not hold the same held-out episode "
-                    "as raw_trajectories; rerun validated_latents"
-                )
-            stored.append(latents.read_window(twin.shard, twin.start + offset, length, ["latents"])["latents"])
-    return Windows(
-        np.stack(frames),
-        np.stack(stored).astype(np.float32) if stored else None,
-        np.stack(actions),
-        [e.episode_id for e, _ in picks],
-    )
-
-
-def common_episodes(raw_episodes: Sequence[Any], latents: Any | None) -> list[Any]:
-    """Held-out raw episodes that the latent store also holds (validated_latents may drop short ones)."""
-    if latents is None:
-        return list(raw_episodes)
-    ids = {e.episode_id for e in latents.split("heldout")}
-    return [e for e in raw_episodes if e.episode_id in ids]
-
-
 # --------------------------------------------------------------------------- a whole model
 
 
 def evaluate_model(
     model: ModelUnderTest,
     context: int,
-    raw: Any,
-    latents: Any | None,
+    raw: TrajectoryStore,
+    latents: TrajectoryStore | None,
     episodes: Sequence[Any],
     settings: Any,
     actions: Sequence[Any],

@@ -16,12 +16,16 @@ Frames are float ``[B, 3, H, W]`` in 0..1 throughout.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from components.errors import PipelineError
 from components.metrics import laplacian_energy
+
+if TYPE_CHECKING:
+    from components.data.trajectory_store import TrajectoryStore
+
 
 
 def view_row_count(height: int, view_rows: float) -> int:
@@ -81,7 +85,7 @@ def shift_view(frames: np.ndarray, shifts: np.ndarray | Sequence[float], view_ro
     return out
 
 
-def action_displacements(store: Any, num_actions: int, view_rows: float = 0.8, pairs_per_action: int = 2000,
+def action_displacements(store: TrajectoryStore, num_actions: int, view_rows: float = 0.8, pairs_per_action: int = 2000,
                          seed: int = 0, split: str = "train") -> dict[str, Any]:
     """The median horizontal displacement (pixels) of the view after each action, from consecutive frames of
     ``split`` episodes of a trajectory store (``frames`` and ``actions`` arrays).

@@ -29,7 +29,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kornia
 import numpy as np
@@ -41,6 +41,10 @@ from components.atomic import atomic_directory, atomic_write_json
 from components.errors import PipelineError
 from components.evaluation.view_motion import view_row_count
 from components.metrics import PSNR_CAP_DB, detail_loss, laplacian_energy, psnr_from_mse
+
+if TYPE_CHECKING:
+    from components.data.trajectory_store import TrajectoryStore
+
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +268,7 @@ def load_autoencoder(folder: str | Path) -> FrameAutoencoder:
 class FrameSampler:
     """Random and fixed batches of frames from a ``TrajectoryStore``'s episodes of one split."""
 
-    def __init__(self, store: Any, split: str | None, episode_ids: set[str] | None = None) -> None:
+    def __init__(self, store: TrajectoryStore, split: str | None, episode_ids: set[str] | None = None) -> None:
         self.store = store
         self.rows: list[np.ndarray] = []  # per shard: row indices that belong to the split
         episodes = [e for e in store.split(split) if episode_ids is None or e.episode_id in episode_ids]
@@ -294,7 +298,8 @@ class FrameSampler:
         return self.frames(np.linspace(0, self.total - 1, count).round().astype(np.int64)) if count else torch.zeros(0)
 
 
-def evaluation_frames(store: Any, count: int, episode_ids: set[str] | None = None) -> tuple[torch.Tensor, str]:
+def evaluation_frames(store: TrajectoryStore, count: int,
+                      episode_ids: set[str] | None = None) -> tuple[torch.Tensor, str]:
     """Held-out frames for metrics; falls back (with a warning) to training frames when no episode is held out."""
     heldout = FrameSampler(store, "heldout", episode_ids)
     if heldout.total:

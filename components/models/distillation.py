@@ -48,7 +48,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -62,6 +62,10 @@ from components.errors import PipelineError
 from components.metrics import detail_loss, pooled_psnr
 from components.models.sampler import guided_velocity
 from components.models.world_model import ActionConditionedUNet, WorldModelConfig, make_scheduler, noise_bucket
+
+if TYPE_CHECKING:
+    from components.models.autoencoder import FrameAutoencoder
+
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +169,8 @@ class OneStepStudent(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, folder: str | Path, extra: dict[str, Any] | None = None, autoencoder: Any = None) -> Path:
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None,
+             autoencoder: FrameAutoencoder | None = None) -> Path:
         """``folder/student.json`` (settings + the network config) and ``student.safetensors``, and the
         autoencoder that ships with it in ``folder/autoencoder/`` when given, atomically."""
 
@@ -262,7 +267,7 @@ def context_and_future(windows: LatentWindows, rows: np.ndarray, context: int, d
 # --------------------------------------------------------------------------- metrics
 
 
-def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet, autoencoder: Any,
+def distillation_metrics(student: OneStepStudent, teacher: ActionConditionedUNet, autoencoder: FrameAutoencoder,
                          windows: LatentWindows, picks: np.ndarray, batch_size: int = 16,
                          with_teacher: bool = True) -> dict[str, float]:
     """Next-frame PSNR on ``picks`` (rows of held-out windows of K + 1 rows), all decoded to frames.

@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,12 @@ import torch
 from components.errors import PipelineError
 from components.models.autoencoder import decoder_loss
 from components.training import Budget, Recipe, Step, train
+
+if TYPE_CHECKING:
+    from components.data.trajectory_store import TrajectoryStore
+    from components.models.autoencoder import FrameAutoencoder
+    from components.models.distillation import OneStepStudent
+
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ class DecoderPairs:
         return self.latents[picks], self.frames[picks].float().div_(255.0)
 
 
-def rollout_windows(latents: Any, context: int, max_steps: int, split: str = "train") -> np.ndarray:
+def rollout_windows(latents: TrajectoryStore, context: int, max_steps: int, split: str = "train") -> np.ndarray:
     """The ``(shard, start)`` of every window of ``context + max_steps`` rows in ``split``; a ``PipelineError``
     naming ``distilled_model.decoder_rollout_steps`` when no episode is that long."""
     index = latents.window_index(context + max_steps, split)
@@ -68,8 +74,9 @@ def rollout_windows(latents: Any, context: int, max_steps: int, split: str = "tr
 
 
 @torch.no_grad()
-def rollout_pairs(student: Any, latents: Any, raw: Any, windows: int, max_steps: int, rng: np.random.Generator,
-                  split: str = "train", batch_size: int = 64) -> DecoderPairs:
+def rollout_pairs(student: OneStepStudent, latents: TrajectoryStore, raw: TrajectoryStore, windows: int,
+                  max_steps: int, rng: np.random.Generator, split: str = "train",
+                  batch_size: int = 64) -> DecoderPairs:
     """Roll ``student`` ``max_steps`` steps from the real contexts of ``windows`` random ``split`` windows of the
     latent store ``latents`` (recorded actions), and pair each predicted latent, and each real latent of the same
     steps, with the real frame of ``raw`` (the trajectory store the latents were encoded from)."""
@@ -108,8 +115,8 @@ def rollout_pairs(student: Any, latents: Any, raw: Any, windows: int, max_steps:
     )
 
 
-def fine_tune_decoder(student: Any, autoencoder: Any, latents: Any, raw: Any, settings: Any, runtime: Any,
-                      folder: Path | None) -> dict[str, Any]:
+def fine_tune_decoder(student: OneStepStudent, autoencoder: FrameAutoencoder, latents: TrajectoryStore,
+                      raw: TrajectoryStore, settings: Any, runtime: Any, folder: Path | None) -> dict[str, Any]:
     """Fine-tune ``autoencoder``'s decoder in place on ``student``'s rollouts (``settings``: the
     ``distilled_model`` params ``decoder_*``, ``batch_size`` and ``seed``) with the training engine on ``runtime``;
     the encoder stays frozen. ``folder`` holds the resumable checkpoint. Returns what the metrics record."""

@@ -29,11 +29,15 @@ autoencoder ([B,K,C,h,w], [B,K] actions including the one leading to the target)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from components.models.world_model import ActionConditionedUNet, make_scheduler, noise_bucket
+
+if TYPE_CHECKING:
+    from components.models.autoencoder import FrameAutoencoder
+
 
 __all__ = ["Sampler", "make_scheduler", "rollout", "sample_next_latent", "guided_velocity"]
 
@@ -94,7 +98,8 @@ class Sampler:
     ``frame_size``); it may be ``None`` to work in latent space only (``step_latent``).
     """
 
-    def __init__(self, net: ActionConditionedUNet, autoencoder: Any = None, steps: int = 4, cfg: float = 1.5,
+    def __init__(self, net: ActionConditionedUNet, autoencoder: FrameAutoencoder | None = None, steps: int = 4,
+                 cfg: float = 1.5,
                  context_noise_level: float = 0.1, eta: float = 0.0, seed: int | None = 0,
                  scheduler: Any = None) -> None:
         self.net = net.eval()
@@ -107,7 +112,7 @@ class Sampler:
         self.actions: torch.Tensor | None = None  # [K-1]
 
     @classmethod
-    def from_params(cls, net: ActionConditionedUNet, autoencoder: Any, sampler: Any) -> Sampler:
+    def from_params(cls, net: ActionConditionedUNet, autoencoder: FrameAutoencoder, sampler: Any) -> Sampler:
         """Build with the ``params.sampler`` section's settings."""
         return cls(net, autoencoder, steps=sampler.steps, cfg=sampler.cfg,
                    context_noise_level=sampler.context_noise_level, eta=sampler.eta, seed=sampler.seed)
@@ -175,7 +180,7 @@ class Sampler:
 
 def rollout(model: Sampler | ActionConditionedUNet, start_context: torch.Tensor,
             start_actions: Sequence[int] | torch.Tensor, actions: Sequence[int] | torch.Tensor,
-            autoencoder: Any = None, decode: bool = True, **sampler_kwargs: Any
+            autoencoder: FrameAutoencoder | None = None, decode: bool = True, **sampler_kwargs: Any
             ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Autoregressive generation: reset on ``start_context`` / ``start_actions`` (see ``Sampler.reset``),
     then one step per entry of ``actions`` (``actions[0]`` is taken on the newest context frame).

@@ -43,7 +43,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -54,6 +54,10 @@ from components.atomic import atomic_directory, atomic_write_json, save_safetens
 from components.errors import PipelineError
 from components.models.motion_warp import ActionWarp, previous_actions
 from components.params import ParamsError
+
+if TYPE_CHECKING:
+    from components.params import WorldModelParams
+
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +118,8 @@ def noise_bucket(level: torch.Tensor | float, max_level: float, buckets: int) ->
     return (level / max_level * buckets).floor().long().clamp(0, buckets - 1)
 
 
-def unet_config_from_params(params: Any, input_latents: int, latent_channels: int, latent_size: tuple[int, int],
-                            noise_buckets: int) -> dict[str, Any]:
+def unet_config_from_params(params: WorldModelParams, input_latents: int, latent_channels: int,
+                            latent_size: tuple[int, int], noise_buckets: int) -> dict[str, Any]:
     """The ``UNet2DConditionModel`` config for a small UNet built from ``params.world_model``."""
 
     blocks = len(params.block_out_channels)
@@ -170,7 +174,7 @@ class ActionConditionedUNet(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_params(cls, world_model: Any, latent_channels: int, latent_size: tuple[int, int],
+    def from_params(cls, world_model: WorldModelParams, latent_channels: int, latent_size: tuple[int, int],
                     num_actions: int) -> ActionConditionedUNet:
         """Build from ``params.world_model``: the small config, or a local pretrained UNet when one is set."""
         if world_model.pretrained_unet:
@@ -182,7 +186,7 @@ class ActionConditionedUNet(nn.Module):
         return cls(_config(world_model, latent_channels, latent_size, num_actions, unet))
 
     @classmethod
-    def from_pretrained_unet(cls, folder: str | Path, world_model: Any, latent_channels: int,
+    def from_pretrained_unet(cls, folder: str | Path, world_model: WorldModelParams, latent_channels: int,
                              latent_size: tuple[int, int], num_actions: int) -> ActionConditionedUNet:
         """Start from a local ``UNet2DConditionModel`` folder (e.g. SD v1.4 ``unet/``), never from a hub.
 
@@ -294,7 +298,7 @@ class ActionConditionedUNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _config(world_model: Any, latent_channels: int, latent_size: tuple[int, int], num_actions: int,
+def _config(world_model: WorldModelParams, latent_channels: int, latent_size: tuple[int, int], num_actions: int,
             unet: dict[str, Any]) -> WorldModelConfig:
     return WorldModelConfig(
         context=world_model.context,
@@ -313,7 +317,7 @@ def _config(world_model: Any, latent_channels: int, latent_size: tuple[int, int]
     )
 
 
-def _input_latents(world_model: Any) -> int:
+def _input_latents(world_model: WorldModelParams) -> int:
     """Latents stacked on the UNet's input channels: the noisy target, K context latents, the warped one."""
     return world_model.context + 1 + int(world_model.action_warp)
 

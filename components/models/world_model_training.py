@@ -37,7 +37,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,6 +51,11 @@ from components.models.sampler import sample_next_latent
 from components.models.world_model import ActionConditionedUNet, context_noise, make_scheduler, noise_bucket
 from components.training import CHECKPOINT_FILE, Budget, Recipe, TrainResult, check_precision, run_folder, start_runtime
 from components.training import train as run_training
+
+if TYPE_CHECKING:
+    from components.models.autoencoder import FrameAutoencoder
+    from components.params import EnvironmentParams, Params
+
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +173,7 @@ def diffusion_loss(net: Any, ddpm: Any, batch: Batch, config: Any, context_dropo
 NOT_IN_RUN_KEY = ("log_every", "checkpoint_every", "eval_windows", "preview_windows")
 
 
-def run_key_parts(params: Any, num_actions: int, fingerprint: str) -> dict[str, Any]:
+def run_key_parts(params: Params, num_actions: int, fingerprint: str) -> dict[str, Any]:
     """What a run's checkpoint depends on: the params that shape training, the action count and the data."""
     return {
         "world_model": params.world_model.model_dump(mode="json"),
@@ -197,7 +202,7 @@ class WorldModelRun:
     result: TrainResult
 
 
-def train(params: Any, latents_root: str | Path, cache_root: str | Path | None = None,
+def train(params: Params, latents_root: str | Path, cache_root: str | Path | None = None,
           live_dir: str | Path | None = None, stop_after: int | None = None,
           frames_root: str | Path | None = None) -> WorldModelRun:
     """Train (or resume) the world model on the train split of ``latents_root`` with the shared engine
@@ -240,7 +245,7 @@ FIT_WINDOWS = 2048  # training windows the action warp and the residual scale ar
 
 
 def fit_to_data(net: ActionConditionedUNet, stream: WindowStream, frames: TrajectoryStore | None,
-                environment: Any) -> None:
+                environment: EnvironmentParams) -> None:
     """Before the first step: fit the action warp (``world_model.action_warp``) and measure the residual scale
     (``world_model.predict_residual``: the std of ``next - base``) on a sample of training windows."""
     if net.action_warp is not None:
@@ -259,7 +264,7 @@ def fit_to_data(net: ActionConditionedUNet, stream: WindowStream, frames: Trajec
 
 
 def fit_warp(net: ActionConditionedUNet, stream: WindowStream, frames: TrajectoryStore | None,
-             environment: Any) -> None:
+             environment: EnvironmentParams) -> None:
     """Fit the network's action warp on a sample of training windows and their real ``frames`` (the recorded
     trajectories the latents were encoded from)."""
     if frames is None:
@@ -298,7 +303,7 @@ def fit_warp(net: ActionConditionedUNet, stream: WindowStream, frames: Trajector
 
 
 @torch.no_grad()
-def heldout_metrics(net: ActionConditionedUNet, store: TrajectoryStore, params: Any, windows: int,
+def heldout_metrics(net: ActionConditionedUNet, store: TrajectoryStore, params: Params, windows: int,
                     seed: int = 0, chunk: int = 32, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Quick held-out numbers for ``metrics/diffusion_checkpoint.json`` (full evaluation is its own stage).
 
@@ -333,7 +338,8 @@ def heldout_metrics(net: ActionConditionedUNet, store: TrajectoryStore, params: 
             "batch": first[0], "sampled": first[1]}
 
 
-def save_preview(path: str | Path, autoencoder: Any, batch: Batch, predicted: torch.Tensor, rows: int) -> None:
+def save_preview(path: str | Path, autoencoder: FrameAutoencoder, batch: Batch, predicted: torch.Tensor,
+                 rows: int) -> None:
     """PNG grid, one row per window: the K context frames | predicted next frame | real next frame."""
 
     rows = min(rows, batch.target.shape[0])

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -30,6 +30,10 @@ from components.data.windows import heldout_windows
 from components.errors import PipelineError
 from components.runtime.export_contract import ENCODER_FILE, GRAPHS, execution_providers
 
+if TYPE_CHECKING:
+    from components.models.autoencoder import FrameAutoencoder
+
+
 log = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -42,7 +46,7 @@ class ExportError(PipelineError):
 class EncoderGraph(nn.Module):
     """frames [B,3,H,W] in [0,1] -> scaled latents [B,C,h,w] (posterior mean; padding inside)."""
 
-    def __init__(self, autoencoder: Any) -> None:
+    def __init__(self, autoencoder: FrameAutoencoder) -> None:
         super().__init__()
         self.vae = autoencoder.vae  # registered so .eval() and parameters reach it
         self._autoencoder = autoencoder
@@ -54,7 +58,7 @@ class EncoderGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """scaled latents [B,C,h,w] -> frames [B,3,H,W] in [0,1] at the recorded size (padding cropped)."""
 
-    def __init__(self, autoencoder: Any) -> None:
+    def __init__(self, autoencoder: FrameAutoencoder) -> None:
         super().__init__()
         self.vae = autoencoder.vae
         self._autoencoder = autoencoder
@@ -115,7 +119,7 @@ def ort_session(path: str | Path, threads: int = 2) -> Any:
     return session
 
 
-def onnx_encoder(autoencoder: Any, folder: str | Path, max_batch: int, threads: int = 0,
+def onnx_encoder(autoencoder: FrameAutoencoder, folder: str | Path, max_batch: int, threads: int = 0,
                  check_frames: np.ndarray | None = None, tolerance: float = 1e-3) -> Any:
     """Export ``autoencoder``'s encoder (the graph ``onnx_export`` ships) into ``folder`` and return a function
     frames float32 [B,3,H,W] in [0,1] -> scaled latents [B,C,h,w] run by ONNX Runtime (``threads`` 0 = one per core).

@@ -165,7 +165,7 @@ def main(args: argparse.Namespace) -> None:
         "critic_lr_scale": settings.critic_lr_scale,
     }
     shipped_decoder, shipped = autoencoder, after
-    if settings.decoder_minutes > 0:
+    if frames is not None:  # decoder_minutes > 0
         shipped_decoder = load_autoencoder(args.autoencoder)  # a copy: the metrics above keep the finetuned_vae one
         shipped_decoder.vae.to(runtime.device)
         metrics.update(fine_tune_decoder(student, shipped_decoder, store, frames, settings, runtime,

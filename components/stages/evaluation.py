@@ -18,17 +18,22 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from components.atomic import atomic_write_json
 from components.data.trajectory_store import TrajectoryStore
+from components.data.windows import common_episodes, heldout_episodes
 from components.errors import PipelineError
 from components.evaluation import scoring as ev
 from components.images import frame_grid, line_chart, side_by_side_gif
 from components.params import load_params
 from components.training import resolve_device
+
+if TYPE_CHECKING:
+    from components.params import Params
+
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +55,16 @@ def main(args: argparse.Namespace) -> None:
     write_outputs(metrics, extras, Path(args.metrics), Path(args.plots), params.evaluation)
 
 
-def run(params: Any, export: Path, raw_root: Path, latents_root: Path, teacher_dir: Path, autoencoder_dir: Path,
+def run(params: Params, export: Path, raw_root: Path, latents_root: Path, teacher_dir: Path, autoencoder_dir: Path,
         teacher: bool | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
     """Evaluate the export (and the teacher unless ``teacher`` is false); returns metrics and image arrays."""
 
     settings = params.evaluation
     raw = TrajectoryStore(raw_root)
-    episodes = ev.heldout_episodes(raw, settings.episodes)  # refuses training episodes before any model loads
+    episodes = heldout_episodes(raw, settings.episodes)  # refuses training episodes before any model loads
     with_teacher = settings.teacher if teacher is None else teacher
     latents = TrajectoryStore(latents_root) if with_teacher else None
-    episodes = ev.common_episodes(episodes, latents)
+    episodes = common_episodes(episodes, latents)
     log.info("evaluating on %d held-out episodes (%d frames)", len(episodes), sum(e.length for e in episodes))
     actions = params.environment.actions
     metrics: dict[str, Any] = {"heldout_episodes": len(episodes), "heldout_frames": sum(e.length for e in episodes)}
@@ -100,7 +105,7 @@ def run(params: Any, export: Path, raw_root: Path, latents_root: Path, teacher_d
     return metrics, extras
 
 
-def _check_export_matches(manifest: dict[str, Any], raw: Any, params: Any) -> None:
+def _check_export_matches(manifest: dict[str, Any], raw: TrajectoryStore, params: Params) -> None:
     frame_shape = tuple(raw.shards[0].array("frames").shape[1:3])
     if (int(manifest["H"]), int(manifest["W"])) != frame_shape:
         raise PipelineError(

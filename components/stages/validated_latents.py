@@ -20,7 +20,7 @@ import argparse
 import logging
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ from components.models.autoencoder import load_autoencoder
 from components.params import load_params
 from components.runtime.export import onnx_encoder
 from components.training import resolve_device
+
+if TYPE_CHECKING:
+    from components.models.autoencoder import FrameAutoencoder
+
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,8 @@ def to_unit_chw(frames: Any) -> Any:
     return np.ascontiguousarray(frames.transpose(0, 3, 1, 2), np.float32) / np.float32(255.0)
 
 
-def make_encoder(autoencoder: Any, settings: Any, trajectories: Any, scratch: str, device: str = "auto"
-                 ) -> Callable[[Any], Any]:
+def make_encoder(autoencoder: FrameAutoencoder, settings: Any, trajectories: TrajectoryStore, scratch: str,
+                 device: str = "auto") -> Callable[[Any], Any]:
     """frames float32 [B, 3, H, W] -> scaled latents, by ``settings.engine`` (ONNX Runtime checked against PyTorch
     on the first frames, or PyTorch itself on ``device``, the ``device`` setting)."""
 
