@@ -297,7 +297,7 @@ class TrainResult:
     curve: list[dict[str, float]] = field(default_factory=list)  # evaluation points
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the last log_every)
     learning_rates: list[float] = field(default_factory=list)  # at the steps of ``losses``
-    last_loss: float = float("nan")
+    last_loss: float = float("nan")  # the last step's loss (restored when the run resumes at its end)
     is_main_process: bool = True  # under `accelerate launch` only the main process writes outputs
     processes: int = 1
 
@@ -321,6 +321,23 @@ def _update_ema(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: fl
                 ema[name].copy_(value)
 
 
+def live_history(live_dir: str | Path | None) -> bool:
+    """Whether DVCLive's folder holds logged steps (``plots/metrics``, the output dvc.yaml tracks)."""
+    return live_dir is not None and any((Path(live_dir) / "plots" / "metrics").rglob("*.tsv"))
+
+
+def replay_history(live: Live, losses: list[tuple[int, float]], learning_rates: list[float]) -> None:
+    """Log a resumed run's restored loss (and learning rate) history into DVCLive: DVC deletes a stage's outputs,
+    DVCLive's ``plots/metrics`` among them, before it reruns the stage, and a run resumed at its last step (a code
+    change that left the run's key alone) would otherwise leave none of DVCLive's plots behind."""
+    for index, (step, loss) in enumerate(losses):
+        live.step = step
+        live.log_metric("train/loss", loss)
+        if index < len(learning_rates):
+            live.log_metric("train/lr", learning_rates[index])
+        live.next_step()
+
+
 def open_live(live_dir: str | Path | None, runtime: Runtime) -> Any:
     if live_dir is None or not runtime.is_main:
         return None
@@ -332,7 +349,7 @@ def _restore(folder: Path | None, module: torch.nn.Module, optimizer: torch.opti
              ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Counters and EMA of the run saved in ``folder``, weights and optimizer loaded; fresh ones otherwise."""
     fresh: dict[str, Any] = {"step": 0, "planned": None, "elapsed": 0.0, "curve": [], "losses": [],
-                             "learning_rates": []}
+                             "learning_rates": [], "last_loss": float("nan")}
     if folder is None:
         return fresh, None
     for leftover in folder.glob(".*.tmp"):  # a write cut short by a kill; the previous checkpoint is intact
@@ -397,10 +414,12 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
     scaler = torch.amp.GradScaler("cuda") if recipe.mixed_precision == "fp16" else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.mixed_precision)
     live = open_live(live_dir, runtime)
+    if live is not None and losses and not live_history(live_dir):  # DVC removed it; this run resumes
+        replay_history(live, losses, learning_rates)
     next_eval = (math.floor(elapsed / recipe.eval_every_s) + 1) * recipe.eval_every_s if evaluate else math.inf
     last_save, plan_elapsed, elapsed_before = time.monotonic(), elapsed, elapsed
     window: list[float] = []
-    samples, loss_value = 0, float("nan")
+    samples, loss_value = 0, float(counters["last_loss"])  # the last step's loss, restored on resume
     bar = tqdm(initial=step, total=planned or budget.max_steps, desc=name, disable=not runtime.is_main,
                mininterval=2.0)
 
@@ -409,7 +428,7 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
             folder.mkdir(parents=True, exist_ok=True)
             save_checkpoint(folder / CHECKPOINT_FILE, module.state_dict(), optimizer, ema, {
                 "step": step, "planned": planned, "elapsed": elapsed, "curve": curve, "losses": losses,
-                "learning_rates": learning_rates})
+                "learning_rates": learning_rates, "last_loss": loss_value})
 
     def evaluation_point() -> None:
         module.eval()

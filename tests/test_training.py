@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,3 +227,24 @@ def test_base_autoencoder_survives_sigkill_with_the_weights_of_an_uninterrupted_
     uninterrupted = load_file(str(tmp_path / "fresh" / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
     differing = [k for k in resumed if not (resumed[k] - uninterrupted[k]).abs().max() <= 1e-5]
     assert resumed.keys() == uninterrupted.keys() and not differing, differing[:5]
+
+
+def test_a_run_resumed_at_its_end_logs_its_history_again_into_an_emptied_dvclive_folder(tmp_path: Path) -> None:
+    """DVC deletes a stage's DVCLive folder before it reruns the stage; a code change that leaves the run key alone
+    resumes the run at its last step, and DVCLive's outputs must still be there afterwards, with the whole run."""
+    recipe = Recipe(Budget(None, 12, warmup_steps=2), 0.05, seed=3, log_every=4)
+    runtime = start_runtime("cpu")
+    model, loss_fn = _model_and_loss()
+    first = train(model, list(model.parameters()), loss_fn, recipe, runtime, tmp_path / "run",
+                  live_dir=tmp_path / "live")
+    history = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+    shutil.rmtree(tmp_path / "live" / "plots")  # what `dvc repro` does to the output dvc.yaml tracks
+    model, loss_fn = _model_and_loss()
+    again = train(model, list(model.parameters()), loss_fn, recipe, runtime, tmp_path / "run",
+                  live_dir=tmp_path / "live")
+    assert (again.steps, again.resumed_from_step) == (12, 12)
+    replayed = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+    assert [row.split("\t")[1:] for row in replayed.splitlines()] == [
+        row.split("\t")[1:] for row in history.splitlines()]  # the same steps and losses (the timestamps differ)
+    assert (tmp_path / "live" / "plots" / "metrics" / "train" / "lr.tsv").is_file()
+    assert again.last_loss == first.last_loss and math.isfinite(first.last_loss)
