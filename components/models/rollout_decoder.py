@@ -15,7 +15,7 @@ latents only (``distilled_model.decoder_minutes: 0`` ships the ``finetuned_vae``
 Interface::
 
     pairs = rollout_pairs(student, latents_store, raw_store, windows=256, max_steps=16, rng=rng)
-    loss = autoencoder.decoder_loss(ae, pairs.latents[i], pairs.frames[i], detail_weight, detail_patch)
+    loss = autoencoder.decoder_loss(autoencoder, pairs.latents[i], pairs.frames[i], detail_weight, detail_patch)
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ from components.training import train as run_training
 
 if TYPE_CHECKING:
     from components.models.autoencoder import FrameAutoencoder
-    from components.params import EnvironmentParams, Params
+    from components.params import DiffusionCheckpointParams, EnvironmentParams, Params
 
 
 log = logging.getLogger(__name__)
@@ -183,14 +183,14 @@ def run_key_parts(params: Params, num_actions: int, fingerprint: str) -> dict[st
     }
 
 
-def recipe(tp: Any) -> Recipe:
+def recipe(settings: DiffusionCheckpointParams) -> Recipe:
     """The engine's recipe from the ``diffusion_checkpoint`` params (LR: warm-up, then cosine to zero or constant)."""
     return Recipe(
-        Budget(tp.train_minutes, tp.steps, tp.warmup_steps, tp.lr_schedule, min_lr_fraction=0.0,
+        Budget(settings.train_minutes, settings.steps, settings.warmup_steps, settings.lr_schedule, min_lr_fraction=0.0,
                max_warmup_fraction=1.0),
-        tp.learning_rate, seed=tp.seed, optimizer=tp.optimizer, weight_decay=tp.weight_decay,
-        grad_clip=tp.grad_clip, ema_decay=tp.ema_decay, mixed_precision=tp.mixed_precision,
-        batch_size=tp.batch_size, checkpoint_every_steps=tp.checkpoint_every, log_every=tp.log_every)
+        settings.learning_rate, seed=settings.seed, optimizer=settings.optimizer, weight_decay=settings.weight_decay,
+        grad_clip=settings.grad_clip, ema_decay=settings.ema_decay, mixed_precision=settings.mixed_precision,
+        batch_size=settings.batch_size, checkpoint_every_steps=settings.checkpoint_every, log_every=settings.log_every)
 
 
 # --------------------------------------------------------------------------- training
@@ -213,30 +213,30 @@ def train(params: Params, latents_root: str | Path, cache_root: str | Path | Non
     call early after that many steps (for tests); the plan is unchanged.
     """
 
-    wm_params, tp = params.world_model, params.diffusion_checkpoint
+    world_model, settings = params.world_model, params.diffusion_checkpoint
     num_actions = len(params.environment.actions)
     runtime = start_runtime(params.device)
-    check_precision(tp.mixed_precision, runtime.device, "diffusion_checkpoint.mixed_precision")
-    store = open_latents(latents_root, wm_params.context, num_actions)
+    check_precision(settings.mixed_precision, runtime.device, "diffusion_checkpoint.mixed_precision")
+    store = open_latents(latents_root, world_model.context, num_actions)
     channels, height, width = latent_shape(store)
-    torch.manual_seed(tp.seed)
-    net = ActionConditionedUNet.from_params(wm_params, channels, (height, width), num_actions)
+    torch.manual_seed(settings.seed)
+    net = ActionConditionedUNet.from_params(world_model, channels, (height, width), num_actions)
     folder = run_folder(cache_root, runtime, run_key_parts(params, num_actions, data_fingerprint(store)))
     if folder is None or not (folder / CHECKPOINT_FILE).is_file():
-        fit_to_data(net, WindowStream(store, wm_params.context, "train", tp.seed),
+        fit_to_data(net, WindowStream(store, world_model.context, "train", settings.seed),
                     TrajectoryStore(frames_root) if frames_root else None, params.environment)
     log.info("world model: %.2fM parameters, latents %dx%dx%d, K=%d, %d train windows; process %d of %d on %s, "
-             "batch %d per process", net.num_parameters() / 1e6, channels, height, width, wm_params.context,
-             len(store.window_index(wm_params.context + 1, "train")), runtime.rank, runtime.processes,
-             runtime.device, tp.batch_size)
+             "batch %d per process", net.num_parameters() / 1e6, channels, height, width, world_model.context,
+             len(store.window_index(world_model.context + 1, "train")), runtime.rank, runtime.processes,
+             runtime.device, settings.batch_size)
     ddpm = make_scheduler(net.config, "ddpm")
-    stream = WindowStream(store, wm_params.context, "train", tp.seed, runtime.rank, runtime.processes)
+    stream = WindowStream(store, world_model.context, "train", settings.seed, runtime.rank, runtime.processes)
 
     def loss_fn(step: Any) -> torch.Tensor:
-        batch = stream.batch(step.index, tp.batch_size).to(step.device)
-        return diffusion_loss(net, ddpm, batch, net.config, tp.context_dropout, step.generator)
+        batch = stream.batch(step.index, settings.batch_size).to(step.device)
+        return diffusion_loss(net, ddpm, batch, net.config, settings.context_dropout, step.generator)
 
-    result = run_training(net, list(net.parameters()), loss_fn, recipe(tp), runtime, folder, live_dir=live_dir,
+    result = run_training(net, list(net.parameters()), loss_fn, recipe(settings), runtime, folder, live_dir=live_dir,
                           name="diffusion_checkpoint", stop_after=stop_after)
     return WorldModelRun(net.float().cpu().eval(), result)
 
