@@ -28,12 +28,16 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.atomic import atomic_write_text
 from components.errors import PipelineError
 from components.evaluation.promotion import metric_value
 from components.params import parse_overrides
+
+if TYPE_CHECKING:
+    from components.params import AblationsParams
+
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ TARGET_STAGE = "evaluation"
 SEED_MARK = "-seed"
 
 
-def plan(ablations: Any, baseline: Mapping[str, Any], groups: Iterable[str] = GROUPS) -> list[Experiment]:
+def plan(ablations: AblationsParams, baseline: Mapping[str, Any], groups: Iterable[str] = GROUPS) -> list[Experiment]:
     """The experiments to run. ``ablations`` is ``params.evaluation.ablations``; ``baseline`` the params dict
     (to know the current K and policy, which the baseline experiment already covers). With several
     ``ablations.seeds``, every setting runs once per seed (``<label>-seed<N>``, each of ``seed_keys`` set to N)."""
@@ -210,7 +214,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
 
 
-def tables(results: Sequence[Result], ablations: Any, model: str = "onnx") -> str:
+def tables(results: Sequence[Result], ablations: AblationsParams, model: str = "onnx") -> str:
     """Markdown tables shaped like the paper's, from one tag's results; with several seeds per setting each cell
     is the mean ± half the spread between seeds.
 

@@ -40,7 +40,7 @@ from components.errors import PipelineError
 from components.evaluation import scoring as ev
 
 if TYPE_CHECKING:
-    from components.params import Params
+    from components.params import Params, PromotionParams
 
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def append_log(path: Path, decision: Decision) -> None:
 # --------------------------------------------------------------------------- the whole step
 
 
-def criteria_from_params(settings: Any) -> list[Criterion]:
+def criteria_from_params(settings: PromotionParams) -> list[Criterion]:
     """``params.evaluation.promotion.criteria`` as ``Criterion`` objects."""
     return [Criterion(c.metric, c.tolerance, c.higher_is_better) for c in settings.criteria]
 

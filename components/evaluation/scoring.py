@@ -48,7 +48,7 @@ from components.runtime.sessions import OnnxExport
 
 if TYPE_CHECKING:
     from components.data.trajectory_store import TrajectoryStore
-    from components.params import EnvironmentParams
+    from components.params import EnvironmentParams, EvaluationParams, SamplerParams
 
 
 
@@ -177,7 +177,7 @@ def context_latents(model: ModelUnderTest, windows: Windows, rows: slice, batch_
     return latents.reshape(n, t, *latents.shape[1:]).astype(np.float32)
 
 
-def measure_view_motion(raw: TrajectoryStore, environment: EnvironmentParams, settings: Any) -> ViewMotion:
+def measure_view_motion(raw: TrajectoryStore, environment: EnvironmentParams, settings: EvaluationParams) -> ViewMotion:
     """The real game's displacement per action on the training split of ``raw`` (``params.environment``,
     ``params.evaluation``)."""
     measured = view_motion.action_displacements(raw, len(environment.actions), environment.view_rows,
@@ -383,8 +383,8 @@ def hold_action(model: ModelUnderTest, windows: Windows, context: int, action: i
 
 
 def measure_long_play(model: ModelUnderTest, raw: TrajectoryStore, latents: TrajectoryStore | None,
-                      episodes: Sequence[Any], context: int, settings: Any, num_actions: int, view_rows: float,
-                      real_pool: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+                      episodes: Sequence[Any], context: int, settings: EvaluationParams, num_actions: int,
+                      view_rows: float, real_pool: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
     """``components.evaluation.long_play`` for one model: ``settings.long_play_steps`` steps of player-like keys from
     held-out
     contexts (with their recorded continuation where the episodes are that long; the teacher-forced windows already
@@ -489,7 +489,7 @@ def evaluate_model(
     raw: TrajectoryStore,
     latents: TrajectoryStore | None,
     episodes: Sequence[Any],
-    settings: Any,
+    settings: EvaluationParams,
     actions: Sequence[Any],
     motion: ViewMotion | None = None,
     with_long_play: bool = False,
@@ -574,7 +574,7 @@ def onnx_model(export_dir: str | Path, threads: int = 2) -> tuple[ModelUnderTest
     return ModelUnderTest("onnx", game.predict, decode, encode), game.manifest
 
 
-def teacher_model(checkpoint_dir: str | Path, vae_dir: str | Path, sampler: Any,
+def teacher_model(checkpoint_dir: str | Path, vae_dir: str | Path, sampler: SamplerParams,
                   device: torch.device | str = "cpu") -> tuple[ModelUnderTest, int]:
     """The PyTorch teacher on ``device``: DDIM with ``sampler.steps`` steps and CFG on the past frames, decoded by
     the fine-tuned VAE; its context is the validated latents. Returns the model and its context length K."""

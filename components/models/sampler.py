@@ -37,6 +37,7 @@ from components.models.world_model import ActionConditionedUNet, make_scheduler,
 
 if TYPE_CHECKING:
     from components.models.autoencoder import FrameAutoencoder
+    from components.params import SamplerParams
 
 
 __all__ = ["Sampler", "make_scheduler", "rollout", "sample_next_latent", "guided_velocity"]
@@ -112,7 +113,7 @@ class Sampler:
         self.actions: torch.Tensor | None = None  # [K-1]
 
     @classmethod
-    def from_params(cls, net: ActionConditionedUNet, autoencoder: FrameAutoencoder, sampler: Any) -> Sampler:
+    def from_params(cls, net: ActionConditionedUNet, autoencoder: FrameAutoencoder, sampler: SamplerParams) -> Sampler:
         """Build with the ``params.sampler`` section's settings."""
         return cls(net, autoencoder, steps=sampler.steps, cfg=sampler.cfg,
                    context_noise_level=sampler.context_noise_level, eta=sampler.eta, seed=sampler.seed)

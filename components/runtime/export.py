@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from components.errors import PipelineError
 from components.runtime.export_contract import ENCODER_FILE, GRAPHS, execution_providers
 
 if TYPE_CHECKING:
+    from components.data.trajectory_store import TrajectoryStore
     from components.models.autoencoder import FrameAutoencoder
 
 
@@ -206,7 +208,8 @@ def dvc_lock_hashes(inputs: list[str], lock_path: str | Path = "dvc.lock") -> di
 # --------------------------------------------------------------------------- held-out windows with real frames
 
 
-def sample_contexts(latent_store: Any, length: int, count: int, raw_store: Any = None, decode: Any = None,
+def sample_contexts(latent_store: TrajectoryStore, length: int, count: int, raw_store: TrajectoryStore | None = None,
+                    decode: Callable[[np.ndarray], np.ndarray] | None = None,
                     needed_for: str = "onnx_export") -> dict[str, Any]:
     """``count`` evenly spread held-out windows of ``length`` rows: latents, actions and the real frames.
 

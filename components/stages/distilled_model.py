@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,10 @@ from components.models.rollout_decoder import fine_tune_decoder, rollout_windows
 from components.models.world_model import load_world_model, make_scheduler
 from components.params import load_params
 
+if TYPE_CHECKING:
+    from components.params import DistilledModelParams
+
+
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=".cache/distilled_model", help="resumable training state ('' = none)")
 
 
-def teacher_generator(settings: Any, step: int) -> Any:
+def teacher_generator(settings: DistilledModelParams, step: int) -> Any:
     """The teacher's noise for one step (``teacher_noise: fresh``): a function of (seed, step), so a resumed run
     draws what an uninterrupted one would; None for ``frozen`` (the student's own noise)."""
 

@@ -32,7 +32,7 @@ from components.params import load_params
 from components.training import resolve_device
 
 if TYPE_CHECKING:
-    from components.params import Params
+    from components.params import EvaluationParams, Params
 
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _check_export_matches(manifest: dict[str, Any], raw: TrajectoryStore, params
 
 
 def write_outputs(metrics: dict[str, Any], extras: dict[str, dict], metrics_path: Path, plots_dir: Path,
-                  settings: Any) -> None:
+                  settings: EvaluationParams) -> None:
     """metrics JSON, the PSNR-by-step chart (PNG + JSON for dvc plots) and the side-by-side GIF."""
 
 

@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from components.errors import PipelineError
 from components.params import load_params
 from components.play.server import OnnxGame, PlayServer
 from components.play.web_bundle import build_bundle, serve_bundle
 from components.runtime.sessions import pipelined_threads
+
+if TYPE_CHECKING:
+    from components.params import PlayParams
+
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ def serve_in_browser(export: str, bundle_dir: str, host: str, port: int, fps: fl
     serve_bundle(bundle_dir, host, port, isolated=isolated)
 
 
-def serve_frames(export: str, host: str, port: int, fps: float, settings: Any) -> None:
+def serve_frames(export: str, host: str, port: int, fps: float, settings: PlayParams) -> None:
     """The server engine: run the model here and stream the frames until a signal."""
 
     # The pipelined loop runs two sessions at once: play.threads cores are split between them.

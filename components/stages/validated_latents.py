@@ -37,6 +37,7 @@ from components.training import resolve_device
 
 if TYPE_CHECKING:
     from components.models.autoencoder import FrameAutoencoder
+    from components.params import ValidatedLatentsParams
 
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ def to_unit_chw(frames: Any) -> Any:
     return np.ascontiguousarray(frames.transpose(0, 3, 1, 2), np.float32) / np.float32(255.0)
 
 
-def make_encoder(autoencoder: FrameAutoencoder, settings: Any, trajectories: TrajectoryStore, scratch: str,
-                 device: str = "auto") -> Callable[[Any], Any]:
+def make_encoder(autoencoder: FrameAutoencoder, settings: ValidatedLatentsParams, trajectories: TrajectoryStore,
+                 scratch: str, device: str = "auto") -> Callable[[Any], Any]:
     """frames float32 [B, 3, H, W] -> scaled latents, by ``settings.engine`` (ONNX Runtime checked against PyTorch
     on the first frames, or PyTorch itself on ``device``, the ``device`` setting)."""
 
