@@ -30,3 +30,15 @@ def test_another_python_stops_with_one_line_saying_to_use_the_project_environmen
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: {bare_python}") and "source .venv/bin/activate" in lines[0]
     assert "cannot import" in lines[0]
+
+
+def test_a_command_imports_its_own_stage_module_and_no_other() -> None:
+    """The CLI builds every command's help but imports only the chosen command's module (so each stage imports
+    what it needs at its top and pays for no other stage's libraries); `--help` alone imports none."""
+    probe = ("import sys; from components.cli import build_parser; build_parser({!r}); "
+             "print(','.join(sorted(m for m in sys.modules if m.startswith('components.stages.'))))")
+    for command, expected in (("check", "components.stages.check"), ("", "")):
+        result = subprocess.run([sys.executable, "-c", probe.format(command)], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
