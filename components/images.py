@@ -206,9 +206,10 @@ def sample_grid(frames: np.ndarray, count: int = 16, columns: int = 4, min_width
 
 
 def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Float frames [N, 3, H, W] in 0..1 (tensor or array) as uint8 [N, H, W, 3] pictures."""
-    values = torch.as_tensor(frames).detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return (values * 255).round().astype(np.uint8)
+    """Float frames ``[..., 3, H, W]`` in 0..1 (tensor or array) as uint8 ``[..., H, W, 3]`` pictures."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().numpy()
+    return (np.clip(np.moveaxis(frames, -3, -1), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def save_png(path: str | Path, image: Image.Image | np.ndarray) -> Path:

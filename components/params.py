@@ -667,8 +667,8 @@ def _describe(error: Any, models_in: str) -> str:
             text = error["msg"]
     else:
         text = error["msg"].removeprefix("Value error, ")
-    if error["type"] not in ("missing", "extra_forbidden") and "input" in error:
-        text += f", got {error['input']!r}"
+    if error["type"] not in ("missing", "extra_forbidden") and "input" in error and ", got " not in text:
+        text += f", got {error['input']!r}"  # unless the rule's own message already says what it got
     return f"{_key_path(error['loc'])}: {text}"
 
 

@@ -7,6 +7,7 @@ own ``ERROR:`` text plus the tail of the output, not just an exit code.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -75,7 +76,7 @@ class DvcResource(dg.ConfigurableResource):
         flags = ["--wait-for-lock"] if self.wait_for_lock else []
         return [str(dvc) if dvc.exists() else "dvc", *flags, *args]
 
-    def check_params(self, command: str, log: Any, overrides: tuple[str, ...] = ()) -> None:
+    def check_params(self, command: str, log: logging.Logger, overrides: tuple[str, ...] = ()) -> None:
         """The project's params check (``orchestration.check_command``, with ``-S`` for each override) before DVC
         touches the workspace: a wrong value fails the step here, naming the key, and every output stays."""
         if not command.strip():
@@ -94,7 +95,7 @@ class DvcResource(dg.ConfigurableResource):
                 metadata={"command": dg.MetadataValue.text(" ".join(cmd)), "exit code": done.returncode},
             )
 
-    def run(self, args: list[str], log: Any, check: bool = True, what: str | None = None) -> CommandResult:
+    def run(self, args: list[str], log: logging.Logger, check: bool = True, what: str | None = None) -> CommandResult:
         """Run ``dvc <args>``, streaming each output line to ``log.info`` as it comes."""
         cmd = self.dvc_command(*args)
         log.info(f"$ dvc {' '.join(cmd[1:])}  (in {self.root})")
@@ -137,7 +138,7 @@ class DvcResource(dg.ConfigurableResource):
             )
         return result
 
-    def repro(self, address: str, log: Any, pull: bool = False) -> CommandResult:
+    def repro(self, address: str, log: logging.Logger, pull: bool = False) -> CommandResult:
         """``dvc repro --single-item <address>``: runs (or restores from the run-cache) exactly one stage."""
         args = ["repro", "--single-item"]
         if pull:
@@ -168,7 +169,7 @@ class DvcResource(dg.ConfigurableResource):
             return True, f"local remote {path}"
         return True, f"remote {url}"
 
-    def push(self, items: list[StageItem], log: Any, required: bool = False) -> bool:
+    def push(self, items: list[StageItem], log: logging.Logger, required: bool = False) -> bool:
         """Push the items' outs and the run-cache to the default remote, when one is reachable.
 
         ``dvc push --run-cache`` sends the cached outs and the run-cache entries, but not the objects of
@@ -189,7 +190,7 @@ class DvcResource(dg.ConfigurableResource):
             raise dg.Failure(description=f"could not push the cache: false outs {missing} to {why}")
         return not missing
 
-    def _push_uncached(self, items: list[StageItem], log: Any) -> list[str]:
+    def _push_uncached(self, items: list[StageItem], log: logging.Logger) -> list[str]:
         """Copy the cache objects of the items' ``cache: false`` outs to the remote; returns those missing."""
         from dvc.repo import Repo
         from dvc_data.hashfile.hash_info import HashInfo

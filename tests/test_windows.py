@@ -12,7 +12,7 @@ from components.data.windows import HeldOutError, LatentWindows, heldout_windows
 from components.models.world_model import ActionConditionedUNet
 from components.models.world_model_training import heldout_metrics
 from components.params import WorldModelParams, parse_params
-from components.runtime.export import sample_contexts
+from components.runtime.playable import sample_contexts
 from tests.conftest import micro_params_dict
 from tests.world_model_data import write_synthetic_latents
 

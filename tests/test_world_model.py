@@ -37,7 +37,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         torch.set_num_threads(threads)
     store = open_latents(latents, params.world_model.context, len(params.environment.actions))
     batch = WindowStream(store, params.world_model.context, "heldout", 0).read(list(range(8)))
-    return {"root": root, "params": params, "result": run.result, "net": run.net, "batch": batch,
+    return {"root": root, "params": params, "result": run.result, "net": run.world_model, "batch": batch,
             "autoencoder": tiny_autoencoder(root / "autoencoder")}
 
 

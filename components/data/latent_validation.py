@@ -20,7 +20,7 @@ Each check has a stable name (used in the report and in failure messages):
 ``no_heldout_episode_in_train``    no held-out episode (same id, or same content) appears in the train split
 =================================  ===================================================================
 
-Great Expectations is imported lazily (about 2 s); nothing here touches the network.
+Importing Great Expectations takes about 2 s; nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from great_expectations.data_context.types.base import ProgressBarsConfig
 import great_expectations as gx
+import numpy as np
 import pandas as pd
+from great_expectations.data_context.types.base import ProgressBarsConfig
 
 if TYPE_CHECKING:
     from components.data.trajectory_store import TrajectoryStore
@@ -55,9 +55,9 @@ class GateLimits:
 
 @dataclass
 class LatentTables:
-    frames: Any  # pandas.DataFrame
-    channels: Any
-    episodes: Any
+    frames: pd.DataFrame
+    channels: pd.DataFrame
+    episodes: pd.DataFrame
 
 
 @dataclass
@@ -164,7 +164,8 @@ def latent_statistics(latents: TrajectoryStore, trajectories: TrajectoryStore) -
             {"episode_id": [], "split": [], "action": [], "nonfinite_values": []}),
         channels=pd.DataFrame({"channel": np.arange(len(mean)), "mean": mean, "std": std}),
         episodes=pd.DataFrame(episodes).drop(columns=["digest"]) if episodes else pd.DataFrame(
-            {"episode_id": [], "split": [], "latents": [], "frames": [], "trajectory_split": [], "heldout_in_train": []}),
+            {"episode_id": [], "split": [], "latents": [], "frames": [], "trajectory_split": [],
+             "heldout_in_train": []}),
     )
 
 

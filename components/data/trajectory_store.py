@@ -146,7 +146,7 @@ class ShardWriter:
         except RuntimeError:
             pass
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
@@ -276,7 +276,7 @@ class TrajectoryStore:
                 return episode
         raise ShardError(f"{self.shards[shard].path}: row {row} is in no episode")
 
-    def read_matching_window(self, other: "TrajectoryStore", shard: int, start: int, window: int,
+    def read_matching_window(self, other: TrajectoryStore, shard: int, start: int, window: int,
                              names: Sequence[str]) -> dict[str, np.ndarray] | None:
         """The same rows of the same episode as ``other``'s window (``shard``, ``start``), read from this store,
         e.g. the frames behind a window of latents. The episode is matched by ``episode_id`` and length; None

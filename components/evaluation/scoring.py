@@ -40,6 +40,7 @@ from components.evaluation.actions import (
     single_button_actions,
     spec_field,
 )
+from components.images import to_uint8
 from components.metrics import PSNR_CAP_DB, mse_per_frame, psnr_summary, ssim
 from components.models.autoencoder import load_autoencoder
 from components.models.sampler import sample_next_latent
@@ -357,7 +358,7 @@ def rollout(
             for baseline in BASELINES if baseline in curves
         },
         "final_step_psnr": {name: curve["pooled"][-1] for name, curve in curves.items()},
-        "frames": to_uint8_hwc(frames),
+        "frames": to_uint8(frames),
     }
 
 
@@ -403,7 +404,7 @@ def measure_long_play(model: ModelUnderTest, raw: TrajectoryStore, latents: Traj
     metrics = long_play.measure(generated, last, real_pool, view_rows, settings.long_play_hold, seed, shown, recorded)
     rows = slice(0, settings.long_play_rows)
     picture = np.concatenate([windows.frames[rows, context - 1 : context],
-                              to_uint8_hwc(generated[rows][:, [s - 1 for s in shown]])], axis=1)
+                              to_uint8(generated[rows][:, [s - 1 for s in shown]])], axis=1)
     return metrics, picture
 
 
@@ -455,15 +456,10 @@ def turn_test(model: ModelUnderTest, windows: Windows, context: int, actions: Se
     for button in ("TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD", "NOOP"):
         if button in held:
             name = spec_field(actions[held[button]], "name")
-            shown[name] = to_uint8_hwc(hold_action(model, windows, context, held[button], steps, batch_size))
+            shown[name] = to_uint8(hold_action(model, windows, context, held[button], steps, batch_size))
     shown["real"] = windows.frames[:, context : context + steps]
     shown["context"] = windows.frames[:, context - 1]
     return shown
-
-
-def to_uint8_hwc(frames: np.ndarray) -> np.ndarray:
-    """float ``[..., 3, H, W]`` in 0..1 -> uint8 ``[..., H, W, 3]``."""
-    return (np.clip(np.moveaxis(frames, -3, -1), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- FVD
@@ -579,16 +575,16 @@ def teacher_model(checkpoint_dir: str | Path, vae_dir: str | Path, sampler: Samp
     """The PyTorch teacher on ``device``: DDIM with ``sampler.steps`` steps and CFG on the past frames, decoded by
     the fine-tuned VAE; its context is the validated latents. Returns the model and its context length K."""
 
-    net = load_world_model(checkpoint_dir, device).eval()
+    teacher = load_world_model(checkpoint_dir, device).eval()
     autoencoder = load_autoencoder(vae_dir)
     autoencoder.vae.to(device)
-    scheduler = make_scheduler(net.config, "ddim")
+    scheduler = make_scheduler(teacher.config, "ddim")
     generator = torch.Generator().manual_seed(int(sampler.seed))
 
     @torch.no_grad()
     def predict(context: np.ndarray, actions: np.ndarray) -> np.ndarray:
         return sample_next_latent(
-            net, scheduler, torch.from_numpy(np.ascontiguousarray(context, np.float32)).to(device),
+            teacher, scheduler, torch.from_numpy(np.ascontiguousarray(context, np.float32)).to(device),
             torch.from_numpy(np.ascontiguousarray(actions, np.int64)).to(device), steps=sampler.steps, cfg=sampler.cfg,
             context_noise_level=sampler.context_noise_level, eta=sampler.eta, generator=generator,
         ).cpu().numpy()
@@ -598,7 +594,7 @@ def teacher_model(checkpoint_dir: str | Path, vae_dir: str | Path, sampler: Samp
         frames = autoencoder.decode(torch.from_numpy(np.ascontiguousarray(latents, np.float32)).to(device))
         return frames.clamp(0, 1).cpu().numpy()
 
-    return ModelUnderTest("teacher", predict, decode), int(net.config.context)
+    return ModelUnderTest("teacher", predict, decode), int(teacher.config.context)
 
 
 # --------------------------------------------------------------------------- LPIPS and FVD (optional)

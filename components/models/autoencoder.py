@@ -61,7 +61,7 @@ class AutoencoderError(PipelineError):
 # --------------------------------------------------------------------------- geometry
 
 
-def downsample_factor(vae: Any) -> int:
+def downsample_factor(vae: AutoencoderKL) -> int:
     """Spatial downsampling of an AutoencoderKL: 2 ** (number of encoder blocks - 1)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -83,7 +83,7 @@ class FrameAutoencoder:
 
     def __init__(
         self,
-        vae: Any,
+        vae: AutoencoderKL,
         frame_size: tuple[int, int],
         scaling_factor: float = 1.0,
         latent_multiple: int = 4,
@@ -347,7 +347,7 @@ def measure_scaling_factor(autoencoder: FrameAutoencoder, frames: torch.Tensor, 
     return 1.0 / std
 
 
-def training_loss(vae: Any, x: torch.Tensor, kl_weight: float, mixed_precision: str = "no") -> torch.Tensor:
+def training_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, mixed_precision: str = "no") -> torch.Tensor:
     """``base_autoencoder``'s loss on a padded batch ``x`` in ``[-1, 1]``: MSE + ``kl_weight`` * KL.
 
     ``mixed_precision="bf16"`` runs the forward pass under bf16 autocast; the loss itself is float32.
@@ -375,8 +375,6 @@ def decoder_loss(autoencoder: FrameAutoencoder, latents: torch.Tensor, frames: t
     output = autoencoder.crop(autoencoder.vae.decode(z).sample, clamp=False)
     loss = F.mse_loss(output, frames)
     if ssim_weight:
-        import kornia
-
         loss = loss + ssim_weight * kornia.losses.ssim_loss(output.clamp(0, 1), frames, window_size=7)
     if detail_weight:
         loss = loss + detail_weight * detail_loss(output, frames, detail_patch)

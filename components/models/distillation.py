@@ -36,7 +36,7 @@ diversity; both regressions give a deterministic model per context, which the me
 
 Interface::
 
-    student = OneStepStudent.from_teacher(net, steps=4, cfg=1.5, context_noise_level=0.1, noise_seed=0)
+    student = OneStepStudent.from_teacher(teacher, steps=4, cfg=1.5, context_noise_level=0.1, noise_seed=0)
     next_latent = student(context_latents [B,K,C,h,w], context_actions [B,K])   # [B,C,h,w]
     student.save(folder); student = load_student(folder)
 """
@@ -61,7 +61,13 @@ from components.data.windows import LatentWindows
 from components.errors import PipelineError
 from components.metrics import detail_loss, pooled_psnr
 from components.models.sampler import guided_velocity
-from components.models.world_model import ActionConditionedUNet, WorldModelConfig, make_scheduler, noise_bucket
+from components.models.world_model import (
+    ActionConditionedUNet,
+    Scheduler,
+    WorldModelConfig,
+    make_scheduler,
+    noise_bucket,
+)
 
 if TYPE_CHECKING:
     from components.models.autoencoder import FrameAutoencoder
@@ -92,7 +98,7 @@ class StudentSettings:
     rollout_steps: int = 1  # steps of its own rollout it trained on
 
 
-def one_step_coefficients(scheduler: Any, timestep: int) -> tuple[float, float]:
+def one_step_coefficients(scheduler: Scheduler, timestep: int) -> tuple[float, float]:
     """``(c_x, c_v)`` with ``scheduler.step(v, t, x).prev_sample == c_x * x + c_v * v`` for a 1-step DDIM schedule.
 
     With v-prediction: ``x0 = a x - s v``, ``eps = s x + a v`` (``a = sqrt(alpha_bar_t)``, ``s = sqrt(1 -
@@ -226,7 +232,7 @@ def load_student(folder: str | Path) -> OneStepStudent:
 
 
 @torch.no_grad()
-def teacher_sample(teacher: ActionConditionedUNet, scheduler: Any, student: OneStepStudent,
+def teacher_sample(teacher: ActionConditionedUNet, scheduler: Scheduler, student: OneStepStudent,
                    context_latents: torch.Tensor, context_actions: torch.Tensor,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """The teacher's multi-step CFG sample: the distillation target.
@@ -346,7 +352,7 @@ def adversarial_terms(critic: LatentCritic, last: torch.Tensor, predicted: torch
     return student_term, critic_loss
 
 
-def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, scheduler: Any,
+def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, scheduler: Scheduler,
                       windows: LatentWindows, batch_size: int, rng: np.random.Generator,
                       generator: torch.Generator | None = None, target: str = "teacher",
                       rollout_steps: int = 1, detail_weight: float = 0.0, detail_patch: int = 1,

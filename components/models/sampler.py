@@ -15,14 +15,14 @@ imperfect output, which limits drift over long rollouts; 0 means a clean context
 API (evaluation, distillation and the player use it; keep it stable)::
 
     from components.models.sampler import Sampler, rollout, make_scheduler, sample_next_latent
-    wm = Sampler(net, autoencoder, steps=4, cfg=1.5, context_noise_level=0.1, seed=0)
-    wm.reset(context, context_actions)   # context: K latents [K,C,h,w] or K frames [K,3,H,W] in [0,1]
-                                         # (fewer than K: the oldest is repeated); context_actions: the K-1 actions
-                                         # taken between them (context_actions[i] taken on context frame i)
-    frame = wm.step(action)              # the action taken on the newest frame -> next frame [3,H,W] in [0,1]
-    frames, latents = rollout(wm, start_context, start_actions, actions)   # autoregressive, [T,3,H,W], [T,C,h,w]
+    sampler = Sampler(world_model, autoencoder, steps=4, cfg=1.5, context_noise_level=0.1, seed=0)
+    sampler.reset(context, context_actions)  # context: K latents [K,C,h,w] or K frames [K,3,H,W] in [0,1]
+                                             # (fewer than K: the oldest is repeated); context_actions: the K-1
+                                             # actions taken between them (context_actions[i] on context frame i)
+    frame = sampler.step(action)             # the action taken on the newest frame -> next frame [3,H,W] in [0,1]
+    frames, latents = rollout(sampler, start_context, start_actions, actions)  # autoregressive: [T,3,H,W], [T,C,h,w]
 
-``sample_next_latent(net, scheduler, context_latents, context_actions, ...)`` is the batched core without the
+``sample_next_latent(world_model, scheduler, context_latents, context_actions, ...)`` is the batched core without the
 autoencoder ([B,K,C,h,w], [B,K] actions including the one leading to the target) for teacher-forced evaluation.
 """
 
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from components.models.world_model import ActionConditionedUNet, make_scheduler, noise_bucket
+from components.models.world_model import ActionConditionedUNet, Scheduler, make_scheduler, noise_bucket
 
 if TYPE_CHECKING:
     from components.models.autoencoder import FrameAutoencoder
@@ -43,12 +43,12 @@ if TYPE_CHECKING:
 __all__ = ["Sampler", "make_scheduler", "rollout", "sample_next_latent", "guided_velocity"]
 
 
-def guided_velocity(net: ActionConditionedUNet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+def guided_velocity(world_model: ActionConditionedUNet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                     actions: torch.Tensor, buckets: torch.Tensor, cfg: float) -> torch.Tensor:
     """v prediction with classifier-free guidance on the context (zeros = no context); actions always kept."""
     if cfg == 1.0:
-        return net(x, t, context, actions, buckets)
-    both = net(
+        return world_model(x, t, context, actions, buckets)
+    both = world_model(
         torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, torch.zeros_like(context)]),
         torch.cat([actions, actions]), torch.cat([buckets, buckets]),
     )
@@ -57,7 +57,7 @@ def guided_velocity(net: ActionConditionedUNet, x: torch.Tensor, t: torch.Tensor
 
 
 @torch.no_grad()
-def sample_next_latent(net: ActionConditionedUNet, scheduler: Any, context_latents: torch.Tensor,
+def sample_next_latent(world_model: ActionConditionedUNet, scheduler: Scheduler, context_latents: torch.Tensor,
                        context_actions: torch.Tensor, steps: int = 4, cfg: float = 1.5,
                        context_noise_level: float = 0.0, eta: float = 0.0,
                        generator: torch.Generator | None = None, noise_bucket_override: int | None = None
@@ -68,9 +68,9 @@ def sample_next_latent(net: ActionConditionedUNet, scheduler: Any, context_laten
     ``noise_bucket_override`` feeds a given bucket without changing the noise (for probing the conditioning).
     ``generator`` (CPU) makes the draw reproducible.
     """
-    config = net.config
+    config = world_model.config
     device = context_latents.device
-    dtype = next(net.parameters()).dtype
+    dtype = next(world_model.parameters()).dtype
     batch = context_latents.shape[0]
     context = context_latents.to(dtype)
     if context_noise_level > 0:
@@ -87,9 +87,9 @@ def sample_next_latent(net: ActionConditionedUNet, scheduler: Any, context_laten
     x = torch.randn(shape, generator=generator, dtype=dtype).to(device) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         timesteps = torch.full((batch,), int(t), dtype=torch.long, device=device)
-        v = guided_velocity(net, x, timesteps, context, actions, buckets, cfg)
+        v = guided_velocity(world_model, x, timesteps, context, actions, buckets, cfg)
         x = scheduler.step(v, t, x, eta=eta, generator=generator).prev_sample
-    return net.from_residual(x, net.residual_base(context, actions))
+    return world_model.from_residual(x, world_model.residual_base(context, actions))
 
 
 class Sampler:
@@ -99,28 +99,29 @@ class Sampler:
     ``frame_size``); it may be ``None`` to work in latent space only (``step_latent``).
     """
 
-    def __init__(self, net: ActionConditionedUNet, autoencoder: FrameAutoencoder | None = None, steps: int = 4,
+    def __init__(self, world_model: ActionConditionedUNet, autoencoder: FrameAutoencoder | None = None, steps: int = 4,
                  cfg: float = 1.5,
                  context_noise_level: float = 0.1, eta: float = 0.0, seed: int | None = 0,
-                 scheduler: Any = None) -> None:
-        self.net = net.eval()
+                 scheduler: Scheduler | None = None) -> None:
+        self.world_model = world_model.eval()
         self.autoencoder = autoencoder
         self.steps, self.cfg, self.context_noise_level, self.eta = steps, cfg, context_noise_level, eta
-        self.scheduler = scheduler if scheduler is not None else make_scheduler(net.config, "ddim")
+        self.scheduler = scheduler if scheduler is not None else make_scheduler(world_model.config, "ddim")
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.device = next(net.parameters()).device
+        self.device = next(world_model.parameters()).device
         self.latents: torch.Tensor | None = None  # [K, C, h, w]
         self.actions: torch.Tensor | None = None  # [K-1]
 
     @classmethod
-    def from_params(cls, net: ActionConditionedUNet, autoencoder: FrameAutoencoder, sampler: SamplerParams) -> Sampler:
+    def from_params(cls, world_model: ActionConditionedUNet, autoencoder: FrameAutoencoder,
+                    sampler: SamplerParams) -> Sampler:
         """Build with the ``params.sampler`` section's settings."""
-        return cls(net, autoencoder, steps=sampler.steps, cfg=sampler.cfg,
+        return cls(world_model, autoencoder, steps=sampler.steps, cfg=sampler.cfg,
                    context_noise_level=sampler.context_noise_level, eta=sampler.eta, seed=sampler.seed)
 
     @property
     def context(self) -> int:
-        return self.net.config.context
+        return self.world_model.config.context
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         if self.autoencoder is None:
@@ -141,7 +142,7 @@ class Sampler:
         oldest frame is repeated (with action 0) to fill the context.
         """
         context = torch.as_tensor(context)
-        config = self.net.config
+        config = self.world_model.config
         if context.dim() != 4:
             raise ValueError(f"context must be [n, C, h, w] latents or [n, 3, H, W] frames, got {tuple(context.shape)}")
         is_latent = tuple(context.shape[1:]) == (config.latent_channels, *config.latent_size)
@@ -167,7 +168,7 @@ class Sampler:
         action_t = torch.tensor([int(action)], dtype=torch.long, device=self.device)
         actions = torch.cat([self.actions, action_t])
         latent = sample_next_latent(
-            self.net, self.scheduler, self.latents[None], actions[None], steps=self.steps, cfg=self.cfg,
+            self.world_model, self.scheduler, self.latents[None], actions[None], steps=self.steps, cfg=self.cfg,
             context_noise_level=self.context_noise_level, eta=self.eta, generator=self.generator,
         )[0]
         self.latents = torch.cat([self.latents[1:], latent[None]])
@@ -190,10 +191,10 @@ def rollout(model: Sampler | ActionConditionedUNet, start_context: torch.Tensor,
     ``steps``, ``cfg``, ``context_noise_level``, ``seed`` build one). Returns ``(frames [T,3,H,W] or None when
     ``decode`` is false or there is no autoencoder, latents [T,C,h,w])``.
     """
-    wm = model if isinstance(model, Sampler) else Sampler(model, autoencoder, **sampler_kwargs)
-    wm.reset(start_context, start_actions)
-    latents = torch.stack([wm.step_latent(int(a)) for a in torch.as_tensor(actions).reshape(-1)])
+    sampler = model if isinstance(model, Sampler) else Sampler(model, autoencoder, **sampler_kwargs)
+    sampler.reset(start_context, start_actions)
+    latents = torch.stack([sampler.step_latent(int(a)) for a in torch.as_tensor(actions).reshape(-1)])
     frames = None
-    if decode and wm.autoencoder is not None:
-        frames = torch.cat([wm.decode(chunk) for chunk in latents.split(16)])
+    if decode and sampler.autoencoder is not None:
+        frames = torch.cat([sampler.decode(chunk) for chunk in latents.split(16)])
     return frames, latents

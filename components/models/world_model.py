@@ -22,15 +22,15 @@ This is GameNGen's model (see ``../shared/reference/gamengen-paper.md``, "Model 
 The interface other stages use (keep it stable)::
 
     from components.models.world_model import ActionConditionedUNet, load_world_model
-    net = load_world_model("data/diffusion_checkpoint")
-    v = net(noisy_target,      # [B, C, h, w]
-            timesteps,         # [B] long, in [0, num_train_timesteps)
-            context_latents,   # [B, K, C, h, w], oldest first
-            context_actions,   # [B, K] long; context_actions[:, i] is the action taken on context frame i,
-                               #   so the last one is the action that leads to the target frame
-            noise_buckets)     # [B] long, in [0, buckets); see noise_bucket()
-    net.config                 # WorldModelConfig
-    net.save(folder)           # atomic: config.json + model.safetensors + scheduler_config.json
+    world_model = load_world_model("data/diffusion_checkpoint")
+    v = world_model(noisy_target,      # [B, C, h, w]
+                    timesteps,         # [B] long, in [0, num_train_timesteps)
+                    context_latents,   # [B, K, C, h, w], oldest first
+                    context_actions,   # [B, K] long; context_actions[:, i] is the action taken on context frame
+                                       #   i, so the last one is the action that leads to the target frame
+                    noise_buckets)     # [B] long, in [0, buckets); see noise_bucket()
+    world_model.config                 # WorldModelConfig
+    world_model.save(folder)           # atomic: config.json + model.safetensors + scheduler_config.json
 
 Windows from ``TrajectoryStore`` map directly: rows ``s..s+K-1`` give the context latents and actions, row ``s+K``
 is the target.
@@ -43,7 +43,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -65,6 +65,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SCHEDULER_FILE = "scheduler_config.json"
 FORMAT = "gamengen-world-model/1"
+Scheduler: TypeAlias = DDPMScheduler | DDIMScheduler  # make_scheduler's "ddpm" (training) and "ddim" (sampling)
 
 
 @dataclass
@@ -218,21 +219,21 @@ class ActionConditionedUNet(nn.Module):
             num_class_embeds=world_model.noise_buckets,
             class_embed_type=None,
         )
-        net = cls(_config(world_model, latent_channels, latent_size, num_actions, unet_config))
+        model = cls(_config(world_model, latent_channels, latent_size, num_actions, unet_config))
         state = pretrained.state_dict()
         old = state.pop("conv_in.weight")
-        widened = torch.zeros_like(net.unet.conv_in.weight)
+        widened = torch.zeros_like(model.unet.conv_in.weight)
         widened[:, :latent_channels] = old
         state["conv_in.weight"] = widened
-        missing, unexpected = net.unet.load_state_dict(state, strict=False)
+        missing, unexpected = model.unet.load_state_dict(state, strict=False)
         if unexpected:
             raise PipelineError(f"{folder}: weights that do not fit the widened UNet: {unexpected[:5]}")
         if [k for k in missing if not k.startswith("class_embedding")]:
             raise PipelineError(f"{folder}: weights missing from the pretrained UNet: {missing[:5]}")
-        nn.init.zeros_(net.unet.class_embedding.weight)
+        nn.init.zeros_(model.unet.class_embedding.weight)
         log.info("loaded pretrained UNet from %s; conv_in widened %d -> %d channels", folder, latent_channels,
                  unet_config["in_channels"])
-        return net
+        return model
 
     # ------------------------------------------------------------------ forward
 
@@ -322,7 +323,7 @@ def _input_latents(world_model: WorldModelParams) -> int:
     return world_model.context + 1 + int(world_model.action_warp)
 
 
-def make_scheduler(config: WorldModelConfig, kind: str = "ddim") -> Any:
+def make_scheduler(config: WorldModelConfig, kind: str = "ddim") -> Scheduler:
     """The noise schedule the model was trained with: ``ddpm`` for training, ``ddim`` for sampling.
 
     v-prediction; with ``zero_terminal_snr`` the betas are rescaled so the last timestep is pure noise, and
@@ -347,7 +348,7 @@ def make_scheduler(config: WorldModelConfig, kind: str = "ddim") -> Any:
 
 
 def load_world_model(folder: str | Path, device: str | torch.device = "cpu") -> ActionConditionedUNet:
-    """Load a saved world model (``net.save`` / stage ``diffusion_checkpoint``), in eval mode."""
+    """Load a saved world model (``ActionConditionedUNet.save`` / stage ``diffusion_checkpoint``), in eval mode."""
 
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
@@ -360,16 +361,16 @@ def load_world_model(folder: str | Path, device: str | torch.device = "cpu") -> 
         config = WorldModelConfig.from_dict(json.loads(config_path.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise PipelineError(f"{config_path}: corrupt world model config ({error}); re-run the stage") from None
-    net = ActionConditionedUNet(config)
+    model = ActionConditionedUNet(config)
     try:
         state = load_file(str(weights_path))
     except Exception as error:  # safetensors raises several types for a damaged file
         raise PipelineError(f"{weights_path}: unreadable weights ({error}); re-run the stage") from None
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise PipelineError(f"{weights_path}: weights do not match {CONFIG_FILE} (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}); re-run the stage")
-    return net.to(device).eval()
+    return model.to(device).eval()
 
 
 def context_noise(context_latents: torch.Tensor, levels: torch.Tensor,

@@ -14,7 +14,7 @@ Loss, per example (paper: "Model and training")::
     context = context + level * eps_ctx                  # noise augmentation
     context = 0 with probability context_dropout         # for classifier-free guidance on past frames
     t ~ U{0..T-1}; eps ~ N(0, I); x_t = ddpm.add_noise(target, eps, t)
-    loss = || net(x_t, t, context, actions, bucket) - ddpm.get_velocity(target, eps, t) ||^2
+    loss = || world_model(x_t, t, context, actions, bucket) - ddpm.get_velocity(target, eps, t) ||^2
 
 Training runs on the shared engine (``components/training.py``): device (``device``), mixed precision, the
 minutes-or-steps plan, the atomic safetensors checkpoint every ``checkpoint_every`` steps under
@@ -48,8 +48,24 @@ from components.errors import PipelineError
 from components.images import frame_grid, to_uint8
 from components.models.motion_warp import LatentGeometry, fit_action_warp
 from components.models.sampler import sample_next_latent
-from components.models.world_model import ActionConditionedUNet, context_noise, make_scheduler, noise_bucket
-from components.training import CHECKPOINT_FILE, Budget, Recipe, TrainResult, check_precision, run_folder, start_runtime
+from components.models.world_model import (
+    ActionConditionedUNet,
+    Scheduler,
+    WorldModelConfig,
+    context_noise,
+    make_scheduler,
+    noise_bucket,
+)
+from components.training import (
+    CHECKPOINT_FILE,
+    Budget,
+    Recipe,
+    Step,
+    TrainResult,
+    check_precision,
+    run_folder,
+    start_runtime,
+)
 from components.training import train as run_training
 
 if TYPE_CHECKING:
@@ -150,7 +166,8 @@ def data_fingerprint(store: TrajectoryStore) -> str:
 # --------------------------------------------------------------------------- loss
 
 
-def diffusion_loss(net: Any, ddpm: Any, batch: Batch, config: Any, context_dropout: float,
+def diffusion_loss(world_model: ActionConditionedUNet, ddpm: Scheduler, batch: Batch, config: WorldModelConfig,
+                   context_dropout: float,
                    generator: torch.Generator) -> torch.Tensor:
     """The v-prediction loss with context noise augmentation and context dropout (module docstring)."""
     device = batch.target.device
@@ -158,14 +175,14 @@ def diffusion_loss(net: Any, ddpm: Any, batch: Batch, config: Any, context_dropo
     levels = torch.rand(size, generator=generator) * config.max_noise_level
     buckets = noise_bucket(levels, config.max_noise_level, config.noise_buckets).to(device)
     context = context_noise(batch.context_latents, levels.to(device), generator)
-    target = net.to_residual(batch.target, net.residual_base(context, batch.context_actions))
+    target = world_model.to_residual(batch.target, world_model.residual_base(context, batch.context_actions))
     keep = (torch.rand(size, generator=generator) >= context_dropout).to(device=device, dtype=context.dtype)
     context = context * keep.view(-1, 1, 1, 1, 1)
     timesteps = torch.randint(0, config.num_train_timesteps, (size,), generator=generator).to(device)
     noise = torch.randn(batch.target.shape, generator=generator).to(device)
     noisy = ddpm.add_noise(target, noise, timesteps)
     target_v = ddpm.get_velocity(target, noise, timesteps)
-    predicted = net(noisy, timesteps, context, batch.context_actions, buckets)
+    predicted = world_model(noisy, timesteps, context, batch.context_actions, buckets)
     return torch.nn.functional.mse_loss(predicted.float(), target_v.float())
 
 
@@ -198,7 +215,7 @@ def recipe(settings: DiffusionCheckpointParams) -> Recipe:
 
 @dataclass
 class WorldModelRun:
-    net: ActionConditionedUNet
+    world_model: ActionConditionedUNet
     result: TrainResult
 
 
@@ -213,57 +230,57 @@ def train(params: Params, latents_root: str | Path, cache_root: str | Path | Non
     call early after that many steps (for tests); the plan is unchanged.
     """
 
-    world_model, settings = params.world_model, params.diffusion_checkpoint
+    settings, context = params.diffusion_checkpoint, params.world_model.context
     num_actions = len(params.environment.actions)
     runtime = start_runtime(params.device)
     check_precision(settings.mixed_precision, runtime.device, "diffusion_checkpoint.mixed_precision")
-    store = open_latents(latents_root, world_model.context, num_actions)
+    store = open_latents(latents_root, context, num_actions)
     channels, height, width = latent_shape(store)
     torch.manual_seed(settings.seed)
-    net = ActionConditionedUNet.from_params(world_model, channels, (height, width), num_actions)
+    world_model = ActionConditionedUNet.from_params(params.world_model, channels, (height, width), num_actions)
     folder = run_folder(cache_root, runtime, run_key_parts(params, num_actions, data_fingerprint(store)))
     if folder is None or not (folder / CHECKPOINT_FILE).is_file():
-        fit_to_data(net, WindowStream(store, world_model.context, "train", settings.seed),
+        fit_to_data(world_model, WindowStream(store, context, "train", settings.seed),
                     TrajectoryStore(frames_root) if frames_root else None, params.environment)
     log.info("world model: %.2fM parameters, latents %dx%dx%d, K=%d, %d train windows; process %d of %d on %s, "
-             "batch %d per process", net.num_parameters() / 1e6, channels, height, width, world_model.context,
-             len(store.window_index(world_model.context + 1, "train")), runtime.rank, runtime.processes,
+             "batch %d per process", world_model.num_parameters() / 1e6, channels, height, width, context,
+             len(store.window_index(context + 1, "train")), runtime.rank, runtime.processes,
              runtime.device, settings.batch_size)
-    ddpm = make_scheduler(net.config, "ddpm")
-    stream = WindowStream(store, world_model.context, "train", settings.seed, runtime.rank, runtime.processes)
+    ddpm = make_scheduler(world_model.config, "ddpm")
+    stream = WindowStream(store, context, "train", settings.seed, runtime.rank, runtime.processes)
 
-    def loss_fn(step: Any) -> torch.Tensor:
+    def loss_fn(step: Step) -> torch.Tensor:
         batch = stream.batch(step.index, settings.batch_size).to(step.device)
-        return diffusion_loss(net, ddpm, batch, net.config, settings.context_dropout, step.generator)
+        return diffusion_loss(world_model, ddpm, batch, world_model.config, settings.context_dropout, step.generator)
 
-    result = run_training(net, list(net.parameters()), loss_fn, recipe(settings), runtime, folder, live_dir=live_dir,
-                          name="diffusion_checkpoint", stop_after=stop_after)
-    return WorldModelRun(net.float().cpu().eval(), result)
+    result = run_training(world_model, list(world_model.parameters()), loss_fn, recipe(settings), runtime, folder,
+                          live_dir=live_dir, name="diffusion_checkpoint", stop_after=stop_after)
+    return WorldModelRun(world_model.float().cpu().eval(), result)
 
 
 FIT_WINDOWS = 2048  # training windows the action warp and the residual scale are fitted on before the first step
 
 
-def fit_to_data(net: ActionConditionedUNet, stream: WindowStream, frames: TrajectoryStore | None,
+def fit_to_data(world_model: ActionConditionedUNet, stream: WindowStream, frames: TrajectoryStore | None,
                 environment: EnvironmentParams) -> None:
     """Before the first step: fit the action warp (``world_model.action_warp``) and measure the residual scale
     (``world_model.predict_residual``: the std of ``next - base``) on a sample of training windows."""
-    if net.action_warp is not None:
-        fit_warp(net, stream, frames, environment)
-    if net.config.predict_residual:
+    if world_model.action_warp is not None:
+        fit_warp(world_model, stream, frames, environment)
+    if world_model.config.predict_residual:
         rows = np.random.default_rng([stream.seed, 12]).permutation(len(stream))[:FIT_WINDOWS]
         batch = stream.read(sorted(rows.tolist()))
         with torch.no_grad():
-            base = net.residual_base(batch.context_latents, batch.context_actions)
+            base = world_model.residual_base(batch.context_latents, batch.context_actions)
             assert base is not None  # predict_residual is on
             residual = batch.target - base
-            net.residual_scale.fill_(float(residual.std()))
+            world_model.residual_scale.fill_(float(residual.std()))
         log.info("predicting the residual to the %s last latent: std %.3f (the latents' std is %.3f)",
-                 "warped" if net.action_warp is not None else "unwarped", float(net.residual_scale),
+                 "warped" if world_model.action_warp is not None else "unwarped", float(world_model.residual_scale),
                  float(batch.target.std()))
 
 
-def fit_warp(net: ActionConditionedUNet, stream: WindowStream, frames: TrajectoryStore | None,
+def fit_warp(world_model: ActionConditionedUNet, stream: WindowStream, frames: TrajectoryStore | None,
              environment: EnvironmentParams) -> None:
     """Fit the network's action warp on a sample of training windows and their real ``frames`` (the recorded
     trajectories the latents were encoded from)."""
@@ -288,7 +305,7 @@ def fit_warp(net: ActionConditionedUNet, stream: WindowStream, frames: Trajector
     padding = attributes.get("padding", {})
     geometry = LatentGeometry(int(attributes.get("downsample_factor", pixels.shape[-1] // batch.target.shape[-1])),
                               int(padding.get("left", 0)), int(padding.get("top", 0)))
-    warp = net.action_warp
+    warp = world_model.action_warp
     assert warp is not None  # called only for a model with the warp
     fitted = fit_action_warp(warp, batch.context_latents[:, -1], batch.context_actions, batch.target,
                              pixels[:, 0], pixels[:, 1], geometry, environment.view_rows)
@@ -303,7 +320,7 @@ def fit_warp(net: ActionConditionedUNet, stream: WindowStream, frames: Trajector
 
 
 @torch.no_grad()
-def heldout_metrics(net: ActionConditionedUNet, store: TrajectoryStore, params: Params, windows: int,
+def heldout_metrics(world_model: ActionConditionedUNet, store: TrajectoryStore, params: Params, windows: int,
                     seed: int = 0, chunk: int = 32, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Quick held-out numbers for ``metrics/diffusion_checkpoint.json`` (full evaluation is its own stage).
 
@@ -313,18 +330,19 @@ def heldout_metrics(net: ActionConditionedUNet, store: TrajectoryStore, params: 
     ``device``; ``batch`` / ``sampled`` of the first chunk are returned for the preview.
     """
 
-    heldout = heldout_windows(store, net.config.context + 1, "diffusion_checkpoint's held-out metrics")
-    net = net.to(device)
+    heldout = heldout_windows(store, world_model.config.context + 1, "diffusion_checkpoint's held-out metrics")
+    world_model = world_model.to(device)
     rows = np.random.default_rng(seed).permutation(len(heldout))[:windows].tolist()
-    ddpm, ddim, s = make_scheduler(net.config, "ddpm"), make_scheduler(net.config, "ddim"), params.sampler
+    ddpm, ddim = make_scheduler(world_model.config, "ddpm"), make_scheduler(world_model.config, "ddim")
+    s = params.sampler
     generator = torch.Generator().manual_seed(seed)
     sums = {"heldout_loss": 0.0, "sampled_latent_mse": 0.0, "copy_last_latent_mse": 0.0}
     first: tuple[Batch, torch.Tensor] | None = None
     for begin in range(0, len(rows), chunk):
         batch = windows_batch(heldout, rows[begin : begin + chunk]).to(device)
         size = batch.target.shape[0]
-        loss = diffusion_loss(net, ddpm, batch, net.config, 0.0, generator)
-        sampled = sample_next_latent(net, ddim, batch.context_latents, batch.context_actions, steps=s.steps,
+        loss = diffusion_loss(world_model, ddpm, batch, world_model.config, 0.0, generator)
+        sampled = sample_next_latent(world_model, ddim, batch.context_latents, batch.context_actions, steps=s.steps,
                                      cfg=s.cfg, context_noise_level=s.context_noise_level, eta=s.eta,
                                      generator=generator)
         sums["heldout_loss"] += float(loss) * size
@@ -332,7 +350,7 @@ def heldout_metrics(net: ActionConditionedUNet, store: TrajectoryStore, params: 
         sums["copy_last_latent_mse"] += float((batch.context_latents[:, -1] - batch.target).pow(2).mean()) * size
         if first is None:
             first = (batch.to("cpu"), sampled.cpu())
-    net.cpu()
+    world_model.cpu()
     assert first is not None
     return {"eval_split": "heldout", "eval_windows": len(rows), **{k: v / len(rows) for k, v in sums.items()},
             "batch": first[0], "sampled": first[1]}

@@ -1,4 +1,5 @@
-"""ONNX export of the playable model (stage ``onnx_export``): three graphs, a manifest and held-out contexts.
+"""ONNX graphs of the playable model: export, check, run and compare with PyTorch (``components.runtime.playable``
+assembles them, with the manifest and the held-out contexts, into what stage ``onnx_export`` ships).
 
 The contract (names, dtypes, axes, manifest fields) is defined in ``components.runtime.export_contract`` and
 documented in README "ONNX export contract". This module builds it:
@@ -12,10 +13,7 @@ documented in README "ONNX export contract". This module builds it:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,16 +21,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import yaml
 from torch import nn
 
 from components.atomic import atomic_path, atomic_write_bytes
-from components.data.windows import heldout_windows
 from components.errors import PipelineError
 from components.runtime.export_contract import ENCODER_FILE, GRAPHS, execution_providers
 
 if TYPE_CHECKING:
-    from components.data.trajectory_store import TrajectoryStore
     from components.models.autoencoder import FrameAutoencoder
 
 
@@ -168,83 +163,3 @@ def parity(module: nn.Module, session: Any, inputs: dict[str, np.ndarray], batch
         output_scale = max(output_scale, float(np.abs(expected).max()))
     return {"max_abs_diff": max_diff, "mean_abs_diff": total / max(elements, 1), "max_abs_output": output_scale,
             "samples": count}
-
-
-# --------------------------------------------------------------------------- manifest helpers
-
-
-def params_hash(sections: dict[str, Any]) -> str:
-    """sha256 of the params sections (as validated JSON) that made the export."""
-    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def dvc_lock_hashes(inputs: list[str], lock_path: str | Path = "dvc.lock") -> dict[str, str | None]:
-    """For each input path, the md5 that ``dvc.lock`` records for it as some stage's out (None if absent).
-
-    Upstream stages are locked before this one runs, so their outs' hashes are final.
-    """
-
-    recorded: dict[str, str] = {}
-    lock = Path(lock_path)
-    if lock.is_file():
-        data = yaml.safe_load(lock.read_text()) or {}
-        for stage in (data.get("stages") or {}).values():
-            for out in stage.get("outs", []) or []:
-                if "md5" in out:
-                    recorded[str(out["path"]).rstrip("/")] = out["md5"]
-    result: dict[str, str | None] = {}
-    for name in inputs:
-        name = name.rstrip("/")
-        if name in recorded:
-            result[name] = recorded[name]
-        else:  # a folder of foreach shards: each shard is its own out
-            shards = {k: v for k, v in recorded.items() if k.startswith(name + "/")}
-            result[name] = hashlib.md5(json.dumps(shards, sort_keys=True).encode()).hexdigest() if shards else None
-            if shards:
-                result.update(shards)
-    return result
-
-
-# --------------------------------------------------------------------------- held-out windows with real frames
-
-
-def sample_contexts(latent_store: TrajectoryStore, length: int, count: int, raw_store: TrajectoryStore | None = None,
-                    decode: Callable[[np.ndarray], np.ndarray] | None = None,
-                    needed_for: str = "onnx_export") -> dict[str, Any]:
-    """``count`` evenly spread held-out windows of ``length`` rows: latents, actions and the real frames.
-
-    Real frames come from the latent shard's own ``frames`` array when it has one, else from the raw
-    trajectory episode with the same ``episode_id`` (and length); failing both, from ``decode(latents)``
-    (then ``frames_source`` says "decoded"). ``HeldOutError`` (naming ``needed_for``) when no held-out episode
-    is long enough.
-    """
-    windows = heldout_windows(latent_store, length, needed_for)
-    picks = windows.evenly_spaced(count)
-    read_latents, read_actions = windows.read(picks)
-    latents = list(read_latents.numpy())
-    actions = list(read_actions.numpy())
-    frames, sources = [], set()
-    for (shard, start), window_latents in zip(windows.index[picks], latents, strict=True):
-        source = latent_store.shards[int(shard)]
-        if "frames" in source.array_names:
-            frames.append(np.array(source.array("frames")[start : start + length]))
-            sources.add("latent_store")
-            continue
-        raw = None if raw_store is None else raw_store.read_matching_window(latent_store, int(shard), int(start),
-                                                                             length, ["frames"])
-        if raw is not None:
-            frames.append(raw["frames"])
-            sources.add("raw_trajectories")
-        elif decode is not None:
-            frames.append(decode(window_latents))
-            sources.add("decoded")
-        else:
-            episode = latent_store.episode_at(int(shard), int(start))
-            raise PipelineError(f"episode {episode.episode_id}: no real frames found and no decoder given")
-    return {
-        "latents": np.stack(latents),
-        "actions": np.stack(actions),
-        "frames": np.stack(frames).astype(np.uint8),
-        "split": "heldout",
-        "frames_source": ",".join(sorted(sources)),
-    }

@@ -54,23 +54,24 @@ def main(args: argparse.Namespace) -> None:
         autoencoder = load_autoencoder(args.autoencoder)
     run = train(params, args.latents, cache_root=args.cache or None, live_dir=args.live_dir or None,
                 frames_root=args.trajectories)
-    result, net = run.result, run.net
+    result, world_model = run.result, run.world_model
     if not result.is_main_process:
         return  # under `accelerate launch` the main process writes the outputs
     if autoencoder is not None and tuple(autoencoder.latent_shape) != (
-        net.config.latent_channels, *net.config.latent_size
+        world_model.config.latent_channels, *world_model.config.latent_size
     ):
         raise PipelineError(
             f"{args.autoencoder}: its latents are {tuple(autoencoder.latent_shape)} but {args.latents} holds "
-            f"{(net.config.latent_channels, *net.config.latent_size)}; rerun validated_latents with this autoencoder"
+            f"{(world_model.config.latent_channels, *world_model.config.latent_size)}; rerun validated_latents with "
+            "this autoencoder"
         )
-    net.save(args.out)
+    world_model.save(args.out)
     log.info("saved the world model to %s", args.out)
 
-    store = open_latents(args.latents, net.config.context, net.config.num_actions)
+    store = open_latents(args.latents, world_model.config.context, world_model.config.num_actions)
     settings = params.diffusion_checkpoint
     torch.manual_seed(settings.seed)
-    evaluation = heldout_metrics(net, store, params, max(settings.eval_windows, settings.preview_windows),
+    evaluation = heldout_metrics(world_model, store, params, max(settings.eval_windows, settings.preview_windows),
                                  seed=settings.seed, device=resolve_device(params.device))
     if autoencoder is not None:
         samples = Path(args.plots) / SAMPLES_FILE
@@ -85,13 +86,13 @@ def main(args: argparse.Namespace) -> None:
         "train_samples_per_s": result.samples_per_s,
         "processes": result.processes,
         "train_seconds": result.seconds,
-        "parameters": net.num_parameters(),
-        "context": net.config.context,
-        "latent_shape": [net.config.latent_channels, *net.config.latent_size],
+        "parameters": world_model.num_parameters(),
+        "context": world_model.config.context,
+        "latent_shape": [world_model.config.latent_channels, *world_model.config.latent_size],
         "sampler": params.sampler.model_dump(),
-        "action_warp": None if net.action_warp is None else net.action_warp.describe(
+        "action_warp": None if world_model.action_warp is None else world_model.action_warp.describe(
             [a.name for a in params.environment.actions]),
-        "residual_scale": float(net.residual_scale) if net.config.predict_residual else None,
+        "residual_scale": float(world_model.residual_scale) if world_model.config.predict_residual else None,
         **{k: v for k, v in evaluation.items() if k not in ("batch", "sampled")},
     }
     atomic_write_json(args.metrics, metrics)
