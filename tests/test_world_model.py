@@ -1,7 +1,7 @@
 """The diffusion world model: conditioning is used, training learns, sampling and loading work.
 
 A short real training run (about 200 steps on synthetic latents whose next frame depends on the action,
-tests/world_model_data.py) is shared by the tests in this file.
+tests/fixtures/stores.py) is shared by the tests in this file.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from world_model_data import LATENT_SHAPE, micro_params_dict, next_latent, tiny_autoencoder, write_synthetic_latents
 
 from components.errors import PipelineError
 from components.models.sampler import Sampler, make_scheduler, rollout, sample_next_latent
 from components.models.world_model import ActionConditionedUNet, load_world_model, noise_bucket
 from components.models.world_model_training import WindowStream, open_latents, train
 from components.params import ParamsError, parse_params
+from tests.fixtures.models import tiny_autoencoder
+from tests.fixtures.params import micro_params_dict
+from tests.fixtures.stores import LATENT_SHAPE, next_latent, write_synthetic_latents
 
 TRAIN = {"steps": 200, "batch_size": 16, "learning_rate": 0.003, "log_every": 20, "checkpoint_every": 100}
 
@@ -38,7 +40,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     store = open_latents(latents, params.world_model.context, len(params.environment.actions))
     batch = WindowStream(store, params.world_model.context, "heldout", 0).read(list(range(8)))
     return {"root": root, "params": params, "result": run.result, "net": run.net, "batch": batch,
-            "autoencoder": tiny_autoencoder(root / "autoencoder")}
+            "autoencoder": tiny_autoencoder(folder=root / "autoencoder", norm_groups=8)}
 
 
 def _sample(net: ActionConditionedUNet, batch: Any, action: int | None = None, cfg: float = 1.5,
