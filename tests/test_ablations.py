@@ -12,7 +12,7 @@ import yaml
 
 from components.evaluation import ablations as ab
 from components.params import AblationsParams
-from tests.conftest import REPO_ROOT, make_repo_copy, run
+from tests.fixtures.processes import REPO_ROOT, make_repo_copy, run
 
 SETTINGS = AblationsParams(context_lengths=[1, 2, 4], seeds=[0], overrides=[])  # one seed, full scale
 

@@ -13,20 +13,15 @@ import torch
 from components.models.autoencoder import (
     AutoencoderError,
     FrameAutoencoder,
-    build_vae,
     load_autoencoder,
     load_pretrained_vae,
     padding_for,
     training_loss,
 )
-from tests.conftest import run, write_micro_params
-from tests.synthetic_trajectories import write_synthetic_trajectories
-
-
-def tiny_vae(blocks: int = 3, latent_channels: int = 4) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_vae([8] * blocks, latent_channels, 1, 4, False)
-
+from tests.fixtures.models import tiny_vae
+from tests.fixtures.params import write_micro_params
+from tests.fixtures.processes import run
+from tests.fixtures.stores import write_synthetic_trajectories
 
 # --------------------------------------------------------------------------- geometry
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, pipeline_env, run
+from tests.fixtures.params import write_params
+from tests.fixtures.processes import REPO_ROOT, pipeline_env, run
 
 COMPONENTS = [sys.executable, "-m", "components"]
 
@@ -49,10 +50,6 @@ def dvc_status(repo: Path) -> dict:
     return json.loads(run(["dvc", "status", "--json"], repo).stdout or "{}")
 
 
-def write_raw_params(repo: Path, raw: dict) -> None:
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
 def test_a_wrong_value_stops_before_dvc_touches_anything_and_restore_undoes_a_plain_dvc_repro(
         micro_pipeline: Path, tmp_path: Path) -> None:
     repo = copy_pipeline(micro_pipeline, tmp_path)
@@ -60,7 +57,7 @@ def test_a_wrong_value_stops_before_dvc_touches_anything_and_restore_undoes_a_pl
     bad = json.loads(json.dumps(good))
     bad["diffusion_checkpoint"]["batch_size"] = -1
     bad["sampler"]["cfg"] = "high"
-    write_raw_params(repo, bad)
+    write_params(repo / "params.yaml", bad, validate=False)
     outputs = locked_outputs(repo)
     before = snapshot(repo, [*outputs, "dvc.lock"])
     status = dvc_status(repo)
@@ -77,7 +74,7 @@ def test_a_wrong_value_stops_before_dvc_touches_anything_and_restore_undoes_a_pl
     assert not (repo / "metrics" / "diffusion_checkpoint.json").exists()
     assert not (repo / "data" / "diffusion_checkpoint").exists()
     # ... and `restore` puts every one of them back, metrics and plots included.
-    write_raw_params(repo, good)
+    write_params(repo / "params.yaml", good, validate=False)
     run([*COMPONENTS, "restore"], repo)
     assert snapshot(repo, [*outputs, "dvc.lock"]) == before
     assert dvc_status(repo) == {}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import run
+from tests.fixtures.processes import run
 
 COMPONENTS = [sys.executable, "-m", "components"]
 ARTIFACT = "doom-world-model"

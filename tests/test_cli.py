@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.fixtures.processes import REPO_ROOT
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from components.data.trajectory_store import TrajectoryStore
 from components.game.agent import list_checkpoints, load_policy
 from components.game.collection import heldout_score, split_for
 from components.params import load_params
-from tests.conftest import REPO_ROOT, run
+from tests.fixtures.processes import REPO_ROOT, run
 
 pytestmark = pytest.mark.slow
 

@@ -23,6 +23,8 @@ from components.models.distillation import (
 from components.models.sampler import sample_next_latent
 from components.models.world_model import ActionConditionedUNet, make_scheduler
 from components.params import WorldModelParams
+from tests.fixtures.export import build_upstream, write_export_params
+from tests.fixtures.processes import cli_in
 
 K, C, SIZE, ACTIONS = 2, 4, (8, 8), 5
 
@@ -219,17 +221,13 @@ def test_stage_without_decoder_minutes_ships_the_finetuned_vae_autoencoder(tiny_
 def test_stage_ships_a_decoder_tuned_on_the_students_rollouts(tmp_path: Path) -> None:
     """``decoder_minutes`` > 0: ``autoencoder/`` beside the student holds the input encoder unchanged and a decoder
     trained further, and the metrics record the fine-tune and both PSNRs."""
-    from tests.conftest import micro_params_dict, write_params
-    from tests.export_fixtures import CONTEXT, build_upstream, run_stage
-
     paths = build_upstream(tmp_path)
-    write_params(tmp_path / "params.yaml", micro_params_dict(world_model={"context": CONTEXT},
-                                                              distilled_model={"decoder_minutes": 0.05}))
+    write_export_params(tmp_path, distilled_model={"decoder_minutes": 0.05})
     out = tmp_path / "data" / "distilled_model"
-    run_stage(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
-              "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
-              "--trajectories", str(paths["raw_trajectories"]), "--out", str(out),
-              "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path / "plots"), "--cache", "")
+    cli_in(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
+           "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
+           "--trajectories", str(paths["raw_trajectories"]), "--out", str(out),
+           "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path / "plots"), "--cache", "")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["decoder_minutes"] > 0 and metrics["decoder_steps"] >= 1 and metrics["decoder_pairs"] >= 2
     for key in ("student_psnr_shipped_decoder", "copy_last_psnr_shipped_decoder"):
@@ -249,18 +247,15 @@ def test_stage_trains_a_critic_beside_the_student_and_checkpoints_both(tmp_path:
     holds the critic too (a resumed run continues the same game), and the student that ships is the student only."""
     from safetensors import safe_open
 
-    from tests.conftest import micro_params_dict, write_params
-    from tests.export_fixtures import CONTEXT, build_upstream, run_stage
-
     paths = build_upstream(tmp_path)
-    write_params(tmp_path / "params.yaml", micro_params_dict(world_model={"context": CONTEXT}, distilled_model={
-        "adversarial_weight": 0.5, "critic_width": 8, "minutes": 100.0, "max_steps": 3}))
+    write_export_params(tmp_path, distilled_model={"adversarial_weight": 0.5, "critic_width": 8, "minutes": 100.0,
+                                                   "max_steps": 3})
     out, cache = tmp_path / "data" / "distilled_model", tmp_path / "cache"
-    run_stage(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
-              "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
-              "--trajectories", str(paths["raw_trajectories"]), "--out", str(out),
-              "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path / "plots"),
-              "--cache", str(cache))
+    cli_in(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
+           "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
+           "--trajectories", str(paths["raw_trajectories"]), "--out", str(out),
+           "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path / "plots"),
+           "--cache", str(cache))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["adversarial_weight"] == 0.5 and metrics["train_steps"] == 3
     checkpoint = next(cache.rglob("checkpoint.safetensors"))
@@ -275,25 +270,16 @@ def test_stage_trains_a_critic_beside_the_student_and_checkpoints_both(tmp_path:
 def test_stage_checks_the_decoder_inputs_before_training(tmp_path: Path, bad: str) -> None:
     """A missing frames folder or rollouts longer than any training episode stop the stage at once (exit 2,
     naming what to fix) and write nothing."""
-    import subprocess
-    import sys
-
-    from tests.conftest import micro_params_dict, pipeline_env, write_params
-    from tests.export_fixtures import CONTEXT, build_upstream
-
     paths = build_upstream(tmp_path)
     steps = 50 if bad == "rollout_steps" else 4
-    write_params(tmp_path / "params.yaml", micro_params_dict(
-        world_model={"context": CONTEXT},
-        distilled_model={"decoder_minutes": 0.05, "decoder_rollout_steps": steps, "minutes": 5.0, "max_steps": 5000}))
+    write_export_params(tmp_path, distilled_model={"decoder_minutes": 0.05, "decoder_rollout_steps": steps,
+                                                   "minutes": 5.0, "max_steps": 5000})
     trajectories = tmp_path / "missing" if bad == "trajectories" else paths["raw_trajectories"]
     out = tmp_path / "data" / "distilled_model"
-    result = subprocess.run(
-        [sys.executable, "-m", "components", "--params", str(tmp_path / "params.yaml"), "distilled_model",
-         "--teacher", str(paths["diffusion_checkpoint"]), "--autoencoder", str(paths["finetuned_vae"]),
-         "--latents", str(paths["validated_latents"]), "--trajectories", str(trajectories), "--out", str(out),
-         "--metrics", str(tmp_path / "metrics.json"), "--plots", str(tmp_path / "plots"), "--cache", ""],
-        cwd=tmp_path, env=pipeline_env(), capture_output=True, text=True, timeout=120)
+    result = cli_in(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
+                    "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
+                    "--trajectories", str(trajectories), "--out", str(out), "--metrics", str(tmp_path / "metrics.json"),
+                    "--plots", str(tmp_path / "plots"), "--cache", "", check=False, timeout=120)
     assert result.returncode == 2, result.stderr
     assert ("missing" if bad == "trajectories" else "decoder_rollout_steps") in result.stderr
     assert "Traceback" not in result.stderr

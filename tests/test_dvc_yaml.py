@@ -9,7 +9,7 @@ import shlex
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.fixtures.processes import REPO_ROOT
 
 # The command-line machinery every stage runs through; editing it changes no stage's output.
 ENTRY_POINT = {"components/__init__.py", "components/__main__.py", "components/cli.py", "components/errors.py",

@@ -21,7 +21,7 @@ from components.game.environment import (
 )
 from components.game.reward import TERMS
 from components.params import EnvironmentParams, load_params
-from tests.conftest import REPO_ROOT
+from tests.fixtures.processes import REPO_ROOT
 
 DEFAULT = load_params(REPO_ROOT / "params.yaml")
 

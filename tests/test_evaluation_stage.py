@@ -1,6 +1,6 @@
 """The ``evaluation`` stage and the ``promote`` command on a real (tiny, untrained) ONNX export.
 
-The export is built by the real ``distilled_model`` and ``onnx_export`` stages (tests/export_fixtures.py, about
+The export is built by the real ``distilled_model`` and ``onnx_export`` stages (tests/fixtures/export.py, about
 a minute); the evaluation runs through the CLI as ``dvc repro`` runs it.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +18,11 @@ from PIL import Image
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
 from components.data.windows import HeldOutError, heldout_episodes, pick_windows
 from components.params import EvaluationParams
-from tests.conftest import REPO_ROOT, components_cli
-from tests.export_fixtures import build_tiny_export, write_params
+from tests.fixtures.export import build_tiny_export, write_export_params
+from tests.fixtures.processes import REPO_ROOT, cli_in
 
 ROLLOUTS = [4, 8]
 LONG_PLAY = 6
-
-
-def cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return components_cli(*args, cwd=root, params=root / "params.yaml", check=check)
 
 
 def set_evaluation(root: Path, **values: object) -> None:
@@ -71,10 +66,10 @@ def evaluation_args(root: Path, raw: Path, export: Path) -> list[str]:
 
 
 def test_stage_refuses_a_training_episode(tmp_path: Path) -> None:
-    write_params(tmp_path)
+    write_export_params(tmp_path)
     raw = tiny_store(tmp_path)
     set_evaluation(tmp_path, episodes=["ep0"])
-    result = cli(tmp_path, *evaluation_args(tmp_path, raw, tmp_path / "missing"), check=False)
+    result = cli_in(tmp_path, *evaluation_args(tmp_path, raw, tmp_path / "missing"), check=False)
     assert result.returncode == 2
     assert "refusing to evaluate on episodes that are not held out: ep0 (split 'train')" in result.stderr
     assert "Traceback" not in result.stderr
@@ -82,11 +77,11 @@ def test_stage_refuses_a_training_episode(tmp_path: Path) -> None:
 
 
 def test_stage_fails_clearly_without_heldout_episodes(tmp_path: Path) -> None:
-    write_params(tmp_path)
+    write_export_params(tmp_path)
     writer = ShardWriter(tmp_path / "raw" / "shard-0", "frames")
     writer.add_episode({"frames": np.zeros((6, 24, 32, 3), np.uint8), "actions": np.zeros(6, np.int64)}, "train")
     writer.close()
-    result = cli(tmp_path, *evaluation_args(tmp_path, tmp_path / "raw", tmp_path / "missing"), check=False)
+    result = cli_in(tmp_path, *evaluation_args(tmp_path, tmp_path / "raw", tmp_path / "missing"), check=False)
     assert result.returncode == 2 and "no held-out episodes" in result.stderr
 
 
@@ -102,7 +97,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               "criteria": [{"metric": "onnx.teacher_forced.psnr.model.pooled", "tolerance": 0.1},
                                            {"metric": "onnx.rollout.8.mean_psnr_over_steps.model", "tolerance": 0.2}]})
     data = root / "data"
-    cli(root, *evaluation_args(root, data / "raw_trajectories", data / "onnx_export"))
+    cli_in(root, *evaluation_args(root, data / "raw_trajectories", data / "onnx_export"))
     return root
 
 
@@ -201,13 +196,13 @@ def test_promote_command_both_ways(evaluated: Path) -> None:
     args = ["promote", "--export", str(data / "onnx_export"), "--trajectories", str(data / "raw_trajectories"),
             "--latents", str(data / "validated_latents"), "--metrics", str(evaluated / "metrics/evaluation.json"),
             "--report", str(evaluated / "reports/champion.json")]
-    first = cli(evaluated, *args, "--source", "first")
+    first = cli_in(evaluated, *args, "--source", "first")
     assert "PROMOTED: first champion" in first.stdout
     champion = evaluated / "champion"
     assert _tree(champion / "export") == _tree(data / "onnx_export")
 
     # the same export again, the champion re-scored on the same held-out play: exactly equal, promoted
-    again = cli(evaluated, *args, "--source", "same", "--decision-json", str(evaluated / "decision.json"))
+    again = cli_in(evaluated, *args, "--source", "same", "--decision-json", str(evaluated / "decision.json"))
     assert "PROMOTED" in again.stdout
     decision = json.loads((evaluated / "decision.json").read_text())
     assert all(c["delta"] == pytest.approx(0.0, abs=1e-9) for c in decision["comparisons"])
@@ -217,7 +212,7 @@ def test_promote_command_both_ways(evaluated: Path) -> None:
     worse["onnx"]["teacher_forced"]["psnr"]["model"]["pooled"] -= 1.0
     (evaluated / "worse.json").write_text(json.dumps(worse))
     before = _tree(champion)
-    rejected = cli(evaluated, *args, "--metrics", str(evaluated / "worse.json"), "--source", "worse")
+    rejected = cli_in(evaluated, *args, "--metrics", str(evaluated / "worse.json"), "--source", "worse")
     assert "REJECTED" in rejected.stdout and "onnx.teacher_forced.psnr.model.pooled" in rejected.stdout
     assert _tree(champion) == before
     log = (evaluated / "docs/promotion-log.md").read_text()

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from components.data.latent_validation import GateLimits, latent_statistics, validate_latents
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
 from components.errors import PipelineError
-from tests.conftest import write_micro_params
-from tests.synthetic_trajectories import write_synthetic_trajectories
+from tests.fixtures.models import tiny_autoencoder
+from tests.fixtures.params import write_micro_params
+from tests.fixtures.stores import write_synthetic_trajectories
 
 K = 2
 N_ACTIONS = 11
@@ -128,13 +128,6 @@ def test_too_short_episode_fails(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the stage publishes nothing on failure
 
 
-def _tiny_autoencoder(folder: Path, frame_size: tuple[int, int]) -> None:
-    from components.models.autoencoder import FrameAutoencoder, build_vae
-
-    torch.manual_seed(0)
-    FrameAutoencoder(build_vae([8, 8], 4, 1, 4, False), frame_size, 1.0, 4).save(folder)
-
-
 def _stage_args(tmp_path: Path, params: Path, trajectories: Path) -> argparse.Namespace:
     return argparse.Namespace(
         params=str(params), trajectories=str(trajectories), autoencoder=str(tmp_path / "ae"),
@@ -147,7 +140,7 @@ def test_stage_failure_publishes_no_latents(tmp_path: Path) -> None:
 
     # action ids beyond the action set: the micro profile's environment has fewer actions than this data uses
     traj = write_synthetic_trajectories(tmp_path / "raw", [[(8, "train"), (6, "heldout")]], n_actions=40, seed=5)
-    _tiny_autoencoder(tmp_path / "ae", (24, 32))
+    tiny_autoencoder((24, 32), tmp_path / "ae", blocks=2)
     args = _stage_args(tmp_path, write_micro_params(tmp_path), traj)
     with pytest.raises(PipelineError) as failure:
         validated_latents.main(args)
@@ -164,7 +157,7 @@ def test_stage_success_mirrors_episodes(tmp_path: Path) -> None:
 
     traj = write_synthetic_trajectories(tmp_path / "raw",
                                         [[(8, "train"), (2, "train"), (6, "heldout")], [(7, "train")]])
-    _tiny_autoencoder(tmp_path / "ae", (24, 32))
+    tiny_autoencoder((24, 32), tmp_path / "ae", blocks=2)
     args = _stage_args(tmp_path, write_micro_params(tmp_path), traj)
     validated_latents.main(args)
     report = json.loads(Path(args.report).read_text())
@@ -187,7 +180,7 @@ def test_both_engines_publish_the_same_latents(tmp_path: Path) -> None:
     from components.stages import validated_latents
 
     traj = write_synthetic_trajectories(tmp_path / "raw", [[(8, "train"), (6, "heldout")]], seed=3)
-    _tiny_autoencoder(tmp_path / "ae", (24, 32))
+    tiny_autoencoder((24, 32), tmp_path / "ae", blocks=2)
     published = {}
     for engine in ("onnxruntime", "torch"):
         root = tmp_path / engine

@@ -11,7 +11,7 @@ import torch
 from components.models.motion_warp import ActionWarp, LatentGeometry, fit_action_warp
 from components.models.world_model import ActionConditionedUNet, WorldModelConfig
 from components.params import parse_params
-from tests.conftest import micro_params_dict
+from tests.fixtures.params import micro_params_dict
 
 SIZE = (12, 16)
 HUD_ROWS = 3

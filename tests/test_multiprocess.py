@@ -18,14 +18,11 @@ from pathlib import Path
 
 import psutil
 from safetensors.torch import load_file
-from world_model_data import (
-    checkpoint_step,
-    micro_params_dict,
-    one_thread_env,
-    tiny_autoencoder,
-    write_params,
-    write_synthetic_latents,
-)
+
+from tests.fixtures.models import tiny_autoencoder
+from tests.fixtures.params import micro_params_dict, write_params
+from tests.fixtures.processes import pipeline_env
+from tests.fixtures.stores import checkpoint_step, write_synthetic_latents
 
 STEPS = 60
 
@@ -49,7 +46,7 @@ def _world_model(tmp: Path, name: str) -> list[str]:
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, cwd=cwd, env=one_thread_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=cwd, env=pipeline_env(threads=1), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -61,7 +58,7 @@ def _inputs(tmp: Path) -> dict:
     write_params(tmp / "params.yaml", raw)
     write_synthetic_latents(tmp / "latents", len(raw["environment"]["actions"]), shards=1, episodes=3,
                             frames_root=tmp / "frames")
-    tiny_autoencoder(tmp / "autoencoder")
+    tiny_autoencoder(folder=tmp / "autoencoder", norm_groups=8)
     return raw
 
 
@@ -71,8 +68,8 @@ def test_two_processes_train_the_world_model_and_resume_after_sigkill(tmp_path: 
     # 1. start two processes, wait for the first checkpoint, then SIGKILL the launcher and its workers (torch's
     #    launcher starts each worker in a session of its own, so they are found as its descendants)
     with open(tmp_path / "killed.log", "w") as log:
-        launcher = subprocess.Popen(_world_model(tmp_path, "run"), cwd=tmp_path, env=one_thread_env(), stdout=log,
-                                    stderr=log)
+        launcher = subprocess.Popen(_world_model(tmp_path, "run"), cwd=tmp_path, env=pipeline_env(threads=1),
+                                    stdout=log, stderr=log)
         deadline = time.monotonic() + 300
         while checkpoint_step(tmp_path / "run" / "cache") is None:
             assert launcher.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]

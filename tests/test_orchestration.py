@@ -21,12 +21,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
-from conftest import REPO_ROOT, make_repo_copy, pipeline_env, run
 
 from orchestration.assets import DVC_POOL
 from orchestration.builder import build_definitions
 from orchestration.jobs import full_pipeline_run_tags
 from orchestration.settings import load_settings
+from tests.fixtures.processes import REPO_ROOT, make_repo_copy, pipeline_env, run
 
 # --------------------------------------------------------------------------- the toy project
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import chromium_page, pipeline_env, run
 from test_orchestration import asset_graph_edges, lock_data_version, make_toy_repo
 
 from orchestration.builder import build_definitions
+from tests.fixtures.browser import chromium_page
+from tests.fixtures.processes import pipeline_env, run
 
 GRAPHQL_ASSETS = "{ assetNodes { assetKey { path } dependencyKeys { path } isPartitioned } }"
 GRAPHQL_MATERIALIZED = """{ assetNodes { assetKey { path }

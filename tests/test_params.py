@@ -18,7 +18,7 @@ from components.params import (
     profile_params,
 )
 from orchestration.settings import SECTION, load_settings, parse_settings
-from tests.conftest import REPO_ROOT
+from tests.fixtures.processes import REPO_ROOT
 
 DEFAULT = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
 

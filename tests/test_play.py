@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from components.play.server import FRAME_HEADER, OnnxGame, action_for_keys, frame_message, origin_allowed
-from tests.conftest import REPO_ROOT, chromium_page, components_cli, pipeline_env, stop_process, wait_for_url
+from tests.fixtures.browser import chromium_page
+from tests.fixtures.processes import REPO_ROOT, components_cli, pipeline_env, stop_process, wait_for_url
 
 ACTIONS = [
     {"id": 0, "name": "noop", "buttons": []},
@@ -37,10 +38,6 @@ ACTIONS = [
 @pytest.fixture(scope="module")
 def export(tiny_export: Path) -> Path:
     return tiny_export / "data" / "onnx_export"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return components_cli(*args, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +156,7 @@ def test_clear_error_without_an_export(tmp_path: Path, kind: str) -> None:
     folder = tmp_path / "export"
     if kind == "empty":
         folder.mkdir()
-    result = cli("play", "--export", str(folder), "--port", "0")
+    result = components_cli("play", "--export", str(folder), "--port", "0", timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "dvc repro onnx_export" in result.stderr and str(folder) in result.stderr
@@ -167,7 +164,8 @@ def test_clear_error_without_an_export(tmp_path: Path, kind: str) -> None:
 
 def test_rollout_video(export: Path, tmp_path: Path) -> None:
     out = tmp_path / "rollout.gif"
-    result = cli("rollout_video", "--export", str(export), "--context", "1", "--scale", "2", "--out", str(out))
+    result = components_cli("rollout_video", "--export", str(export), "--context", "1", "--scale", "2",
+                            "--out", str(out), timeout=120)
     assert result.returncode == 0, result.stderr
     assert "pooled PSNR" in result.stdout
     import json
@@ -179,7 +177,7 @@ def test_rollout_video(export: Path, tmp_path: Path) -> None:
         gif.seek(gif.n_frames - 1)
         last = np.array(gif.convert("RGB"))
     assert last.std() > 0
-    bad = cli("rollout_video", "--export", str(export), "--context", "99", "--out", str(out))
+    bad = components_cli("rollout_video", "--export", str(export), "--context", "99", "--out", str(out), timeout=120)
     assert bad.returncode == 2 and "--context" in bad.stderr
 
 

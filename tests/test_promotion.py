@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from components.evaluation import promotion as pr
-from tests.conftest import REPO_ROOT
+from tests.fixtures.processes import REPO_ROOT
 
 CRITERIA = [
     pr.Criterion("onnx.teacher_forced.psnr.model.pooled", tolerance=0.1),
@@ -109,7 +109,7 @@ def test_missing_export_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_params_refuse_a_criterion_on_a_rollout_that_is_not_measured() -> None:
     from components.params import ParamsError, parse_params, read_yaml
-    from tests.conftest import REPO_ROOT
+    from tests.fixtures.processes import REPO_ROOT
 
     raw = read_yaml(REPO_ROOT / "params.yaml")
     raw["evaluation"]["rollout_lengths"] = [4, 8]

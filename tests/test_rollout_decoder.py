@@ -2,60 +2,44 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from components.data.trajectory_store import ShardWriter, TrajectoryStore
+from components.data.trajectory_store import TrajectoryStore
 from components.errors import PipelineError
-from components.models.autoencoder import FrameAutoencoder, build_vae, decoder_loss
+from components.models.autoencoder import decoder_loss
 from components.models.distillation import OneStepStudent
 from components.models.rollout_decoder import fine_tune_decoder, rollout_pairs
 from components.models.world_model import ActionConditionedUNet
 from components.params import DistilledModelParams, WorldModelParams
 from components.training import start_runtime
-from tests.export_fixtures import synthetic_frames
+from tests.fixtures.models import tiny_autoencoder
+from tests.fixtures.stores import write_encoded_latents, write_synthetic_trajectories
 
 K, ACTIONS, HEIGHT, WIDTH = 2, 5, 24, 32
-LENGTHS = (("train", 12), ("train", 10), ("heldout", 9))
+EPISODES = [[(12, "train"), (10, "train"), (9, "heldout")]]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny untrained autoencoder and student, and stores of raw frames and their latents (the latent store
-    lists its episodes in another order and shard than the raw one, as validated_latents may)."""
+    lists its episodes in the other order than the raw one, as validated_latents may)."""
     root = tmp_path_factory.mktemp("rollout_decoder")
-    torch.manual_seed(0)
-    autoencoder = FrameAutoencoder(build_vae([16, 16], 4, 1, 8, False), (HEIGHT, WIDTH), 1.0, 4).eval()
+    autoencoder = tiny_autoencoder((HEIGHT, WIDTH), blocks=2, width=16, norm_groups=8)
     C, h, w = autoencoder.latent_shape
     net = ActionConditionedUNet.from_params(WorldModelParams(context=K, block_out_channels=[16, 32],
                                                              norm_num_groups=8, cross_attention_dim=16,
                                                              attention_head_dim=4), C, (h, w), ACTIONS)
     student = OneStepStudent.from_teacher(net, steps=2, cfg=1.0, context_noise_level=0.1, noise_seed=0).eval()
     student.requires_grad_(False)
-    rng = np.random.default_rng(0)
-    episodes = []
-    for index, (split, length) in enumerate(LENGTHS):
-        frames = synthetic_frames(length, HEIGHT, WIDTH, index)
-        actions = rng.integers(0, ACTIONS, length).astype(np.int64)
-        dones = np.zeros(length, bool)
-        dones[-1] = True
-        episodes.append((f"episode-{index}", split, frames, actions, dones))
-    raw = ShardWriter(root / "raw" / "shard-0", "frames")
-    for name, split, frames, actions, dones in episodes:
-        raw.add_episode({"frames": frames, "actions": actions, "rewards": np.zeros(len(frames), np.float32),
-                         "dones": dones}, split, episode_id=name)
-    raw.close()
-    latents = ShardWriter(root / "latents" / "shard-0", "latents")
-    for name, split, frames, actions, dones in reversed(episodes):
-        with torch.no_grad():
-            encoded = autoencoder.encode(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255).numpy()
-        latents.add_episode({"latents": encoded, "actions": actions, "dones": dones}, split, episode_id=name)
-    latents.close()
-    return {"autoencoder": autoencoder, "student": student, "raw": TrajectoryStore(root / "raw"),
-            "latents": TrajectoryStore(root / "latents")}
+    raw = write_synthetic_trajectories(root / "raw", EPISODES, (HEIGHT, WIDTH), ACTIONS)
+    latents = write_encoded_latents(autoencoder, raw, root / "latents", reverse=True)
+    return {"autoencoder": autoencoder, "student": student, "raw": TrajectoryStore(raw),
+            "latents": TrajectoryStore(latents)}
 
 
 def test_pairs_hold_the_students_rollout_and_the_real_frames(world: dict) -> None:
@@ -81,8 +65,7 @@ def test_pairs_need_episodes_long_enough(world: dict) -> None:
 
 
 def test_fine_tune_lowers_the_decoder_loss_on_the_students_latents(world: dict, tmp_path: Path) -> None:
-    autoencoder = FrameAutoencoder(build_vae([16, 16], 4, 1, 8, False), (HEIGHT, WIDTH), 1.0, 4).eval()
-    autoencoder.vae.load_state_dict(world["autoencoder"].vae.state_dict())
+    autoencoder = copy.deepcopy(world["autoencoder"])
     encoder_before = {k: v.clone() for k, v in autoencoder.vae.encoder.state_dict().items()}
     pairs = rollout_pairs(world["student"], world["latents"], world["raw"], 6, 4, np.random.default_rng(2))
     predicted = pairs.steps > 0

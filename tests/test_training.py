@@ -15,13 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from world_model_data import (
-    checkpoint_step,
-    micro_params_dict,
-    one_thread_env,
-    write_params,
-    write_synthetic_latents,
-)
 
 from components.errors import PipelineError
 from components.training import (
@@ -37,6 +30,9 @@ from components.training import (
     start_runtime,
     train,
 )
+from tests.fixtures.params import micro_params_dict, write_params
+from tests.fixtures.processes import pipeline_env
+from tests.fixtures.stores import checkpoint_step, write_synthetic_latents
 
 
 def _model_and_loss() -> tuple[torch.nn.Module, object]:
@@ -207,7 +203,7 @@ def test_base_autoencoder_survives_sigkill_with_the_weights_of_an_uninterrupted_
                 "--plots", str(tmp_path / name / "curves"), "--cache", str(tmp_path / name / "cache")]
 
     with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(command("run"), env=one_thread_env(), stdout=log, stderr=log)
+        process = subprocess.Popen(command("run"), env=pipeline_env(threads=1), stdout=log, stderr=log)
         deadline = time.monotonic() + 300
         while checkpoint_step(tmp_path / "run" / "cache") is None:
             assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
@@ -219,7 +215,7 @@ def test_base_autoencoder_survives_sigkill_with_the_weights_of_an_uninterrupted_
     assert killed_at is not None and 0 < killed_at < steps and not (tmp_path / "run" / "metrics.json").exists()
 
     for name in ("run", "fresh"):
-        done = subprocess.run(command(name), env=one_thread_env(), capture_output=True, text=True, timeout=600)
+        done = subprocess.run(command(name), env=pipeline_env(threads=1), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == steps and metrics["resumed_from_step"] == killed_at

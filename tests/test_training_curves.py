@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run
 from PIL import Image
 
 from components.images import COLORS, line_chart
+from tests.fixtures.processes import run
 
 # stage -> charts it must write with a line (relative to plots/); the micro agent's two episodes end together,
 # so its episode charts are only checked to exist

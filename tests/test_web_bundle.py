@@ -24,7 +24,8 @@ from components.errors import PipelineError
 from components.play.server import OnnxGame, action_for_keys
 from components.play.web_bundle import ORT_PACKAGE, build_bundle
 from components.runtime.export_contract import ExportNotFoundError
-from tests.conftest import REPO_ROOT, chromium_page, needs_chromium, pipeline_env, stop_process, wait_for_url
+from tests.fixtures.browser import chromium_page, needs_chromium
+from tests.fixtures.processes import REPO_ROOT, pipeline_env, stop_process, wait_for_url
 
 ORT = ORT_PACKAGE
 needs_ort_web = pytest.mark.skipif(not (ORT / "package.json").is_file(),

@@ -13,8 +13,8 @@ from components.models.world_model import ActionConditionedUNet
 from components.models.world_model_training import heldout_metrics
 from components.params import WorldModelParams, parse_params
 from components.runtime.playable import sample_contexts
-from tests.conftest import micro_params_dict
-from tests.world_model_data import write_synthetic_latents
+from tests.fixtures.params import micro_params_dict
+from tests.fixtures.stores import write_synthetic_latents
 
 
 def test_a_window_is_consecutive_rows_of_one_episode(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The diffusion world model: conditioning is used, training learns, sampling and loading work.
 
 A short real training run (about 200 steps on synthetic latents whose next frame depends on the action,
-tests/world_model_data.py) is shared by the tests in this file.
+tests/fixtures/stores.py) is shared by the tests in this file.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from world_model_data import LATENT_SHAPE, micro_params_dict, next_latent, tiny_autoencoder, write_synthetic_latents
 
 from components.errors import PipelineError
 from components.models.sampler import Sampler, make_scheduler, rollout, sample_next_latent
 from components.models.world_model import ActionConditionedUNet, load_world_model, noise_bucket
 from components.models.world_model_training import WindowStream, open_latents, train
 from components.params import ParamsError, parse_params
+from tests.fixtures.models import tiny_autoencoder
+from tests.fixtures.params import micro_params_dict
+from tests.fixtures.stores import LATENT_SHAPE, next_latent, write_synthetic_latents
 
 TRAIN = {"steps": 200, "batch_size": 16, "learning_rate": 0.003, "log_every": 20, "checkpoint_every": 100}
 
@@ -37,18 +39,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         torch.set_num_threads(threads)
     store = open_latents(latents, params.world_model.context, len(params.environment.actions))
     batch = WindowStream(store, params.world_model.context, "heldout", 0).read(list(range(8)))
-    return {"root": root, "params": params, "result": run.result, "net": run.world_model, "batch": batch,
-            "autoencoder": tiny_autoencoder(root / "autoencoder")}
+    return {"root": root, "params": params, "result": run.result, "world_model": run.world_model, "batch": batch,
+            "autoencoder": tiny_autoencoder(folder=root / "autoencoder", norm_groups=8)}
 
 
-def _sample(net: ActionConditionedUNet, batch: Any, action: int | None = None, cfg: float = 1.5,
+def _sample(world_model: ActionConditionedUNet, batch: Any, action: int | None = None, cfg: float = 1.5,
             bucket: int | None = None, noise_level: float = 0.0) -> torch.Tensor:
     actions = batch.context_actions.clone()
     if action is not None:
         actions[:, -1] = action
-    return sample_next_latent(net, make_scheduler(net.config), batch.context_latents, actions, steps=4, cfg=cfg,
-                              context_noise_level=noise_level, generator=torch.Generator().manual_seed(0),
-                              noise_bucket_override=bucket)
+    return sample_next_latent(world_model, make_scheduler(world_model.config), batch.context_latents, actions,
+                              steps=4, cfg=cfg, context_noise_level=noise_level,
+                              generator=torch.Generator().manual_seed(0), noise_bucket_override=bucket)
 
 
 def test_loss_goes_down_and_dvclive_logs(trained: dict[str, Any]) -> None:
@@ -61,53 +63,54 @@ def test_loss_goes_down_and_dvclive_logs(trained: dict[str, Any]) -> None:
 
 def test_actions_give_different_next_frames(trained: dict[str, Any]) -> None:
     """Each action's prediction is nearest to that action's true next latent, and the frames differ."""
-    net, batch = trained["net"], trained["batch"]
+    world_model, batch = trained["world_model"], trained["batch"]
     last = batch.context_latents[:, -1].numpy()
     truths = {a: torch.from_numpy(np.stack([next_latent(x, a) for x in last])) for a in (0, 1, 2)}
-    predictions = {a: _sample(net, batch, action=a) for a in (0, 1, 2)}
+    predictions = {a: _sample(world_model, batch, action=a) for a in (0, 1, 2)}
     for a, predicted in predictions.items():
         errors = {b: (predicted - truth).pow(2).mean().item() for b, truth in truths.items()}
         assert min(errors, key=errors.get) == a, (a, errors)
     assert (predictions[0] - predictions[2]).abs().mean() > 0.2
 
-    wm = Sampler(net, trained["autoencoder"], steps=4, cfg=1.5, context_noise_level=0.0, seed=0)
+    sampler = Sampler(world_model, trained["autoencoder"], steps=4, cfg=1.5, context_noise_level=0.0, seed=0)
     frames = []
     for action in (0, 2):
-        wm.reset(batch.context_latents[0], batch.context_actions[0, :-1])
-        wm.generator.manual_seed(0)
-        frames.append(wm.step(action))
+        sampler.reset(batch.context_latents[0], batch.context_actions[0, :-1])
+        sampler.generator.manual_seed(0)
+        frames.append(sampler.step(action))
     assert frames[0].shape == (3, 24, 32)
     assert (frames[0] - frames[1]).abs().mean() > 1e-3
 
 
 def test_cfg_changes_the_output(trained: dict[str, Any]) -> None:
-    net, batch = trained["net"], trained["batch"]
-    plain, guided = _sample(net, batch, cfg=1.0), _sample(net, batch, cfg=1.5)
+    world_model, batch = trained["world_model"], trained["batch"]
+    plain, guided = _sample(world_model, batch, cfg=1.0), _sample(world_model, batch, cfg=1.5)
     assert (plain - guided).abs().mean() > 1e-3
-    assert torch.equal(guided, _sample(net, batch, cfg=1.5))  # same seed, same draw
+    assert torch.equal(guided, _sample(world_model, batch, cfg=1.5))  # same seed, same draw
 
 
 def test_noise_buckets_change_the_output(trained: dict[str, Any]) -> None:
-    net, batch = trained["net"], trained["batch"]
-    buckets = net.config.noise_buckets
+    world_model, batch = trained["world_model"], trained["batch"]
+    buckets = world_model.config.noise_buckets
     x = torch.randn(len(batch.target), *LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
     t = torch.full((len(x),), 500)
     with torch.no_grad():
-        low = net(x, t, batch.context_latents, batch.context_actions, torch.zeros(len(x), dtype=torch.long))
-        high = net(x, t, batch.context_latents, batch.context_actions, torch.full((len(x),), buckets - 1))
+        low = world_model(x, t, batch.context_latents, batch.context_actions, torch.zeros(len(x), dtype=torch.long))
+        high = world_model(x, t, batch.context_latents, batch.context_actions, torch.full((len(x),), buckets - 1))
     assert (low - high).abs().mean() > 1e-3
-    assert (_sample(net, batch, bucket=0) - _sample(net, batch, bucket=buckets - 1)).abs().mean() > 1e-3
+    assert (_sample(world_model, batch, bucket=0) - _sample(world_model, batch, bucket=buckets - 1)).abs().mean() > 1e-3
     assert noise_bucket(torch.tensor([0.0, 0.069, 0.07, 0.69, 0.7, 5.0]), 0.7, 10).tolist() == [0, 0, 1, 9, 9, 9]
 
 
 def test_rollout_is_autoregressive_and_reproducible(trained: dict[str, Any]) -> None:
-    net, batch, ae = trained["net"], trained["batch"], trained["autoencoder"]
+    world_model, batch, ae = trained["world_model"], trained["batch"], trained["autoencoder"]
     start = batch.context_latents[0]
     actions = [2, 2, 0, 1]
-    frames, latents = rollout(net, start, batch.context_actions[0, :-1], actions, autoencoder=ae, steps=2, seed=3)
+    frames, latents = rollout(world_model, start, batch.context_actions[0, :-1], actions, autoencoder=ae, steps=2,
+                              seed=3)
     assert frames.shape == (4, 3, 24, 32) and latents.shape == (4, *LATENT_SHAPE)
     assert 0.0 <= frames.min() and frames.max() <= 1.0
-    again, latents_again = rollout(net, start, batch.context_actions[0, :-1], actions, autoencoder=ae, steps=2,
+    again, latents_again = rollout(world_model, start, batch.context_actions[0, :-1], actions, autoencoder=ae, steps=2,
                                    seed=3)
     assert torch.equal(latents, latents_again)
     # the model moves the bar right twice, then left: its column follows the actions
@@ -115,23 +118,23 @@ def test_rollout_is_autoregressive_and_reproducible(trained: dict[str, Any]) -> 
     first = int(start[-1][1].mean(0).argmax())
     assert columns[:2] == [(first + 1) % 8, (first + 2) % 8], (first, columns)
 
-    wm = Sampler(net, ae, steps=2, cfg=1.5)
-    wm.reset(ae.decode(start), batch.context_actions[0, :-1])  # frames in, encoded
-    assert wm.latents.shape == (net.config.context, *LATENT_SHAPE)
-    wm.reset(start[-1:], [])  # fewer frames than K: the oldest repeats
-    assert wm.latents.shape == (net.config.context, *LATENT_SHAPE) and wm.actions.tolist() == [0]
+    sampler = Sampler(world_model, ae, steps=2, cfg=1.5)
+    sampler.reset(ae.decode(start), batch.context_actions[0, :-1])  # frames in, encoded
+    assert sampler.latents.shape == (world_model.config.context, *LATENT_SHAPE)
+    sampler.reset(start[-1:], [])  # fewer frames than K: the oldest repeats
+    assert sampler.latents.shape == (world_model.config.context, *LATENT_SHAPE) and sampler.actions.tolist() == [0]
     with pytest.raises(ValueError, match="context actions"):
-        wm.reset(start, [1, 2, 3])
+        sampler.reset(start, [1, 2, 3])
 
 
 def test_save_and_load(trained: dict[str, Any], tmp_path: Path) -> None:
-    net, batch = trained["net"], trained["batch"]
-    net.save(tmp_path / "model")
+    world_model, batch = trained["world_model"], trained["batch"]
+    world_model.save(tmp_path / "model")
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
         "config.json", "model.safetensors", "scheduler_config.json"]
     loaded = load_world_model(tmp_path / "model")
-    assert loaded.config == net.config
-    assert torch.equal(_sample(net, batch), _sample(loaded, batch))
+    assert loaded.config == world_model.config
+    assert torch.equal(_sample(world_model, batch), _sample(loaded, batch))
     with pytest.raises(PipelineError, match="no world model"):
         load_world_model(tmp_path / "missing")
 
@@ -149,20 +152,20 @@ def test_pretrained_unet_folder_widens_conv_in(tmp_path: Path) -> None:
     )
     pretrained.save_pretrained(tmp_path / "unet")
     overrides = {"pretrained_unet": str(tmp_path / "unet"), "context": 3}
-    wm = parse_params(micro_params_dict(world_model=overrides)).world_model
-    net = ActionConditionedUNet.from_params(wm, 4, (8, 8), num_actions=5)
-    weight = net.unet.conv_in.weight
+    sampler = parse_params(micro_params_dict(world_model=overrides)).world_model
+    world_model = ActionConditionedUNet.from_params(sampler, 4, (8, 8), num_actions=5)
+    weight = world_model.unet.conv_in.weight
     assert weight.shape[1] == 4 * (3 + 2)
     assert torch.equal(weight[:, :4], pretrained.conv_in.weight)
     assert torch.count_nonzero(weight[:, 4:]) == 0
-    assert net.config.cross_attention_dim == 24  # the action tokens take the pretrained width
+    assert world_model.config.cross_attention_dim == 24  # the action tokens take the pretrained width
 
     # at the start the context is ignored and the model is the pretrained UNet, whatever the bucket
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     actions = torch.tensor([[1, 2, 3], [4, 0, 1]])
     with torch.no_grad():
-        ours = net(x, t, torch.randn(2, 3, 4, 8, 8), actions, torch.tensor([0, 9]))
-        theirs = pretrained(x, t, encoder_hidden_states=net.action_tokens(actions)).sample
+        ours = world_model(x, t, torch.randn(2, 3, 4, 8, 8), actions, torch.tensor([0, 9]))
+        theirs = pretrained(x, t, encoder_hidden_states=world_model.action_tokens(actions)).sample
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
     wm_bad = parse_params(micro_params_dict(world_model={"pretrained_unet": str(tmp_path / "nothing")})).world_model
@@ -171,9 +174,9 @@ def test_pretrained_unet_folder_widens_conv_in(tmp_path: Path) -> None:
 
 
 def test_bad_model_params_name_the_key() -> None:
-    wm = parse_params(micro_params_dict(world_model={"block_out_channels": [16, 32, 64]})).world_model
+    sampler = parse_params(micro_params_dict(world_model={"block_out_channels": [16, 32, 64]})).world_model
     with pytest.raises(ParamsError, match="world_model.down_block_types"):
-        ActionConditionedUNet.from_params(wm, 4, (8, 8), num_actions=5)
+        ActionConditionedUNet.from_params(sampler, 4, (8, 8), num_actions=5)
     with pytest.raises(ParamsError, match="diffusion_checkpoint.optimizer"):
         parse_params(micro_params_dict(diffusion_checkpoint={"optimizer": "sgd"}))
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run
 
 from components.data.trajectory_store import TrajectoryStore
 from components.models.autoencoder import load_autoencoder
 from components.models.sampler import Sampler, rollout
 from components.models.world_model import load_world_model
 from components.params import load_params
+from tests.fixtures.processes import run
 
 pytestmark = pytest.mark.slow
 

@@ -12,16 +12,12 @@ import time
 from pathlib import Path
 
 from safetensors.torch import load_file
-from world_model_data import (
-    checkpoint_step,
-    micro_params_dict,
-    one_thread_env,
-    tiny_autoencoder,
-    write_params,
-    write_synthetic_latents,
-)
 
 from components.models.world_model import load_world_model
+from tests.fixtures.models import tiny_autoencoder
+from tests.fixtures.params import micro_params_dict, write_params
+from tests.fixtures.processes import pipeline_env
+from tests.fixtures.stores import checkpoint_step, write_synthetic_latents
 
 STEPS = 60
 
@@ -42,11 +38,11 @@ def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
     write_params(tmp_path / "params.yaml", raw)
     write_synthetic_latents(tmp_path / "latents", len(raw["environment"]["actions"]), shards=1, episodes=3,
                             frames_root=tmp_path / "frames")
-    tiny_autoencoder(tmp_path / "autoencoder")
+    tiny_autoencoder(folder=tmp_path / "autoencoder", norm_groups=8)
 
     # 1. start, wait for the first checkpoint, then SIGKILL the training process
     with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(_command(tmp_path, "run"), cwd=tmp_path, env=one_thread_env(), stdout=log,
+        process = subprocess.Popen(_command(tmp_path, "run"), cwd=tmp_path, env=pipeline_env(threads=1), stdout=log,
                                    stderr=log)
         deadline = time.monotonic() + 300
         while checkpoint_step(tmp_path / "run" / "cache") is None:
@@ -61,7 +57,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
     # 2. rerun: resumes from the checkpoint and finishes
-    rerun = subprocess.run(_command(tmp_path, "run"), cwd=tmp_path, env=one_thread_env(), capture_output=True,
+    rerun = subprocess.run(_command(tmp_path, "run"), cwd=tmp_path, env=pipeline_env(threads=1), capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"at step {killed_at} of {STEPS}" in rerun.stderr, rerun.stderr[-3000:]
@@ -73,7 +69,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # 3. a run never interrupted ends with the same weights
-    fresh = subprocess.run(_command(tmp_path, "fresh"), cwd=tmp_path, env=one_thread_env(), capture_output=True,
+    fresh = subprocess.run(_command(tmp_path, "fresh"), cwd=tmp_path, env=pipeline_env(threads=1), capture_output=True,
                            text=True, timeout=600)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     resumed = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
