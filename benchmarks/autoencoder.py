@@ -64,14 +64,14 @@ def main() -> None:
         a.block_out_channels, a.latent_channels, a.layers_per_block, a.norm_num_groups, a.mid_block_attention)
     vae = vae.to(memory_format=torch.channels_last).eval()
     frame_size = (params.environment.height, params.environment.width)
-    ae = FrameAutoencoder(vae, frame_size, 1.0, a.latent_multiple, a.pad_mode)
+    autoencoder = FrameAutoencoder(vae, frame_size, 1.0, a.latent_multiple, a.pad_mode)
 
     encode_batch = params.validated_latents.batch_size
     frames = torch.rand(encode_batch, 3, *frame_size)
     with torch.no_grad():
-        latents = ae.encode(frames)
-        encode_s = median_seconds(lambda: ae.encode(frames), args.repeats)
-        decode_s = median_seconds(lambda: ae.decode(latents), args.repeats)
+        latents = autoencoder.encode(frames)
+        encode_s = median_seconds(lambda: autoencoder.encode(frames), args.repeats)
+        decode_s = median_seconds(lambda: autoencoder.decode(latents), args.repeats)
 
     import tempfile
 
@@ -81,7 +81,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         export_started = time.perf_counter()
-        ort_encode = onnx_encoder(ae, scratch, encode_batch, args.threads)
+        ort_encode = onnx_encoder(autoencoder, scratch, encode_batch, args.threads)
         export_s = time.perf_counter() - export_started
         pixels = np.ascontiguousarray(frames.numpy())
         ort_encode_s = median_seconds(lambda: ort_encode(pixels), args.repeats)
@@ -95,8 +95,8 @@ def main() -> None:
 
     def finetune_step() -> None:
         with torch.no_grad():
-            z = ae.encode(batch)
-        output = ae.crop(vae.decode(z / ae.scaling_factor).sample, clamp=False)
+            z = autoencoder.encode(batch)
+        output = autoencoder.crop(vae.decode(z / autoencoder.scaling_factor).sample, clamp=False)
         loss = torch.nn.functional.mse_loss(output, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,7 +107,7 @@ def main() -> None:
 
     vae.requires_grad_(True)
     base_optimizer = torch.optim.AdamW(vae.parameters(), lr=a.learning_rate)
-    base_x = ae.pad(torch.rand(a.batch_size, 3, *frame_size)).contiguous(memory_format=torch.channels_last)
+    base_x = autoencoder.pad(torch.rand(a.batch_size, 3, *frame_size)).contiguous(memory_format=torch.channels_last)
 
     def base_step(mixed_precision: str) -> None:
         loss = training_loss(vae, base_x, a.kl_weight, mixed_precision)
@@ -119,7 +119,7 @@ def main() -> None:
     print(json.dumps({
         "profile": params.profile,
         "frame_size_hw": list(frame_size),
-        "latent_shape": list(ae.latent_shape),
+        "latent_shape": list(autoencoder.latent_shape),
         "params_millions": round(sum(t.numel() for t in vae.parameters()) / 1e6, 3),
         "threads": args.threads,
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),

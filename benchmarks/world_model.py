@@ -72,20 +72,21 @@ def main() -> None:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     params = load_params(args.params)
-    ae, ae_source = build_autoencoder(params, Path(args.autoencoder))
-    ae.vae.to(device)
-    channels, height, width = ae.latent_shape
+    autoencoder, autoencoder_source = build_autoencoder(params, Path(args.autoencoder))
+    autoencoder.vae.to(device)
+    channels, height, width = autoencoder.latent_shape
     k = params.world_model.context
     num_actions = len(params.environment.actions)
     torch.manual_seed(0)
-    net = ActionConditionedUNet.from_params(params.world_model, channels, (height, width), num_actions).to(device)
+    world_model = ActionConditionedUNet.from_params(params.world_model, channels, (height, width), num_actions)
+    world_model = world_model.to(device)
     settings = params.diffusion_checkpoint
 
     # training step
-    optimizer = make_optimizer(settings.optimizer, list(net.parameters()), settings.learning_rate,
+    optimizer = make_optimizer(settings.optimizer, list(world_model.parameters()), settings.learning_rate,
                                settings.weight_decay)
     plan, runtime = recipe(settings), start_runtime(args.device)
-    ddpm = make_scheduler(net.config, "ddpm")
+    ddpm = make_scheduler(world_model.config, "ddpm")
     b = settings.batch_size
     batch = Batch(torch.randn(b, k, channels, height, width), torch.randint(0, num_actions, (b, k)),
                   torch.randn(b, channels, height, width)).to(device)
@@ -94,37 +95,38 @@ def main() -> None:
     def train_step() -> None:
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * plan.budget.lr_scale(step[0], settings.steps)
-        loss = diffusion_loss(net, ddpm, batch, net.config, settings.context_dropout,
+        loss = diffusion_loss(world_model, ddpm, batch, world_model.config, settings.context_dropout,
                               make_step(0, runtime, step[0]).generator)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip)
+        torch.nn.utils.clip_grad_norm_(world_model.parameters(), settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step[0] += 1
 
-    net.train()
+    world_model.train()
     train_ms = median_ms(train_step, args.repeats, sync)
-    net.eval()
+    world_model.eval()
 
     # generation
     s = params.sampler
     context = torch.randn(k, channels, height, width, device=device)
     ms_per_frame, ms_per_frame_cfg1 = {}, {}
     with torch.no_grad():
-        decode_ms = median_ms(lambda: ae.decode(context[:1]), args.repeats, sync)
+        decode_ms = median_ms(lambda: autoencoder.decode(context[:1]), args.repeats, sync)
         for steps in (1, 2, 4, 8):
             for cfg, table in ((s.cfg, ms_per_frame), (1.0, ms_per_frame_cfg1)):
-                wm = Sampler(net, ae, steps=steps, cfg=cfg, context_noise_level=s.context_noise_level, seed=0)
-                wm.reset(context, torch.zeros(k - 1, dtype=torch.long))
-                table[str(steps)] = round(median_ms(lambda wm=wm: wm.step(1), args.repeats, sync), 2)
+                sampler = Sampler(world_model, autoencoder, steps=steps, cfg=cfg,
+                                  context_noise_level=s.context_noise_level, seed=0)
+                sampler.reset(context, torch.zeros(k - 1, dtype=torch.long))
+                table[str(steps)] = round(median_ms(lambda sampler=sampler: sampler.step(1), args.repeats, sync), 2)
 
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": args.threads,
-        "autoencoder": ae_source,
+        "autoencoder": autoencoder_source,
         "latent_shape": [channels, height, width],
         "context": k,
-        "parameters_m": round(net.num_parameters() / 1e6, 3),
+        "parameters_m": round(world_model.num_parameters() / 1e6, 3),
         "batch_size": b,
         "train_step_ms": round(train_ms, 2),
         "train_samples_per_s": round(b / train_ms * 1000, 2),

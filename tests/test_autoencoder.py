@@ -29,40 +29,40 @@ from tests.fixtures.stores import write_synthetic_trajectories
 def test_padding_makes_latents_divisible() -> None:
     # 80x60 with 4x downsampling and multiple 4: 60 rows -> 64 (2 on top, 2 below), latents 16x20
     assert padding_for((60, 80), 4, 4) == (0, 0, 2, 2)
-    ae = FrameAutoencoder(tiny_vae(3), (60, 80), 0.5, latent_multiple=4)
-    assert ae.padded_size == (64, 80)
-    assert ae.latent_shape == (4, 16, 20)
+    autoencoder = FrameAutoencoder(tiny_vae(3), (60, 80), 0.5, latent_multiple=4)
+    assert autoencoder.padded_size == (64, 80)
+    assert autoencoder.latent_shape == (4, 16, 20)
     # the paper's 320x240 with SD's 8x downsampling pads 240 -> 256
     assert padding_for((240, 320), 8, 4) == (0, 0, 8, 8)
 
 
 @pytest.mark.parametrize("pad_mode", ["replicate", "constant"])
 def test_encode_decode_shapes_and_range(pad_mode: str) -> None:
-    ae = FrameAutoencoder(tiny_vae(3), (60, 80), 0.5, latent_multiple=4, pad_mode=pad_mode).eval()
+    autoencoder = FrameAutoencoder(tiny_vae(3), (60, 80), 0.5, latent_multiple=4, pad_mode=pad_mode).eval()
     frames = torch.rand(2, 3, 60, 80)
     with torch.no_grad():
-        latents = ae.encode(frames)
-        decoded = ae.decode(latents)
-    assert latents.shape == (2, *ae.latent_shape)
+        latents = autoencoder.encode(frames)
+        decoded = autoencoder.decode(latents)
+    assert latents.shape == (2, *autoencoder.latent_shape)
     assert decoded.shape == frames.shape
     assert decoded.min() >= 0.0 and decoded.max() <= 1.0
     with torch.no_grad():  # scaling: encode is the unscaled posterior mean times the factor
-        torch.testing.assert_close(latents, ae.encode_unscaled(frames) * 0.5)
+        torch.testing.assert_close(latents, autoencoder.encode_unscaled(frames) * 0.5)
 
 
 def test_replicate_padding_copies_edges() -> None:
-    ae = FrameAutoencoder(tiny_vae(3), (60, 80), 1.0, latent_multiple=4, pad_mode="replicate")
+    autoencoder = FrameAutoencoder(tiny_vae(3), (60, 80), 1.0, latent_multiple=4, pad_mode="replicate")
     frames = torch.rand(1, 3, 60, 80)
-    padded = ae.pad(frames)
+    padded = autoencoder.pad(frames)
     assert padded.shape == (1, 3, 64, 80)
     torch.testing.assert_close(padded[:, :, 0], padded[:, :, 2])  # top rows repeat the first frame row
-    torch.testing.assert_close(ae.crop(padded), frames)  # crop undoes pad
+    torch.testing.assert_close(autoencoder.crop(padded), frames)  # crop undoes pad
 
 
 def test_wrong_frame_size_is_refused() -> None:
-    ae = FrameAutoencoder(tiny_vae(2), (24, 32), 1.0)
+    autoencoder = FrameAutoencoder(tiny_vae(2), (24, 32), 1.0)
     with pytest.raises(ValueError, match="frames of size"):
-        ae.encode(torch.rand(1, 3, 32, 32))
+        autoencoder.encode(torch.rand(1, 3, 32, 32))
 
 
 def test_bf16_training_loss_matches_float32_and_trains() -> None:
@@ -84,31 +84,32 @@ def test_bf16_training_loss_matches_float32_and_trains() -> None:
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
-    ae = FrameAutoencoder(tiny_vae(3), (60, 80), 0.37, latent_multiple=4).eval()
-    ae.save(tmp_path / "ae")
+    autoencoder = FrameAutoencoder(tiny_vae(3), (60, 80), 0.37, latent_multiple=4).eval()
+    autoencoder.save(tmp_path / "ae")
     assert (tmp_path / "ae" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = load_autoencoder(tmp_path / "ae")
     assert loaded.frame_size == (60, 80)
-    assert loaded.latent_shape == ae.latent_shape
+    assert loaded.latent_shape == autoencoder.latent_shape
     assert loaded.scaling_factor == pytest.approx(0.37)
     frames = torch.rand(2, 3, 60, 80)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode(frames), ae.encode(frames))
-        torch.testing.assert_close(loaded.decode(ae.encode(frames)), ae.decode(ae.encode(frames)))
+        torch.testing.assert_close(loaded.encode(frames), autoencoder.encode(frames))
+        latents = autoencoder.encode(frames)
+        torch.testing.assert_close(loaded.decode(latents), autoencoder.decode(latents))
 
 
 def test_onnx_encoder_matches_pytorch_and_refuses_a_mismatch(tmp_path: Path) -> None:
     """validated_latents' onnxruntime engine: the exported encoder gives PyTorch's latents, checked before use."""
     from components.runtime.export import ExportError, onnx_encoder
 
-    ae = FrameAutoencoder(tiny_vae(3), (60, 80), 0.37, latent_multiple=4).eval()
+    autoencoder = FrameAutoencoder(tiny_vae(3), (60, 80), 0.37, latent_multiple=4).eval()
     frames = torch.rand(5, 3, 60, 80, generator=torch.Generator().manual_seed(0)).numpy()
-    encode = onnx_encoder(ae, tmp_path / "ok", max_batch=8, threads=1, check_frames=frames[:2])
+    encode = onnx_encoder(autoencoder, tmp_path / "ok", max_batch=8, threads=1, check_frames=frames[:2])
     with torch.no_grad():
-        expected = ae.encode(torch.from_numpy(frames)).numpy()
+        expected = autoencoder.encode(torch.from_numpy(frames)).numpy()
     np.testing.assert_allclose(encode(frames), expected, atol=1e-4)
     with pytest.raises(ExportError, match="engine: torch"):
-        onnx_encoder(ae, tmp_path / "strict", max_batch=8, threads=1, check_frames=frames[:2], tolerance=1e-12)
+        onnx_encoder(autoencoder, tmp_path / "strict", max_batch=8, threads=1, check_frames=frames[:2], tolerance=1e-12)
 
 
 def test_load_autoencoder_errors_are_clear(tmp_path: Path) -> None:
@@ -170,12 +171,12 @@ def test_pretrained_path_through_the_stage(tmp_path: Path, micro_set: Path) -> N
         cache="",
     )
     base_autoencoder.main(args)
-    ae = load_autoencoder(tmp_path / "base")
-    for (name, a), (_, b) in zip(vae.state_dict().items(), ae.vae.state_dict().items(), strict=True):
+    autoencoder = load_autoencoder(tmp_path / "base")
+    for (name, a), (_, b) in zip(vae.state_dict().items(), autoencoder.vae.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["source"] == "pretrained" and metrics["scaling_factor"] == pytest.approx(ae.scaling_factor)
-    assert ae.scaling_factor > 0
+    assert metrics["source"] == "pretrained" and metrics["scaling_factor"] == pytest.approx(autoencoder.scaling_factor)
+    assert autoencoder.scaling_factor > 0
 
 
 def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set: Path) -> None:
@@ -189,10 +190,10 @@ def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set
         curve=str(tmp_path / "curve.json"), plots=str(tmp_path / "curves"),
         cache=str(tmp_path / ".cache" / "base_autoencoder"),
     ))
-    ae = load_autoencoder(base)
+    autoencoder = load_autoencoder(base)
     metrics = json.loads((tmp_path / "m_base.json").read_text())
     assert metrics["steps"] == 60 and metrics["eval_split"] == "heldout"
-    assert ae.latent_shape == (4, 12, 16)
+    assert autoencoder.latent_shape == (4, 12, 16)
 
     latents = tmp_path / "data" / "validated_latents"
     validated_latents.main(argparse.Namespace(
@@ -207,7 +208,7 @@ def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set
     store = TrajectoryStore(latents)
     first = torch.from_numpy(np.array(TrajectoryStore(micro_set).shards[0].array("frames")[:4]))
     with torch.no_grad():
-        expected = ae.encode(first.permute(0, 3, 1, 2).float() / 255)
+        expected = autoencoder.encode(first.permute(0, 3, 1, 2).float() / 255)
     torch.testing.assert_close(torch.from_numpy(np.array(store.shards[0].array("latents")[:4])).float(), expected,
                                atol=2e-2, rtol=2e-2)
     assert 0.5 < float(np.std(np.array(store.shards[0].array("latents"), np.float32))) < 2.0
@@ -223,11 +224,11 @@ def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set
     assert result["psnr_after"] > result["psnr_before"], result
     assert (tmp_path / "plots" / "reconstructions.png").is_file()
     tuned = load_autoencoder(out)
-    assert tuned.scaling_factor == ae.scaling_factor
-    for name, weight in ae.vae.encoder.state_dict().items():  # the encoder is frozen
+    assert tuned.scaling_factor == autoencoder.scaling_factor
+    for name, weight in autoencoder.vae.encoder.state_dict().items():  # the encoder is frozen
         torch.testing.assert_close(tuned.vae.encoder.state_dict()[name], weight, msg=name)
     decoder_changed = any(
-        not torch.equal(tuned.vae.decoder.state_dict()[n], w) for n, w in ae.vae.decoder.state_dict().items()
+        not torch.equal(tuned.vae.decoder.state_dict()[n], w) for n, w in autoencoder.vae.decoder.state_dict().items()
     )
     assert decoder_changed
     assert 0.0 < result["sharpness_before"] < 2.0 and 0.0 < result["sharpness_after"] < 2.0
@@ -248,8 +249,8 @@ def test_stages_train_and_finetuned_decoder_beats_base(tmp_path: Path, micro_set
 def test_micro_dvc_repro_reaches_finetuned_vae(micro_repo: Path) -> None:
     """The real micro pipeline: rl_agent -> raw_trajectories -> ... -> finetuned_vae, through dvc repro."""
     run(["dvc", "repro", "finetuned_vae"], micro_repo, timeout=900)
-    ae = load_autoencoder(micro_repo / "data" / "finetuned_vae")
-    assert ae.frame_size == (24, 32)
+    autoencoder = load_autoencoder(micro_repo / "data" / "finetuned_vae")
+    assert autoencoder.frame_size == (24, 32)
     report = json.loads((micro_repo / "reports" / "validated_latents.json").read_text())
     assert report["success"] is True
     metrics = json.loads((micro_repo / "metrics" / "finetuned_vae.json").read_text())

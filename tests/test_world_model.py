@@ -103,23 +103,23 @@ def test_noise_buckets_change_the_output(trained: dict[str, Any]) -> None:
 
 
 def test_rollout_is_autoregressive_and_reproducible(trained: dict[str, Any]) -> None:
-    world_model, batch, ae = trained["world_model"], trained["batch"], trained["autoencoder"]
+    world_model, batch, autoencoder = trained["world_model"], trained["batch"], trained["autoencoder"]
     start = batch.context_latents[0]
     actions = [2, 2, 0, 1]
-    frames, latents = rollout(world_model, start, batch.context_actions[0, :-1], actions, autoencoder=ae, steps=2,
-                              seed=3)
+    frames, latents = rollout(world_model, start, batch.context_actions[0, :-1], actions, autoencoder=autoencoder,
+                              steps=2, seed=3)
     assert frames.shape == (4, 3, 24, 32) and latents.shape == (4, *LATENT_SHAPE)
     assert 0.0 <= frames.min() and frames.max() <= 1.0
-    again, latents_again = rollout(world_model, start, batch.context_actions[0, :-1], actions, autoencoder=ae, steps=2,
-                                   seed=3)
+    again, latents_again = rollout(world_model, start, batch.context_actions[0, :-1], actions,
+                                   autoencoder=autoencoder, steps=2, seed=3)
     assert torch.equal(latents, latents_again)
     # the model moves the bar right twice, then left: its column follows the actions
     columns = [int(latent[1].mean(0).argmax()) for latent in latents]
     first = int(start[-1][1].mean(0).argmax())
     assert columns[:2] == [(first + 1) % 8, (first + 2) % 8], (first, columns)
 
-    sampler = Sampler(world_model, ae, steps=2, cfg=1.5)
-    sampler.reset(ae.decode(start), batch.context_actions[0, :-1])  # frames in, encoded
+    sampler = Sampler(world_model, autoencoder, steps=2, cfg=1.5)
+    sampler.reset(autoencoder.decode(start), batch.context_actions[0, :-1])  # frames in, encoded
     assert sampler.latents.shape == (world_model.config.context, *LATENT_SHAPE)
     sampler.reset(start[-1:], [])  # fewer frames than K: the oldest repeats
     assert sampler.latents.shape == (world_model.config.context, *LATENT_SHAPE) and sampler.actions.tolist() == [0]

@@ -29,25 +29,25 @@ def test_stage_outputs_and_generation(micro_pipeline: Path) -> None:
     assert (repo / "dvclive" / "diffusion_checkpoint" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
     assert "up to date" in run(["dvc", "status", "diffusion_checkpoint"], repo).stdout
 
-    net = load_world_model(repo / "data" / "diffusion_checkpoint")
-    ae = load_autoencoder(repo / "data" / "finetuned_vae")
-    assert net.config.context == params.world_model.context
-    assert (net.config.latent_channels, *net.config.latent_size) == tuple(ae.latent_shape)
-    assert net.config.num_actions == len(params.environment.actions)
+    world_model = load_world_model(repo / "data" / "diffusion_checkpoint")
+    autoencoder = load_autoencoder(repo / "data" / "finetuned_vae")
+    assert world_model.config.context == params.world_model.context
+    assert (world_model.config.latent_channels, *world_model.config.latent_size) == tuple(autoencoder.latent_shape)
+    assert world_model.config.num_actions == len(params.environment.actions)
 
     store = TrajectoryStore(repo / "data" / "validated_latents")
-    k = net.config.context
+    k = world_model.config.context
     index = store.window_index(k + 4, "heldout")
     shard, start = (index if len(index) else store.window_index(k + 4, "train"))[0]
     window = store.read_window(int(shard), int(start), k + 4, ("latents", "actions"))
     latents = torch.from_numpy(window["latents"].astype("float32"))
     actions = torch.from_numpy(window["actions"].astype("int64"))
 
-    wm = Sampler.from_params(net, ae, params.sampler)
-    wm.reset(ae.decode(latents[:k]), actions[: k - 1])  # real frames in
-    frame = wm.step(int(actions[k - 1]))
+    sampler = Sampler.from_params(world_model, autoencoder, params.sampler)
+    sampler.reset(autoencoder.decode(latents[:k]), actions[: k - 1])  # real frames in
+    frame = sampler.step(int(actions[k - 1]))
     height, width = params.environment.height, params.environment.width
     assert frame.shape == (3, height, width) and 0 <= frame.min() and frame.max() <= 1
 
-    frames, generated = rollout(wm, latents[:k], actions[: k - 1], actions[k - 1 : k + 3])
-    assert frames.shape == (4, 3, height, width) and generated.shape == (4, *ae.latent_shape)
+    frames, generated = rollout(sampler, latents[:k], actions[: k - 1], actions[k - 1 : k + 3])
+    assert frames.shape == (4, 3, height, width) and generated.shape == (4, *autoencoder.latent_shape)
