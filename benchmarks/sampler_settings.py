@@ -41,7 +41,7 @@ def main() -> None:
 
     from components.data.trajectory_store import TrajectoryStore
     from components.data.windows import common_episodes, heldout_episodes, load_windows, pick_windows
-    from components.evaluation import scoring as ev
+    from components.evaluation import scoring
     from components.evaluation.actions import action_kinds, counterfactual_actions
     from components.models.autoencoder import load_autoencoder
     from components.models.sampler import sample_next_latent
@@ -81,7 +81,8 @@ def main() -> None:
             return torch.stack(samples).mean(0).numpy()
 
         started = time.perf_counter()
-        result = ev.teacher_forced(ev.ModelUnderTest("teacher", predict, decode), windows, k, kinds, opposite, 64)
+        result = scoring.teacher_forced(scoring.ModelUnderTest("teacher", predict, decode), windows, k, kinds,
+                                        opposite, 64)
         psnr = result["psnr"]
         print(json.dumps({
             "steps": steps, "cfg": cfg, "context_noise_level": noise, "draws_averaged": draws,

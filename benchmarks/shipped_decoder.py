@@ -44,7 +44,7 @@ def main() -> None:
 
     from components.data.trajectory_store import TrajectoryStore
     from components.data.windows import common_episodes, heldout_episodes
-    from components.evaluation import scoring as ev
+    from components.evaluation import scoring
     from components.models.autoencoder import FrameAutoencoder, load_autoencoder
     from components.models.distillation import load_student
     from components.models.rollout_decoder import fine_tune_decoder
@@ -61,7 +61,7 @@ def main() -> None:
     settings = params.evaluation.model_copy(update={"windows": args.windows, "rollout_lengths": [16, 32],
                                                     "rollout_windows": 16, "turn_contexts": 16})
     episodes = common_episodes(heldout_episodes(raw, None), latents)
-    motion = ev.measure_view_motion(raw, params.environment, settings)
+    motion = scoring.measure_view_motion(raw, params.environment, settings)
 
     def predict(context: np.ndarray, actions: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -80,8 +80,9 @@ def main() -> None:
             with torch.no_grad():
                 return autoencoder.decode(torch.from_numpy(np.ascontiguousarray(batch, np.float32))).clamp(0, 1).numpy()
 
-        metrics, extras = ev.evaluate_model(ev.ModelUnderTest("torch", predict, decode), student.config.context, raw,
-                                            latents, episodes, settings, params.environment.actions, motion)
+        metrics, extras = scoring.evaluate_model(scoring.ModelUnderTest("torch", predict, decode),
+                                                 student.config.context, raw, latents, episodes, settings,
+                                                 params.environment.actions, motion)
         forced, rollouts = metrics["teacher_forced"], metrics["rollout"]
         print(json.dumps({
             "decoder_detail_weight": weight,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.evaluation import ablations as ab
+from components.evaluation import ablations
 from components.params import AblationsParams
 from tests.fixtures.processes import REPO_ROOT, make_repo_copy, run
 
@@ -34,32 +34,33 @@ def metrics_for(context: int, noise: float, policy: str) -> dict:
 
 def test_plan_runs_each_distinct_setting_once() -> None:
     baseline = {"world_model": {"context": 2}, "raw_trajectories": {"policy": "agent"}}
-    experiments = ab.plan(SETTINGS, baseline)
+    experiments = ablations.plan(SETTINGS, baseline)
     assert [e.label for e in experiments] == ["base", "warp-off", "noise-off", "context-1", "context-4", "data-random"]
     assert experiments[1].overrides == {"world_model.action_warp": False, "world_model.predict_residual": False}
     assert experiments[3].set_params() == ["world_model.context=1"]
     assert experiments[2].overrides == {"world_model.max_noise_level": 0.0, "sampler.context_noise_level": 0.0}
     assert experiments[3].name("20260101") == "abl-20260101-context-1"
-    only = ab.plan(SETTINGS.model_copy(update={"overrides": ["diffusion_checkpoint.steps=10"]}), baseline, ["context"])
+    only = ablations.plan(SETTINGS.model_copy(update={"overrides": ["diffusion_checkpoint.steps=10"]}), baseline,
+                          ["context"])
     assert [e.label for e in only] == ["base", "context-1", "context-4"]
     assert all(e.overrides["diffusion_checkpoint.steps"] == 10 for e in only)
-    with pytest.raises(ab.AblationError, match="unknown ablation groups"):
-        ab.plan(SETTINGS, baseline, ["colour"])
+    with pytest.raises(ablations.AblationError, match="unknown ablation groups"):
+        ablations.plan(SETTINGS, baseline, ["colour"])
 
 
 def test_every_setting_runs_once_per_seed_and_the_tables_show_the_spread() -> None:
     baseline = {"world_model": {"context": 2}, "raw_trajectories": {"policy": "agent"}}
     seeded = SETTINGS.model_copy(update={"seeds": [0, 1]})
-    experiments = ab.plan(seeded, baseline, ["context", "warp"])
+    experiments = ablations.plan(seeded, baseline, ["context", "warp"])
     assert [e.label for e in experiments] == [
         "base-seed0", "base-seed1", "warp-off-seed0", "warp-off-seed1",
         "context-1-seed0", "context-1-seed1", "context-4-seed0", "context-4-seed1",
     ]
     assert experiments[5].overrides == {"world_model.context": 1, "diffusion_checkpoint.seed": 1,
                                         "distilled_model.seed": 1}
-    assert ab.setting_of("context-1-seed1") == "context-1" and ab.setting_of("base") == "base"
+    assert ablations.setting_of("context-1-seed1") == "context-1" and ablations.setting_of("base") == "base"
 
-    def result(label: str, context: int, warp: bool, offset: float) -> ab.Result:
+    def result(label: str, context: int, warp: bool, offset: float) -> ablations.Result:
         params = {"world_model": {"context": context, "max_noise_level": 0.7, "action_warp": warp,
                                   "predict_residual": warp},
                   "sampler": {"context_noise_level": 0.1}, "raw_trajectories": {"policy": "agent"}}
@@ -67,12 +68,12 @@ def test_every_setting_runs_once_per_seed_and_the_tables_show_the_spread() -> No
         metrics["onnx"]["teacher_forced"]["psnr"]["model"]["pooled"] += offset
         metrics["onnx"]["teacher_forced"]["controllability"] = {"turning": {"share": 0.9 if warp else 0.5},
                                                                 "moving": {"share": 0.8 if warp else 0.5}}
-        return ab.Result(f"abl-t-{label}", label, "t", "", params, metrics)
+        return ablations.Result(f"abl-t-{label}", label, "t", "", params, metrics)
 
     results = [result("base-seed0", 2, True, 0.0), result("base-seed1", 2, True, 0.4),
                result("context-1-seed0", 1, True, 0.0), result("context-1-seed1", 1, True, 0.2),
                result("warp-off-seed0", 2, False, -1.0), result("warp-off-seed1", 2, False, -1.2)]
-    text = ab.tables(results, seeded)
+    text = ablations.tables(results, seeded)
     assert "ran with 2 seeds" in text
     assert "| 2 | 23.60 ± 0.20 |" in text and "| 1 | 22.50 ± 0.10 |" in text
     assert "| on | 23.60 ± 0.20 | 0.50 ± 0.00 | 0.90 ± 0.00 | 0.80 ± 0.00 | never, never |" in text
@@ -80,15 +81,15 @@ def test_every_setting_runs_once_per_seed_and_the_tables_show_the_spread() -> No
 
 
 def test_tables_are_shaped_like_the_papers() -> None:
-    def result(label: str, context: int, noise: float, policy: str) -> ab.Result:
+    def result(label: str, context: int, noise: float, policy: str) -> ablations.Result:
         params = {"world_model": {"context": context, "max_noise_level": noise},
                   "sampler": {"context_noise_level": noise / 7}, "raw_trajectories": {"policy": policy}}
-        return ab.Result(f"abl-t-{label}", label, "t", "", params, metrics_for(context, noise, policy))
+        return ablations.Result(f"abl-t-{label}", label, "t", "", params, metrics_for(context, noise, policy))
 
     results = [result("base", 2, 0.7, "agent"), result("context-1", 1, 0.7, "agent"),
                result("context-4", 4, 0.7, "agent"), result("noise-off", 2, 0.0, "agent"),
                result("data-random", 2, 0.7, "random")]
-    text = ab.tables(results, SETTINGS)
+    text = ablations.tables(results, SETTINGS)
     lines = text.splitlines()
     context_rows = [line for line in lines if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
     assert [row.split("|")[1].strip() for row in context_rows] == ["4", "2", "1"]  # noise-off/random left out
@@ -97,8 +98,8 @@ def test_tables_are_shaped_like_the_papers() -> None:
     assert "| on | 23.35 | 23.30 | 23.20 | 23.00 | never |" in text
     assert "| off | 21.70 | 21.40 | 20.80 | 19.60 | 4 |" in text
     assert "| agent | 23.40 | 23.00 |" in text and "| random | 22.40 | 22.00 |" in text
-    with pytest.raises(ab.AblationError, match="no 'base'"):
-        ab.tables(results[1:], SETTINGS)
+    with pytest.raises(ablations.AblationError, match="no 'base'"):
+        ablations.tables(results[1:], SETTINGS)
 
 
 # --------------------------------------------------------------------------- real DVC experiments

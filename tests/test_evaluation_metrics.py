@@ -10,7 +10,7 @@ import torch
 
 from components import metrics
 from components.data.windows import Windows, to_chw
-from components.evaluation import scoring as ev
+from components.evaluation import scoring
 from components.evaluation.actions import action_kinds, counterfactual_actions
 
 ACTIONS = [
@@ -107,27 +107,27 @@ def test_win_shares_and_controllability_count_ties_as_losses() -> None:
     model = np.array([0.1, 0.2, 0.0, 0.5])
     baseline = np.array([0.2, 0.1, 0.0, 0.6])
     kinds = ["turning", "turning", "static", "moving"]
-    shares = ev.win_shares(model, baseline, kinds)
+    shares = scoring.win_shares(model, baseline, kinds)
     assert shares["all"] == {"share": 0.5, "count": 4}
     assert shares["turning"] == {"share": 0.5, "count": 2}
     assert shares["static"] == {"share": 0.0, "count": 1}
     assert shares["moving"] == {"share": 1.0, "count": 1}
-    assert ev.controllability(model, model, kinds)["all"]["share"] == 0.0  # ignoring the action never wins
-    assert ev.win_shares(model[:1], baseline[:1], ["turning"])["static"] == {"share": None, "count": 0}
+    assert scoring.controllability(model, model, kinds)["all"]["share"] == 0.0  # ignoring the action never wins
+    assert scoring.win_shares(model[:1], baseline[:1], ["turning"])["static"] == {"share": None, "count": 0}
 
 
 def test_crossing_step() -> None:
-    assert ev.crossing_step([30, 25, 19, 15], [22, 21, 20, 19]) == 3
-    assert ev.crossing_step([50, 50, 50], [50, 50, 50]) is None  # a tie (both exact) is not a crossing
-    assert ev.crossing_step([30, 29], [20, 20]) is None
-    assert ev.crossing_step([10, 30], [20, 20]) == 1
+    assert scoring.crossing_step([30, 25, 19, 15], [22, 21, 20, 19]) == 3
+    assert scoring.crossing_step([50, 50, 50], [50, 50, 50]) is None  # a tie (both exact) is not a crossing
+    assert scoring.crossing_step([30, 29], [20, 20]) is None
+    assert scoring.crossing_step([10, 30], [20, 20]) == 1
 
 
 def test_frechet_distance_of_identical_sets_is_zero_and_grows_with_shift() -> None:
     rng = np.random.default_rng(0)
     a = rng.normal(size=(256, 4))
-    assert ev.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    assert ev.frechet_distance(a, a + 2.0) == pytest.approx(16.0, rel=0.05)
+    assert scoring.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert scoring.frechet_distance(a, a + 2.0) == pytest.approx(16.0, rel=0.05)
 
 
 # --------------------------------------------------------------------------- a toy world with known dynamics
@@ -167,8 +167,9 @@ def identity(x: np.ndarray) -> np.ndarray:
 def test_teacher_forced_perfect_model_wins_turns_and_obeys_actions() -> None:
     windows = toy_windows(40, rows=3)
     kinds, opposite = action_kinds(ACTIONS), counterfactual_actions(ACTIONS)
-    perfect = ev.ModelUnderTest("perfect", true_dynamics, identity)
-    result = ev.teacher_forced(perfect, windows, context=2, kinds_of_actions=kinds, opposite=opposite, batch_size=16)
+    perfect = scoring.ModelUnderTest("perfect", true_dynamics, identity)
+    result = scoring.teacher_forced(perfect, windows, context=2, kinds_of_actions=kinds, opposite=opposite,
+                                    batch_size=16)
     assert result["psnr"]["model"]["pooled"] == 50.0  # exact everywhere, capped
     assert result["psnr"]["autoencoder_ceiling"]["mean"] == 50.0
     assert result["ssim"]["model"] == pytest.approx(1.0, abs=1e-4)
@@ -177,8 +178,9 @@ def test_teacher_forced_perfect_model_wins_turns_and_obeys_actions() -> None:
     assert result["controllability"]["turning"]["share"] == 1.0
     assert result["margin_db"]["copy_last_latent"]["pooled"] > 0
 
-    frozen = ev.ModelUnderTest("frozen", copy_last, identity)
-    result = ev.teacher_forced(frozen, windows, context=2, kinds_of_actions=kinds, opposite=opposite, batch_size=16)
+    frozen = scoring.ModelUnderTest("frozen", copy_last, identity)
+    result = scoring.teacher_forced(frozen, windows, context=2, kinds_of_actions=kinds, opposite=opposite,
+                                    batch_size=16)
     assert result["margin_db"]["copy_last_frame"] == {"pooled": 0.0, "mean": 0.0, "median": 0.0}
     assert result["win_share"]["copy_last_frame"]["all"]["share"] == 0.0
     assert result["controllability"]["all"]["share"] == 0.0  # ignores its keys
@@ -187,8 +189,9 @@ def test_teacher_forced_perfect_model_wins_turns_and_obeys_actions() -> None:
 def test_encoded_context_matches_stored_latents() -> None:
     windows = toy_windows(5, rows=3)
     kinds, opposite = action_kinds(ACTIONS), counterfactual_actions(ACTIONS)
-    encoded = ev.ModelUnderTest("encoded", true_dynamics, identity, encode=identity)
-    result = ev.teacher_forced(encoded, windows, context=2, kinds_of_actions=kinds, opposite=opposite, batch_size=2)
+    encoded = scoring.ModelUnderTest("encoded", true_dynamics, identity, encode=identity)
+    result = scoring.teacher_forced(encoded, windows, context=2, kinds_of_actions=kinds, opposite=opposite,
+                                    batch_size=2)
     assert result["psnr"]["model"]["pooled"] == 50.0
 
 
@@ -196,8 +199,8 @@ def test_encoded_context_matches_stored_latents() -> None:
 def test_rollout_lengths(steps: int) -> None:
     context = 2
     windows = toy_windows(3, rows=context + steps, seed=steps)
-    perfect = ev.ModelUnderTest("perfect", true_dynamics, identity)
-    result = ev.rollout(perfect, windows, context=context, steps=steps, batch_size=2)
+    perfect = scoring.ModelUnderTest("perfect", true_dynamics, identity)
+    result = scoring.rollout(perfect, windows, context=context, steps=steps, batch_size=2)
     assert result["steps"] == steps
     for curve in result["psnr_by_step"].values():
         assert all(len(view) == steps for view in curve.values())
@@ -215,9 +218,9 @@ def test_rollout_feeds_predictions_back() -> None:
 
     context = np.zeros((2, 4, 1, 2, 2), np.float32)
     actions = np.arange(2 * 19).reshape(2, 19)
-    out = ev.rollout_latents(counting, context, actions, steps=16)
+    out = scoring.rollout_latents(counting, context, actions, steps=16)
     assert out.shape == (2, 16, 1, 2, 2)
     assert out[0, :, 0, 0, 0].tolist() == [float(s) for s in range(1, 17)]  # each step sees the previous output
     assert [c[0, -1] for c in calls] == list(range(3, 19))  # the recorded action for each step
     with pytest.raises(ValueError, match="needs 19 actions"):
-        ev.rollout_latents(counting, context, actions[:, :10], steps=16)
+        scoring.rollout_latents(counting, context, actions[:, :10], steps=16)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from components.evaluation import promotion as pr
+from components.evaluation import promotion
 from tests.fixtures.processes import REPO_ROOT
 
 CRITERIA = [
-    pr.Criterion("onnx.teacher_forced.psnr.model.pooled", tolerance=0.1),
-    pr.Criterion("onnx.teacher_forced.controllability.turning.share", tolerance=0.05),
-    pr.Criterion("fvd", tolerance=1.0, higher_is_better=False),
+    promotion.Criterion("onnx.teacher_forced.psnr.model.pooled", tolerance=0.1),
+    promotion.Criterion("onnx.teacher_forced.controllability.turning.share", tolerance=0.05),
+    promotion.Criterion("fvd", tolerance=1.0, higher_is_better=False),
 ]
 
 
@@ -43,27 +43,27 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_decide_both_ways_and_exactly_equal() -> None:
     champion = metrics(25.0)
-    assert pr.decide(metrics(25.5), champion, CRITERIA).promoted
-    assert pr.decide(metrics(25.0), champion, CRITERIA).promoted  # exactly equal is no worse
-    assert pr.decide(metrics(24.95), champion, CRITERIA).promoted  # within the 0.1 dB tolerance
-    worse = pr.decide(metrics(24.8), champion, CRITERIA)
+    assert promotion.decide(metrics(25.5), champion, CRITERIA).promoted
+    assert promotion.decide(metrics(25.0), champion, CRITERIA).promoted  # exactly equal is no worse
+    assert promotion.decide(metrics(24.95), champion, CRITERIA).promoted  # within the 0.1 dB tolerance
+    worse = promotion.decide(metrics(24.8), champion, CRITERIA)
     assert not worse.promoted and "onnx.teacher_forced.psnr.model.pooled" in worse.reason
-    assert not pr.decide(metrics(26.0, control=0.7), champion, CRITERIA).promoted  # better PSNR, worse control
-    assert not pr.decide(metrics(25.0, fvd=102.0), champion, CRITERIA).promoted  # lower is better for FVD
-    assert pr.decide(metrics(25.0, fvd=99.0), champion, CRITERIA).promoted
-    missing = pr.decide({"fvd": 1.0}, champion, CRITERIA)
+    assert not promotion.decide(metrics(26.0, control=0.7), champion, CRITERIA).promoted  # better PSNR, worse control
+    assert not promotion.decide(metrics(25.0, fvd=102.0), champion, CRITERIA).promoted  # lower is better for FVD
+    assert promotion.decide(metrics(25.0, fvd=99.0), champion, CRITERIA).promoted
+    missing = promotion.decide({"fvd": 1.0}, champion, CRITERIA)
     assert not missing.promoted and "challenger has no value" in missing.reason
-    nan = pr.decide(metrics(float("nan")), champion, CRITERIA)
+    nan = promotion.decide(metrics(float("nan")), champion, CRITERIA)
     assert not nan.promoted
-    assert pr.decide(metrics(1.0), None, CRITERIA).reason == "first champion"
-    with pytest.raises(pr.PromotionError):
-        pr.decide(metrics(1.0), champion, [])
+    assert promotion.decide(metrics(1.0), None, CRITERIA).reason == "first champion"
+    with pytest.raises(promotion.PromotionError):
+        promotion.decide(metrics(1.0), champion, [])
 
 
 def test_promotion_installs_then_rejects_without_touching_the_champion(tmp_path: Path) -> None:
     champion_dir, log = tmp_path / "artifacts" / "champion", tmp_path / "docs" / "promotion-log.md"
     first = make_export(tmp_path / "run1", b"weights-1")
-    decision = pr.promote(first, metrics(25.0), champion_dir, CRITERIA, log, source="run1")
+    decision = promotion.promote(first, metrics(25.0), champion_dir, CRITERIA, log, source="run1")
     assert decision.promoted and decision.reason == "first champion"
     assert (champion_dir / "export" / "world_model.onnx").read_bytes() == b"weights-1"
     assert json.loads((champion_dir / "metrics.json").read_text()) == metrics(25.0)
@@ -73,13 +73,13 @@ def test_promotion_installs_then_rejects_without_touching_the_champion(tmp_path:
     before = snapshot(champion_dir)
     mtimes = {p: p.stat().st_mtime_ns for p in champion_dir.rglob("*")}
     worse = make_export(tmp_path / "run2", b"weights-2")
-    decision = pr.promote(worse, metrics(24.0), champion_dir, CRITERIA, log, source="run2")
+    decision = promotion.promote(worse, metrics(24.0), champion_dir, CRITERIA, log, source="run2")
     assert not decision.promoted
     assert snapshot(champion_dir) == before  # byte for byte
     assert {p: p.stat().st_mtime_ns for p in champion_dir.rglob("*")} == mtimes  # not even rewritten
 
     equal = make_export(tmp_path / "run3", b"weights-3")
-    decision = pr.promote(equal, metrics(25.0), champion_dir, CRITERIA, log, source="run3")
+    decision = promotion.promote(equal, metrics(25.0), champion_dir, CRITERIA, log, source="run3")
     assert decision.promoted
     assert (champion_dir / "export" / "world_model.onnx").read_bytes() == b"weights-3"
 
@@ -93,18 +93,18 @@ def test_promotion_installs_then_rejects_without_touching_the_champion(tmp_path:
 
 def test_champion_metrics_override_is_what_gets_compared(tmp_path: Path) -> None:
     champion_dir = tmp_path / "champion"
-    pr.promote(make_export(tmp_path / "a", b"a"), metrics(20.0), champion_dir, CRITERIA, None)
+    promotion.promote(make_export(tmp_path / "a", b"a"), metrics(20.0), champion_dir, CRITERIA, None)
     # re-evaluated on the challenger's held-out episodes the champion scores 30 dB: the challenger loses
-    decision = pr.promote(make_export(tmp_path / "b", b"b"), metrics(25.0), champion_dir, CRITERIA, None,
-                          champion_metrics=metrics(30.0))
+    decision = promotion.promote(make_export(tmp_path / "b", b"b"), metrics(25.0), champion_dir, CRITERIA, None,
+                                 champion_metrics=metrics(30.0))
     assert not decision.promoted
     compared = decision.report()["checks"][0]
     assert compared["name"] == "onnx.teacher_forced.psnr.model.pooled" and compared["champion"] == 30.0
 
 
 def test_missing_export_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(pr.PromotionError, match="no challenger export"):
-        pr.promote(tmp_path / "nope", metrics(1.0), tmp_path / "champion", CRITERIA, None)
+    with pytest.raises(promotion.PromotionError, match="no challenger export"):
+        promotion.promote(tmp_path / "nope", metrics(1.0), tmp_path / "champion", CRITERIA, None)
 
 
 def test_params_refuse_a_criterion_on_a_rollout_that_is_not_measured() -> None:
@@ -121,15 +121,15 @@ def test_params_refuse_a_criterion_on_a_rollout_that_is_not_measured() -> None:
 
 def test_a_promotion_killed_during_the_copy_leaves_the_champion_byte_for_byte(tmp_path: Path) -> None:
     champion_dir = tmp_path / "artifacts" / "champion"
-    pr.promote(make_export(tmp_path / "run1", b"weights-1"), metrics(25.0), champion_dir, CRITERIA, None)
+    promotion.promote(make_export(tmp_path / "run1", b"weights-1"), metrics(25.0), champion_dir, CRITERIA, None)
     before = snapshot(champion_dir)
     big = make_export(tmp_path / "run2", b"")
     with open(big / "world_model.onnx", "wb") as handle:  # large enough that the copy takes a while
         for _ in range(384):
             handle.write(os.urandom(1 << 20))
-    script = ("import sys; from pathlib import Path; from components.evaluation import promotion as pr; "
+    script = ("import sys; from pathlib import Path; from components.evaluation import promotion; "
               "from tests.test_promotion import CRITERIA, metrics; "
-              "pr.promote(Path(sys.argv[1]), metrics(30.0), Path(sys.argv[2]), CRITERIA, None)")
+              "promotion.promote(Path(sys.argv[1]), metrics(30.0), Path(sys.argv[2]), CRITERIA, None)")
     process = subprocess.Popen([sys.executable, "-c", script, str(big), str(champion_dir)], cwd=REPO_ROOT)
     deadline = time.monotonic() + 60
     staging = []
@@ -141,5 +141,6 @@ def test_a_promotion_killed_during_the_copy_leaves_the_champion_byte_for_byte(tm
     assert staging, "the promotion ended before the copy could be interrupted"
     assert snapshot(champion_dir) == before  # the previous champion, byte for byte
     # the next promotion finishes the job; the leftover staging folder of the killed one is only litter
-    decision = pr.promote(make_export(tmp_path / "run3", b"weights-3"), metrics(30.0), champion_dir, CRITERIA, None)
+    decision = promotion.promote(make_export(tmp_path / "run3", b"weights-3"), metrics(30.0), champion_dir, CRITERIA,
+                                 None)
     assert decision.promoted and (champion_dir / "export" / "world_model.onnx").read_bytes() == b"weights-3"

@@ -10,7 +10,7 @@ import torch
 
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
 from components.data.windows import Windows
-from components.evaluation import scoring as ev
+from components.evaluation import scoring
 from components.evaluation.actions import action_kinds, counterfactual_actions
 from components.evaluation.view_motion import (
     action_displacements,
@@ -85,7 +85,7 @@ def test_controllable_baseline_and_turn_response_on_a_perfect_and_a_blind_model(
     right sign for every context, one that ignores the keys scores 0 px."""
     actions = [{"name": "noop", "buttons": []}, {"name": "turn_left", "buttons": ["TURN_LEFT"]},
                {"name": "turn_right", "buttons": ["TURN_RIGHT"]}]
-    motion = ev.ViewMotion([0.0, 4.0, -4.0], view_rows=(HEIGHT - HUD) / HEIGHT, pairs=[1, 1, 1])
+    motion = scoring.ViewMotion([0.0, 4.0, -4.0], view_rows=(HEIGHT - HUD) / HEIGHT, pairs=[1, 1, 1])
     k, count = 2, 6
     context = textured(count, seed=3)
     taken = np.tile([1, 2], count // 2)
@@ -104,22 +104,22 @@ def test_controllable_baseline_and_turn_response_on_a_perfect_and_a_blind_model(
         return ctx[:, -1]
 
     kinds, opposite = action_kinds(actions), counterfactual_actions(actions)
-    good = ev.ModelUnderTest("perfect", perfect, pan, pan)
-    scores = ev.teacher_forced(good, windows, k, kinds, opposite, 4, motion=motion)
+    good = scoring.ModelUnderTest("perfect", perfect, pan, pan)
+    scores = scoring.teacher_forced(good, windows, k, kinds, opposite, 4, motion=motion)
     assert scores["baseline_controllability"]["shift_last_frame"]["turning"]["share"] == 1.0
     assert scores["controllability"]["turning"]["share"] == 1.0
     assert scores["psnr"]["shift_last_frame"]["pooled"] > scores["psnr"]["copy_last_frame"]["pooled"] + 3
     assert scores["sharpness"]["copy_last_frame"] == pytest.approx(1.0, abs=0.1)  # the target repeats edges
 
-    response = ev.turn_response(good, windows, k, actions, motion, steps=2, batch_size=4)
+    response = scoring.turn_response(good, windows, k, actions, motion, steps=2, batch_size=4)
     assert response["turn_left"]["right_sign_share"] == 1.0 and response["turn_right"]["right_sign_share"] == 1.0
     assert response["turn_left"]["model_mean_px"] == pytest.approx(8.0, abs=0.6)
     assert response["turn_left"]["real_px"] == 8.0
     assert response["turn_right"]["fraction_of_real"] == pytest.approx(1, abs=0.1)
-    ignored = ev.turn_response(ev.ModelUnderTest("blind", blind, pan, pan), windows, k, actions, motion, 2, 4)
+    ignored = scoring.turn_response(scoring.ModelUnderTest("blind", blind, pan, pan), windows, k, actions, motion, 2, 4)
     assert ignored["turn_left"]["right_sign_share"] == 0.0 and ignored["turn_left"]["model_mean_px"] == 0.0
 
-    shown = ev.turn_test(good, windows, k, actions, steps=1, batch_size=4)
+    shown = scoring.turn_test(good, windows, k, actions, steps=1, batch_size=4)
     assert list(shown) == ["turn_left", "turn_right", "noop", "real", "context"]
     assert shown["turn_left"].shape == (count, 1, HEIGHT, WIDTH, 3)
     assert shown["context"].shape == (count, HEIGHT, WIDTH, 3)

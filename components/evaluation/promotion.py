@@ -37,7 +37,7 @@ from components.atomic import atomic_directory, atomic_write_json, atomic_write_
 from components.data.trajectory_store import TrajectoryStore
 from components.data.windows import common_episodes, heldout_episodes
 from components.errors import PipelineError
-from components.evaluation import scoring as ev
+from components.evaluation import scoring
 
 if TYPE_CHECKING:
     from components.params import Params, PromotionParams
@@ -268,10 +268,10 @@ def reevaluate_champion(params: Params, champion_dir: Path, raw_root: Path,
     episodes = heldout_episodes(raw, settings.episodes)
     if settings.teacher and latents_root is not None and latents_root.exists():
         episodes = common_episodes(episodes, TrajectoryStore(latents_root))
-    model, manifest = ev.onnx_model(champion_dir / EXPORT_SUBDIR, threads=settings.threads)
-    motion = ev.measure_view_motion(raw, params.environment, settings)
-    metrics, _ = ev.evaluate_model(model, int(manifest["K"]), raw, None, episodes, settings,
-                                   params.environment.actions, motion)
+    model, manifest = scoring.onnx_model(champion_dir / EXPORT_SUBDIR, threads=settings.threads)
+    motion = scoring.measure_view_motion(raw, params.environment, settings)
+    metrics, _ = scoring.evaluate_model(model, int(manifest["K"]), raw, None, episodes, settings,
+                                        params.environment.actions, motion)
     return {"onnx": metrics, "reevaluated_on": "challenger's held-out episodes"}
 
 

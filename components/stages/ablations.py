@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from components.evaluation import ablations as ab
+from components.evaluation import ablations
 from components.params import check_params, load_params, read_yaml
 
 
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated K values, overriding evaluation.ablations.context_lengths")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from existing experiments")
     parser.add_argument("--tag", default=None, help="the experiment tag to report (default: the newest)")
-    parser.add_argument("--output", default="docs/results.md")
+    parser.add_argument("--out", default="docs/results.md", help="the results page to write (Markdown)")
     parser.add_argument("--repo", default=".", help="the DVC repository (default: here)")
 
 
@@ -39,20 +39,21 @@ def main(args: argparse.Namespace) -> None:
     tag = args.tag
     if not args.report_only:
         raw = read_yaml(Path(args.params))
-        experiments = ab.plan(settings, raw, [g.strip() for g in args.groups.split(",") if g.strip()])
+        experiments = ablations.plan(settings, raw, [g.strip() for g in args.groups.split(",") if g.strip()])
         for experiment in experiments:  # every experiment's params valid before any is queued
             check_params(args.params, overrides=experiment.set_params())
         tag = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
         log.info("running %d ablation experiments with tag %s: %s", len(experiments), tag,
                  ", ".join(e.label for e in experiments))
-        ab.queue_and_run(experiments, repo, tag, jobs=settings.jobs)
-    results = ab.read_experiments(ab.dvc_exp_show(repo))
-    tag = tag or ab.latest_tag(results)
+        ablations.queue_and_run(experiments, repo, tag, jobs=settings.jobs)
+    results = ablations.read_experiments(ablations.dvc_exp_show(repo))
+    tag = tag or ablations.latest_tag(results)
     chosen = [r for r in results if r.tag == tag]
     if tag is None or not chosen:
-        raise ab.AblationError(f"no ablation experiments with metrics in {repo} (tag {tag}); run without --report-only")
+        raise ablations.AblationError(f"no ablation experiments with metrics in {repo} (tag {tag}); run without "
+                                      "--report-only")
     command = "python -m components " + " ".join(sys.argv[1:]) if "ablations" in sys.argv else "make ablations"
-    body = ab.tables(chosen, settings)
-    ab.write_results(repo / args.output, body, command.strip(), tag, params.profile,
-                     params.evaluation.ablations.overrides)
+    body = ablations.tables(chosen, settings)
+    ablations.write_results(repo / args.out, body, command.strip(), tag, params.profile,
+                            params.evaluation.ablations.overrides)
     print(body)

@@ -26,7 +26,7 @@ from components.atomic import atomic_write_json
 from components.data.trajectory_store import TrajectoryStore
 from components.data.windows import common_episodes, heldout_episodes
 from components.errors import PipelineError
-from components.evaluation import scoring as ev
+from components.evaluation import scoring
 from components.images import frame_grid, line_chart, side_by_side_gif
 from components.params import load_params
 from components.training import resolve_device
@@ -70,18 +70,18 @@ def run(params: Params, export: Path, raw_root: Path, latents_root: Path, teache
     metrics: dict[str, Any] = {"heldout_episodes": len(episodes), "heldout_frames": sum(e.length for e in episodes)}
     extras: dict[str, dict] = {}
 
-    onnx, manifest = ev.onnx_model(export, threads=settings.threads)
+    onnx, manifest = scoring.onnx_model(export, threads=settings.threads)
     _check_export_matches(manifest, raw, params)
-    motion = ev.measure_view_motion(raw, params.environment, settings)
+    motion = scoring.measure_view_motion(raw, params.environment, settings)
     metrics["view_motion"] = motion.describe(actions)
     log.info("the real game's view displacement per action (px, training split): %s",
              {k: round(v, 1) for k, v in metrics["view_motion"]["displacement_px"].items()})
-    metrics["onnx"], extras["onnx"] = ev.evaluate_model(onnx, int(manifest["K"]), raw, None, episodes, settings,
-                                                        actions, motion, with_long_play=True)
+    metrics["onnx"], extras["onnx"] = scoring.evaluate_model(onnx, int(manifest["K"]), raw, None, episodes, settings,
+                                                             actions, motion, with_long_play=True)
     if with_teacher:
-        model, k = ev.teacher_model(teacher_dir, autoencoder_dir, params.sampler, resolve_device(params.device))
-        metrics["teacher"], extras["teacher"] = ev.evaluate_model(model, k, raw, latents, episodes, settings,
-                                                                  actions, motion)
+        model, k = scoring.teacher_model(teacher_dir, autoencoder_dir, params.sampler, resolve_device(params.device))
+        metrics["teacher"], extras["teacher"] = scoring.evaluate_model(model, k, raw, latents, episodes, settings,
+                                                                       actions, motion)
     else:
         metrics["teacher"] = {"skipped": "evaluation.teacher is false"}
 
@@ -89,9 +89,9 @@ def run(params: Params, export: Path, raw_root: Path, latents_root: Path, teache
     models = [m for m in ("onnx", "teacher") if m in extras]
     real_clip = extras["onnx"].get(f"real_{shortest}")
     rollouts = f"rollout_{shortest}"
-    metrics["fvd"] = ev.fvd_scores(settings.fvd_weights, real_clip,
-                                   {m: extras[m][rollouts] for m in models if rollouts in extras[m]})
-    metrics["lpips"] = ev.lpips_scores(settings.lpips_weights, {
+    metrics["fvd"] = scoring.fvd_scores(settings.fvd_weights, real_clip,
+                                        {m: extras[m][rollouts] for m in models if rollouts in extras[m]})
+    metrics["lpips"] = scoring.lpips_scores(settings.lpips_weights, {
         m: (extras[m][f"rollout_{shortest}"][:, 0], extras[m][f"real_{shortest}"][:, 0])
         for m in models if f"rollout_{shortest}" in extras[m]
     })
@@ -99,7 +99,7 @@ def run(params: Params, export: Path, raw_root: Path, latents_root: Path, teache
         if "skipped" in metrics[name]:
             log.info("%s skipped: %s", name.upper(), metrics[name]["skipped"])
     # the numbers worth a glance, first in the file (sorted keys): Dagster metadata shows the first values
-    metrics["headline"] = ev.headline(metrics)
+    metrics["headline"] = scoring.headline(metrics)
     for key, value in metrics["headline"].items():
         log.info("%s = %s", key, f"{value:.3f}" if isinstance(value, float) else value)
     return metrics, extras
