@@ -45,11 +45,11 @@ def main() -> None:
     from components.data.trajectory_store import TrajectoryStore
     from components.data.windows import common_episodes, heldout_episodes
     from components.evaluation import scoring
+    from components.evaluation.report import write_turn_test
     from components.models.autoencoder import FrameAutoencoder, load_autoencoder
     from components.models.distillation import load_student
     from components.models.rollout_decoder import fine_tune_decoder
     from components.params import load_params
-    from components.stages.evaluation import write_turn_test
     from components.training import start_runtime
 
     torch.set_num_threads(args.threads)

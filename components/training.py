@@ -364,7 +364,10 @@ def _restore(folder: Path | None, module: torch.nn.Module, optimizer: torch.opti
     except (RuntimeError, ValueError, KeyError) as error:
         raise PipelineError(f"{folder / CHECKPOINT_FILE}: does not fit this code's model ({str(error)[:200]}); "
                             f"delete {folder} to start over") from None
-    return {**fresh, **saved.counters}, saved.ema
+    counters = {**fresh, **saved.counters}
+    if "last_loss" not in saved.counters and counters["losses"]:  # a checkpoint older than the last_loss counter
+        counters["last_loss"] = counters["losses"][-1][1]  # its last logged loss (a mean over log_every steps)
+    return counters, saved.ema
 
 
 ParamGroup = dict[str, Any]  # {"params": [...], "lr_scale": float}: a group that learns at lr_scale x the recipe's rate

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from components.errors import PipelineError
 from components.training import (
@@ -244,3 +245,22 @@ def test_a_run_resumed_at_its_end_logs_its_history_again_into_an_emptied_dvclive
         row.split("\t")[1:] for row in history.splitlines()]  # the same steps and losses (the timestamps differ)
     assert (tmp_path / "live" / "plots" / "metrics" / "train" / "lr.tsv").is_file()
     assert again.last_loss == first.last_loss and math.isfinite(first.last_loss)
+
+
+def test_a_checkpoint_without_the_last_loss_counter_resumes_with_its_last_logged_loss(tmp_path: Path) -> None:
+    """Checkpoints written before the engine kept ``last_loss`` resume at their end with the last logged loss (the
+    stages write it as their final loss), not NaN."""
+    recipe = Recipe(Budget(None, 12, warmup_steps=2), 0.05, seed=3, log_every=4)
+    runtime = start_runtime("cpu")
+    model, loss_fn = _model_and_loss()
+    first = train(model, list(model.parameters()), loss_fn, recipe, runtime, tmp_path / "run")
+    path = tmp_path / "run" / CHECKPOINT_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    counters = json.loads(metadata["counters"])
+    del counters["last_loss"]
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "counters": json.dumps(counters)})
+    model, loss_fn = _model_and_loss()
+    again = train(model, list(model.parameters()), loss_fn, recipe, runtime, tmp_path / "run")
+    assert (again.steps, again.resumed_from_step) == (12, 12)
+    assert again.last_loss == first.losses[-1][1] and math.isfinite(again.last_loss)
