@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from components.evaluation.long_play import RealFrames, end_of, player_keys
-from tests.test_view_motion import HEIGHT, HUD, blur, textured
+from tests.fixtures.frames import HEIGHT, HUD, blur, textured
 
 VIEW_ROWS = (HEIGHT - HUD) / HEIGHT
 

@@ -19,23 +19,7 @@ from components.evaluation.view_motion import (
     shift_view,
 )
 from components.metrics import detail_loss, laplacian_energy
-
-HEIGHT, WIDTH, HUD = 24, 40, 4
-
-
-def textured(count: int, seed: int = 0) -> np.ndarray:
-    """Frames [N, 3, H, W] in 0..1 with structure at several scales (like a game view), and a flat HUD band."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.random((count, 3, HEIGHT // 4, WIDTH // 4 + 8))
-    fine = torch.nn.functional.interpolate(torch.from_numpy(coarse), scale_factor=4, mode="bilinear").numpy()
-    frames = np.clip(0.7 * fine + 0.3 * rng.random(fine.shape), 0, 1)[..., 16 : 16 + WIDTH].astype(np.float32)
-    frames[:, :, -HUD:] = 0.3
-    return frames
-
-
-def blur(frames: np.ndarray) -> np.ndarray:
-    return torch.nn.functional.avg_pool2d(torch.from_numpy(frames), 3, stride=1, padding=1,
-                                          count_include_pad=False).numpy()
+from tests.fixtures.frames import HEIGHT, HUD, WIDTH, blur, textured
 
 
 def test_sharpness_is_one_for_the_real_frames_below_for_blur_above_for_noise() -> None:
