@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from components.atomic import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 CURVE_PREFIX = "curve_"  # training curves; orchestration/metadata.py previews them after a stage's other images
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
@@ -206,8 +209,10 @@ def sample_grid(frames: np.ndarray, count: int = 16, columns: int = 4, min_width
 
 
 def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Float frames ``[..., 3, H, W]`` in 0..1 (tensor or array) as uint8 ``[..., H, W, 3]`` pictures."""
-    if isinstance(frames, torch.Tensor):
+    """Float frames ``[..., 3, H, W]`` in 0..1 (tensor or array) as uint8 ``[..., H, W, 3]`` pictures: the one
+    quantisation, which the players use too (``web_player.js`` does the same in float32). Torch-free, so the
+    player can import it."""
+    if hasattr(frames, "detach"):  # a torch tensor
         frames = frames.detach().float().cpu().numpy()
     return (np.clip(np.moveaxis(frames, -3, -1), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 

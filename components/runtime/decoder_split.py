@@ -29,7 +29,7 @@ def load_graph(path: str | Path) -> Any:
     return onnx.load(str(path))
 
 
-def single_tensor_cuts(model: Any) -> list[tuple[int, str]]:
+def single_tensor_cuts(model: onnx.ModelProto) -> list[tuple[int, str]]:
     """(number of nodes before the cut, the one tensor crossing it) for every place where the graph, in its
     stored (topological) order, can be cut with exactly one intermediate tensor going from the first part to
     the second, and the graph inputs are used by the first part only."""
@@ -52,7 +52,7 @@ def single_tensor_cuts(model: Any) -> list[tuple[int, str]]:
     return cuts
 
 
-def node_costs(model: Any) -> list[float]:
+def node_costs(model: onnx.ModelProto) -> list[float]:
     """Multiply-adds of each node at batch 1 (convolutions and matrix products; other nodes count 0), from
     ONNX shape inference."""
 
@@ -88,7 +88,7 @@ def node_costs(model: Any) -> list[float]:
     return costs
 
 
-def choose_cut(model: Any, head_share: float) -> tuple[str, float] | None:
+def choose_cut(model: onnx.ModelProto, head_share: float) -> tuple[str, float] | None:
     """The cut whose head holds the share of the graph's multiply-adds closest to ``head_share`` (0 to 0.5),
     and that share; None when no cut has a head with any work in it."""
     costs = node_costs(model)
@@ -103,7 +103,7 @@ def choose_cut(model: Any, head_share: float) -> tuple[str, float] | None:
     return best
 
 
-def split(model: Any, tensor: str) -> tuple[bytes, bytes]:
+def split(model: onnx.ModelProto, tensor: str) -> tuple[bytes, bytes]:
     """(head, tail) as serialized ONNX models: graph inputs -> ``tensor``, and ``tensor`` -> graph outputs."""
 
     model = shape_inference.infer_shapes(model)  # the extractor needs the cut tensor's type

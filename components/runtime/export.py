@@ -106,7 +106,7 @@ def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pa
     return path
 
 
-def ort_session(path: str | Path, threads: int = 2) -> Any:
+def ort_session(path: str | Path, threads: int = 2) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -144,7 +144,8 @@ def onnx_encoder(autoencoder: FrameAutoencoder, folder: str | Path, max_batch: i
 
 
 @torch.no_grad()
-def parity(module: nn.Module, session: Any, inputs: dict[str, np.ndarray], batch_size: int = 8) -> dict[str, float]:
+def parity(module: nn.Module, session: ort.InferenceSession, inputs: dict[str, np.ndarray],
+           batch_size: int = 8) -> dict[str, float]:
     """Max and mean absolute difference between ONNX Runtime and PyTorch on ``inputs`` (same names as the graph)."""
     names = list(inputs)
     count = len(inputs[names[0]])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from components.images import to_uint8
 from components.runtime.export_contract import (
     CONTEXTS_FILE,
     DECODER_FILE,
@@ -28,11 +30,6 @@ from components.runtime.export_contract import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
-    """Decoder output float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]."""
-    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def session_options(threads: int) -> Any:
@@ -74,7 +71,7 @@ def load_session(source: Path | bytes, threads: int, name: str = "") -> Any:
         raise ExportNotFoundError(f"{label}: ONNX Runtime cannot load it ({error})") from None
 
 
-def cpu_ms(run: Any, repeats: int = 7) -> float:
+def cpu_ms(run: Callable[[], object], repeats: int = 7) -> float:
     """Least CPU time of ``run()`` on this thread over ``repeats`` calls, in ms, after one warm-up call. With
     one intra-op thread ONNX Runtime computes on the calling thread, so this is the work itself, and the least
     of several is the least disturbed by other processes."""
@@ -105,8 +102,9 @@ class OnnxModels:
         self.threads = threads
         self.world_model = load_session(Path(world_model_path), threads)
         self.decoder = load_session(Path(decoder_path), threads)
-        self.decoder_head: Any = None  # the split decoder's two sessions (balance=True), else None
-        self.decoder_tail: Any = None
+        # the split decoder's two sessions (balance=True), else None
+        self.decoder_head: ort.InferenceSession | None = None
+        self.decoder_tail: ort.InferenceSession | None = None
         self._cut = ""
         self.split: dict[str, Any] = {"cut": None, "reason": "not asked (balance=False)"}
         if balance:
@@ -182,8 +180,8 @@ class OnnxModels:
     def decode_tail(self, hidden: np.ndarray) -> np.ndarray:
         """The rest of the decoder (all of it when it is not split), then uint8 [B, H, W, 3]."""
         if self.decoder_tail is None:
-            return to_uint8_frames(self.decoder.run(["frames"], {"latents": hidden})[0])
-        return to_uint8_frames(self.decoder_tail.run(["frames"], {self._cut: hidden})[0])
+            return to_uint8(self.decoder.run(["frames"], {"latents": hidden})[0])
+        return to_uint8(self.decoder_tail.run(["frames"], {self._cut: hidden})[0])
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """decoder.onnx, then uint8: [B, C, h, w] -> [B, H, W, 3]."""
@@ -204,7 +202,7 @@ class OnnxExport(OnnxModels):
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)
         super().__init__(self.folder / WORLD_MODEL_FILE, self.folder / DECODER_FILE, threads, balance)
-        self._encoder: Any = None
+        self._encoder: ort.InferenceSession | None = None
         with np.load(self.folder / CONTEXTS_FILE) as data:
             self.contexts = {name: data[name] for name in data.files}
         self.K = int(self.manifest["K"])

@@ -71,7 +71,7 @@ function actionForKeys(keys, actions, keymap) {
   return actionForButtons(new Set(keys.filter((k) => k in keymap).map((k) => keymap[k])), actions);
 }
 
-// decoder output float [1, 3, H, W] in [0, 1] -> RGB bytes [H, W, 3], as to_uint8_frames does it in float32.
+// decoder output float [1, 3, H, W] in [0, 1] -> RGB bytes [H, W, 3], as components/images.py to_uint8 does it in float32.
 function toRgb(planes, height, width) {
   const size = height * width;
   const rgb = new Uint8Array(size * 3);
