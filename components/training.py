@@ -365,8 +365,8 @@ def _restore(folder: Path | None, module: torch.nn.Module, optimizer: torch.opti
         raise PipelineError(f"{folder / CHECKPOINT_FILE}: does not fit this code's model ({str(error)[:200]}); "
                             f"delete {folder} to start over") from None
     counters = {**fresh, **saved.counters}
-    if "last_loss" not in saved.counters and counters["losses"]:  # a checkpoint older than the last_loss counter
-        counters["last_loss"] = counters["losses"][-1][1]  # its last logged loss (a mean over log_every steps)
+    if math.isnan(counters["last_loss"]) and counters["losses"]:  # older checkpoints lack it (or resaved it as NaN)
+        counters["last_loss"] = counters["losses"][-1][1]  # the last logged loss (a mean over log_every steps)
     return counters, saved.ema
 
 

@@ -247,9 +247,10 @@ def test_a_run_resumed_at_its_end_logs_its_history_again_into_an_emptied_dvclive
     assert again.last_loss == first.last_loss and math.isfinite(first.last_loss)
 
 
-def test_a_checkpoint_without_the_last_loss_counter_resumes_with_its_last_logged_loss(tmp_path: Path) -> None:
-    """Checkpoints written before the engine kept ``last_loss`` resume at their end with the last logged loss (the
-    stages write it as their final loss), not NaN."""
+@pytest.mark.parametrize("saved", ["absent", "nan"])
+def test_a_checkpoint_without_the_last_loss_resumes_with_its_last_logged_loss(tmp_path: Path, saved: str) -> None:
+    """Checkpoints written before the engine kept ``last_loss`` (and those such a run saved again, with NaN) resume
+    at their end with the last logged loss (the stages write it as their final loss), not NaN."""
     recipe = Recipe(Budget(None, 12, warmup_steps=2), 0.05, seed=3, log_every=4)
     runtime = start_runtime("cpu")
     model, loss_fn = _model_and_loss()
@@ -258,7 +259,10 @@ def test_a_checkpoint_without_the_last_loss_counter_resumes_with_its_last_logged
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     counters = json.loads(metadata["counters"])
-    del counters["last_loss"]
+    if saved == "absent":
+        del counters["last_loss"]
+    else:
+        counters["last_loss"] = float("nan")  # json writes NaN, and reads it back
     save_file(load_file(str(path)), str(path), metadata={**metadata, "counters": json.dumps(counters)})
     model, loss_fn = _model_and_loss()
     again = train(model, list(model.parameters()), loss_fn, recipe, runtime, tmp_path / "run")
