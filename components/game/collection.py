@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from components.data.trajectory_store import ShardWriter
+from components.errors import PipelineError
 from components.game.agent import list_checkpoints, load_policy
 from components.game.environment import DoomEnv, action_names, resolve_scenario
 from components.params import Params
@@ -112,8 +113,6 @@ def record_shard(
         snapshots, random_fraction = load_snapshots(agent_dir), config.random_action_fraction
         for snapshot in snapshots:
             if tuple(snapshot.expected_shape) != (env_params.height, env_params.width, 3):
-                from components.errors import PipelineError
-
                 raise PipelineError(
                     f"{snapshot.path}: policy was trained on {snapshot.expected_shape} frames but "
                     f"environment.resolution is {list(env_params.resolution)}; re-run rl_agent"

@@ -22,6 +22,7 @@ import torch
 from components.atomic import atomic_write_json
 from components.errors import PipelineError
 from components.images import training_charts
+from components.models.autoencoder import load_autoencoder
 from components.models.world_model_training import heldout_metrics, open_latents, save_preview, train
 from components.params import load_params
 from components.training import resolve_device
@@ -47,11 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
-    autoencoder = None
-    if not args.no_preview:
-        from components.models.autoencoder import load_autoencoder
-
-        autoencoder = load_autoencoder(args.autoencoder)
+    autoencoder = None if args.no_preview else load_autoencoder(args.autoencoder)
     run = train(params, args.latents, cache_root=args.cache or None, live_dir=args.live_dir or None,
                 frames_root=args.trajectories)
     result, world_model = run.result, run.world_model
