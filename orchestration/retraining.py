@@ -7,7 +7,7 @@ uncached out, so it is part of the experiment's commit). ``retraining_job`` runs
 champion there. The workspace is never touched. Then:
 
 * **promoted**: the experiment becomes the branch ``retrain/<experiment>`` (``dvc exp branch``) and its commit a
-  GTO version of the ``dvc.yaml`` artifact, assigned ``prod`` (``components.stages.register``), so
+  GTO version of the ``dvc.yaml`` artifact, assigned ``prod`` (``components.evaluation.registry``), so
   ``gto show`` and ``dvc artifacts get . <artifact> --stage prod`` name and fetch the new champion, whose files the
   experiment already left in the DVC cache;
 * **rejected**: the experiment stays a DVC experiment (``dvc exp show`` lists it); GTO and the branches do not
@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from components.errors import PipelineError
-from components.stages.register import PROD, artifact_entry, committed_files, git, register_champion
+from components.evaluation.registry import PROD, artifact_entry, committed_files, git, register_champion
 from orchestration.dvc_graph import load_pipeline
 from orchestration.metadata import read_metrics
 
