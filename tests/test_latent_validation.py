@@ -152,6 +152,20 @@ def test_stage_failure_publishes_no_latents(tmp_path: Path) -> None:
     assert [c["name"] for c in report["checks"] if not c["success"]] == ["action_ids_in_action_set"]
 
 
+def test_stage_broken_before_the_gate_publishes_nothing_and_its_report_names_the_error(tmp_path: Path) -> None:
+    from components.stages import validated_latents
+
+    traj = write_synthetic_trajectories(tmp_path / "raw", [[(8, "train"), (6, "heldout")]])  # 24x32 frames
+    tiny_autoencoder((32, 40), tmp_path / "ae", blocks=2)  # an autoencoder for other frames
+    args = _stage_args(tmp_path, write_micro_params(tmp_path), traj)
+    with pytest.raises(PipelineError, match=r"frames are \(H, W\) = \(24, 32\).*re-run base_autoencoder"):
+        validated_latents.main(args)
+    assert not Path(args.out).exists() and not list((tmp_path / "data").glob(".*"))  # no staging folder left
+    report = json.loads(Path(args.report).read_text())
+    assert report["success"] is False and report["checks"] == []
+    assert report["error"].startswith("stage failed: PipelineError:") and "(24, 32)" in report["error"]
+
+
 def test_stage_success_mirrors_episodes(tmp_path: Path) -> None:
     from components.stages import validated_latents
 
