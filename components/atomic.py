@@ -113,6 +113,11 @@ def save_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[s
         save_file(contiguous, str(temporary), metadata=metadata)
 
 
+def json_sha256(value: Any) -> str:
+    """The sha256 (hex) of ``value`` as JSON with sorted keys (``default=str`` for paths and the like)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     """The sha256 of the file at ``path`` (hex), read in ``chunk``-byte blocks."""
     digest = hashlib.sha256()

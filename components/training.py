@@ -21,7 +21,6 @@ engine does the rest, once for all:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ from safetensors.torch import load_file
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm import tqdm
 
-from components.atomic import save_safetensors
+from components.atomic import json_sha256, save_safetensors
 from components.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -62,8 +61,7 @@ Precision = Literal["no", "fp16", "bf16"]
 
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (params, input manifests): the run key of a training state."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_sha256(parts)[:16]
 
 
 def inputs_fingerprint(store: TrajectoryStore) -> list[str]:

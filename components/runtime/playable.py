@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 
-from components.atomic import atomic_directory, atomic_write_json, file_sha256
+from components.atomic import atomic_directory, atomic_write_json, file_sha256, json_sha256
 from components.data.windows import heldout_windows
 from components.errors import PipelineError
 from components.game.environment import resolve_scenario
@@ -148,7 +148,7 @@ def build_manifest(student: OneStepStudent, autoencoder: FrameAutoencoder, param
         "contexts": {"count": len(shipped["latents"]), "future_steps": settings.future_steps,
                      "split": shipped["split"], "frames_source": shipped["frames_source"]},
         "files": {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
-        "params_hash": params_hash(sections),
+        "params_hash": json_sha256(sections),  # the params sections that made it
         "params_sections": sorted(sections),
         "inputs": inputs,
     }
@@ -163,11 +163,6 @@ def config_wad(config: str) -> str | None:
         values[key.strip()] = value.split("#")[0].strip()
     wad = values.get("doom_scenario_path") or values.get("doom_game_path")
     return Path(wad).name if wad else None
-
-
-def params_hash(sections: dict[str, Any]) -> str:
-    """sha256 of the params sections (as validated JSON) that made the export."""
-    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def dvc_lock_hashes(inputs: list[str], lock_path: str | Path = "dvc.lock") -> dict[str, str | None]:
