@@ -2,12 +2,13 @@
 the Python player's figure from ``benchmarks/play_speed.py`` in the same run. Prints JSON.
 
     make web && python benchmarks/browser_play_speed.py                  # data/onnx_export
-    python benchmarks/browser_play_speed.py --export E --frames 200 --threads 1 2
+    python benchmarks/browser_play_speed.py --export E --frames 200 --threads 1 2 --precision int8 float32
 
 One frame = one world-model prediction then one decode at batch 1, fed back autoregressively, as the page's game
 loop runs them (``window.player.benchmark``), with no frame-rate cap. The bundle is written to a temporary folder
-and served by ``python -m components play --engine browser`` (cross-origin isolated, so WASM threads work); each
-``--threads`` value is one page load. Target (issue 16): at least 30 FPS at the default resolution on 2 cores.
+and served by ``python -m components play --engine browser`` (cross-origin isolated, so WASM threads work), once
+per ``--precision`` (the graphs the bundle ships: int8 copies or the export's float32 ones); each ``--threads``
+value is one page load. Target (issue 16): at least 30 FPS at the default resolution on 2 cores.
 The machine may be shared: ``machine_busy_cores`` is how many cores the whole machine kept busy meanwhile
 (the page's own threads included).
 """
@@ -36,10 +37,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
-def start_player(export: Path, folder: Path) -> tuple[subprocess.Popen[str], str]:
+def start_player(export: Path, folder: Path, precision: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "components", "--params", str(ROOT / "params.yaml"), "play", "--engine", "browser",
-         "--export", str(export.resolve()), "--port", "0"],
+         "--export", str(export.resolve()), "--port", "0", "--precision", precision],
         cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -69,8 +70,8 @@ def browser_figures(url: str, threads: list[int], frames: int) -> list[dict[str,
                 figure = page.evaluate(f"window.player.benchmark({frames})")
                 wall = time.perf_counter() - wall_before
                 busy = busy_seconds()
-                figure["ms_per_frame"] = round(figure["ms_per_frame"], 2)
-                figure["fps"] = round(figure["fps"], 1)
+                figure = {name: round(value, 2) if isinstance(value, float) else value
+                          for name, value in figure.items()}
                 figure["isolated"] = stats["isolated"]
                 figure["onnxruntime_web"] = stats["onnxruntimeWeb"]
                 if busy is not None and busy_before is not None:
@@ -94,15 +95,19 @@ def main() -> None:
     parser.add_argument("--export", default="data/onnx_export", type=Path)
     parser.add_argument("--frames", type=int, default=100, help="timed frames per figure")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="WASM threads, one page load each")
+    parser.add_argument("--precision", nargs="+", choices=["int8", "float32"], default=["int8", "float32"],
+                        help="graphs the bundle ships, one bundle each")
     parser.add_argument("--no-python", action="store_true", help="skip the Python player's figure")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="browser-bench-") as scratch:
-        process, url = start_player(args.export, Path(scratch))
-        try:
-            browser = browser_figures(url, args.threads, args.frames)
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
+    browser = []
+    for precision in args.precision:
+        with tempfile.TemporaryDirectory(prefix="browser-bench-") as scratch:
+            process, url = start_player(args.export, Path(scratch), precision)
+            try:
+                browser += browser_figures(url, args.threads, args.frames)
+            finally:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=10)
     result: dict[str, Any] = {"export": str(args.export), "frames": args.frames, "browser": browser,
                               "cpu_count": os.cpu_count()}
     if not args.no_python:

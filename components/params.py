@@ -450,6 +450,14 @@ class PlayParams(Section):
         "browser: the page runs the model itself with ONNX Runtime Web (the static bundle in bundle_dir)"
     )
     bundle_dir: str = Field("dist/play", min_length=1, description="where the browser engine's bundle is written")
+    web_precision: Literal["int8", "float32"] = Field(
+        "int8", description="graphs the browser bundle ships: int8 (static QDQ, components/runtime/quantize.py; "
+        "faster in WASM) or the export's float32 graphs as they are"
+    )
+    web_int8_min_psnr_db: float = Field(
+        30.0, gt=0.0, description="int8 is refused when its frames are below this PSNR against the float graphs' "
+        "frames at any step of a held-key rollout from the shipped contexts"
+    )
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8765, ge=0, le=65535, description="0 picks a free port")
     fps: float = Field(

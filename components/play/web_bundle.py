@@ -8,16 +8,20 @@
     ort/                    ort.wasm.min.mjs and ort-wasm-simd-threaded.{mjs,wasm}, copied from
                             node_modules/onnxruntime-web/dist of this repository (``make web`` = ``npm ci``; the version
                             pinned in package.json and package-lock.json)
-    world_model.onnx        byte copies of the export's graphs (the encoder is not needed: the contexts ship as
-    decoder.onnx            latents)
+    world_model.int8.onnx   the graphs the page runs: with precision int8 (params play.web_precision, the
+    decoder.int8.onnx       default) int8 copies of the export's graphs (components/runtime/quantize.py), checked
+                            against the float graphs' frames; with float32, world_model.onnx and decoder.onnx,
+                            byte copies of the export's (the encoder is not needed: the contexts ship as latents)
     contexts.bin            the export's held-out contexts, little-endian, one after the other: latents float32
                             [N, K, C, h, w], actions int32 [N, K], last real frame uint8 [N, H, W, 3]
     bundle.json             what the page reads first: sizes, actions, the keymap, the frame-rate cap, the layout
-                            of contexts.bin, and the bytes and sha256 of every other file (the page checks them)
+                            of contexts.bin, the graphs and their precision (with the int8 fidelity measured), and
+                            the bytes and sha256 of every other file (the page checks them)
 
 The page plays exactly as ``components.play.server.GameState.step`` does (same keymap, same action matching, same
 rolling context, same uint8 conversion), so from the same context and actions it makes the same frames up to
-ONNX Runtime Web's arithmetic (tests/test_web_bundle.py measures it).
+ONNX Runtime Web's arithmetic as ONNX Runtime in Python does with the same graphs (tests/test_web_bundle.py
+measures it).
 
 ``python -m components play --engine browser`` writes it and ``serve_bundle(folder, host, port)`` serves it with the
 cross-origin isolation headers that WASM threads need
@@ -50,6 +54,7 @@ from components.runtime.export_contract import (
     corrupt_files,
     load_manifest,
 )
+from components.runtime.quantize import INT8_FILES, quantize_graphs
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,8 @@ BUNDLE_FILE = "bundle.json"
 CONTEXTS_BIN = "contexts.bin"
 ORT_PACKAGE = Path(__file__).resolve().parents[2] / "node_modules" / "onnxruntime-web"  # make web
 ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
-PAGE_FILES = {"index.html": "web.html", "player.js": "web_player.js", "screen.js": "screen.js"}
+PAGE_FILES = {"index.html": "web.html", "player.js": "web_player.js", "screen.js": "screen.js",
+              "session_worker.js": "session_worker.js"}
 ISOLATION_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Embedder-Policy": "require-corp",
@@ -95,11 +101,28 @@ def write_contexts(export: Path, path: Path) -> dict[str, Any]:
     return layout
 
 
-def build_bundle(export: str | Path, out: str | Path, fps: float, package: str | Path = ORT_PACKAGE) -> dict[str, Any]:
+def reusable_int8(out: Path, sources: dict[str, str], min_psnr_db: float) -> dict[str, Any] | None:
+    """The int8 report of the bundle already in ``out`` when it quantized the float graphs of sha256 ``sources``
+    against the same fidelity bar and its int8 files are intact; else None (quantize again)."""
+    try:
+        bundle = json.loads((out / BUNDLE_FILE).read_text())
+        report = bundle["precision"]
+        if report.get("sources") != sources or report["fidelity"]["min_psnr_db"] != min_psnr_db:
+            return None
+        if any(file_sha256(out / name) != bundle["files"][name]["sha256"] for name in INT8_FILES.values()):
+            return None
+        return dict(report)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_bundle(export: str | Path, out: str | Path, fps: float, package: str | Path = ORT_PACKAGE,
+                 precision: str = "float32", min_psnr_db: float = 30.0) -> dict[str, Any]:
     """Write the bundle of ``export`` into ``out`` (replaced whole, atomically); returns its ``bundle.json``.
 
-    Refuses an export that fails the contract check (``load_manifest``) or whose files differ from the manifest's
-    sha256, and a missing onnxruntime-web."""
+    ``precision`` int8 ships int8 copies of the graphs, refused (``QuantizationError``) below ``min_psnr_db`` against
+    the float graphs' frames; float32 ships the export's graphs. Refuses an export that fails the contract check
+    (``load_manifest``) or whose files differ from the manifest's sha256, and a missing onnxruntime-web."""
     export, out = Path(export), Path(out)
     manifest = load_manifest(export)
     corrupt = corrupt_files(export, manifest)
@@ -113,9 +136,23 @@ def build_bundle(export: str | Path, out: str | Path, fps: float, package: str |
         (staging / "ort").mkdir()
         for path in ort_files:
             shutil.copyfile(path, staging / "ort" / path.name)
-        verified = {name: manifest["files"][name] for name in (WORLD_MODEL_FILE, DECODER_FILE)}  # checked above
-        for name in verified:
-            shutil.copyfile(export / name, staging / name)
+        graphs = {"world_model": WORLD_MODEL_FILE, "decoder": DECODER_FILE}
+        verified: dict[str, str] = {}
+        if precision == "int8":
+            sources = {name: manifest["files"][name] for name in graphs.values()}
+            quantization = reusable_int8(out, sources, min_psnr_db)
+            if quantization is None:
+                quantization = {**quantize_graphs(export, staging, min_psnr_db), "sources": sources}
+            else:  # the bundle already there quantized these very graphs: about 30 s saved on the default export
+                log.info("%s: reusing its int8 graphs (same float graphs, same fidelity bar)", out)
+                for name in INT8_FILES.values():
+                    shutil.copyfile(out / name, staging / name)
+            graphs = {role: INT8_FILES[name] for role, name in graphs.items()}
+        else:
+            quantization = {"precision": "float32"}
+            verified = {name: manifest["files"][name] for name in graphs.values()}  # checked above
+            for name in verified:
+                shutil.copyfile(export / name, staging / name)
         contexts = write_contexts(export, staging / CONTEXTS_BIN)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         bundle = {
@@ -125,7 +162,8 @@ def build_bundle(export: str | Path, out: str | Path, fps: float, package: str |
             "keymap": KEY_BUTTONS,
             "fps": float(fps),
             "contexts": contexts,
-            "graphs": {"world_model": WORLD_MODEL_FILE, "decoder": DECODER_FILE},
+            "graphs": graphs,
+            "precision": quantization,
             "onnxruntime_web": ort_version,
             "export": {"params_hash": manifest["params_hash"], "sampling": manifest["sampling"],
                        "scenario": manifest["scenario"]},
@@ -133,8 +171,8 @@ def build_bundle(export: str | Path, out: str | Path, fps: float, package: str |
                              "sha256": verified.get(name) or file_sha256(staging / name)} for name in files},
         }
         (staging / BUNDLE_FILE).write_text(json.dumps(bundle, indent=1))
-    log.info("wrote %s: %d files, %.1f MB (onnxruntime-web %s)", out, len(files) + 1,
-             sum(f["bytes"] for f in bundle["files"].values()) / 1e6, ort_version)
+    log.info("wrote %s: %d files, %.1f MB, %s graphs (onnxruntime-web %s)", out, len(files) + 1,
+             sum(f["bytes"] for f in bundle["files"].values()) / 1e6, precision, ort_version)
     return bundle
 
 

@@ -4,8 +4,11 @@
     python -m components bundle --export data/onnx_export --out dist/play
     python -m components play --engine browser                   # the same, then served on http://127.0.0.1:8765/
 
-Any static file server can serve the folder; WASM threads need the two cross-origin isolation headers (README
-"Play in the browser"). Without them the page plays on one thread and says so.
+The page runs int8 copies of the export's world model and decoder (``play.web_precision``, ``--precision``;
+components/runtime/quantize.py), refused below ``play.web_int8_min_psnr_db`` against the float graphs' frames, or
+the float32 graphs themselves. Any static file server can serve the folder; WASM threads need the two cross-origin
+isolation headers (README "Play in the browser"). Without them each of the page's two workers runs one thread and
+the page says so.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from components.play.web_bundle import build_bundle
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", default=None, help="the ONNX export to bundle (default: params play.export_dir)")
     parser.add_argument("--out", default=None, help="the bundle folder, replaced whole (default: play.bundle_dir)")
+    parser.add_argument("--precision", choices=["int8", "float32"], default=None, help="graphs the page runs: "
+                        "int8 copies checked against the float frames, or the export's float32 graphs as they are "
+                        "(default: params play.web_precision)")
     parser.add_argument("--fps", type=float, default=None, help="frame-rate cap in the page (default: play.fps; "
                         "0 = as fast as the model runs)")
 
@@ -26,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     settings = load_params(args.params).play
     out = args.out or settings.bundle_dir
-    build_bundle(args.export or settings.export_dir, out, settings.fps if args.fps is None else args.fps)
+    build_bundle(args.export or settings.export_dir, out, settings.fps if args.fps is None else args.fps,
+                 precision=args.precision or settings.web_precision, min_psnr_db=settings.web_int8_min_psnr_db)
     print(f"wrote {out}: serve it with any static file server (README \"Play in the browser\"), or play it with "
           "python -m components play --engine browser")

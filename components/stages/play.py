@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=["server", "browser"], default=None,
                         help="server: this process runs the model and streams frames; browser: write the static "
                         "bundle (play.bundle_dir) and serve it, the page runs the model (default: params play.engine)")
+    parser.add_argument("--precision", choices=["int8", "float32"], default=None, help="browser engine: int8 "
+                        "or float32 graphs in the page (default: params play.web_precision)")
     parser.add_argument("--no-isolation", action="store_true", help="browser engine: serve without the "
                         "cross-origin isolation headers (the page then runs one WASM thread)")
 
@@ -50,18 +52,20 @@ def main(args: argparse.Namespace) -> None:
     fps = settings.fps if args.fps is None else args.fps
     try:
         if (args.engine or settings.engine) == "browser":
-            serve_in_browser(export, settings.bundle_dir, host, port, fps, isolated=not args.no_isolation)
+            serve_in_browser(export, settings, host, port, fps, isolated=not args.no_isolation,
+                             precision=args.precision or settings.web_precision)
         else:
             serve_frames(export, host, port, fps, settings)
     except OSError as error:
         raise PipelineError(f"cannot serve on {host}:{port}: {error}; try --port 0") from None
 
 
-def serve_in_browser(export: str, bundle_dir: str, host: str, port: int, fps: float, isolated: bool) -> None:
+def serve_in_browser(export: str, settings: PlayParams, host: str, port: int, fps: float, isolated: bool,
+                     precision: str) -> None:
     """The browser engine: write the bundle, then serve its files until a signal."""
 
-    build_bundle(export, bundle_dir, fps)
-    serve_bundle(bundle_dir, host, port, isolated=isolated)
+    build_bundle(export, settings.bundle_dir, fps, precision=precision, min_psnr_db=settings.web_int8_min_psnr_db)
+    serve_bundle(settings.bundle_dir, host, port, isolated=isolated)
 
 
 def serve_frames(export: str, host: str, port: int, fps: float, settings: PlayParams) -> None:

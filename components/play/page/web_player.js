@@ -1,7 +1,9 @@
 // The in-browser engine of the player (components/play/web_bundle.py writes the bundle this page runs in).
-// ONNX Runtime Web runs world_model.onnx and decoder.onnx here; the game loop is components/play/server.py's
-// GameState.step: the same keymap (bundle.json "keymap"), the same action matching, the same rolling context
-// and the same float -> uint8 conversion, so the frames match ONNX Runtime in Python up to WASM arithmetic.
+// ONNX Runtime Web runs the world model and the decoder here, each in its own Web Worker (session_worker.js); the
+// game loop is components/play/server.py's GameState.advance: the next prediction runs while the last frame
+// decodes, on two cores. The same keymap (bundle.json "keymap"), the same action matching, the same rolling
+// context and the same float -> uint8 conversion, so the frames match ONNX Runtime in Python (same graphs) up to
+// WASM arithmetic.
 "use strict";
 import { FpsCounter, Screen } from "./screen.js";
 
@@ -10,6 +12,7 @@ const query = new URLSearchParams(location.search);
 // Read by the browser tests and benchmarks/browser_play_speed.py.
 const stats = {
   ready: false, error: null, engine: "browser", threads: 0, isolated: self.crossOriginIsolated === true,
+  precision: "", pipelined: true,
   frames: 0, frameIndex: -1, contextIndex: -1, action: -1, actionsSeen: [], modelMs: 0, fps: 0, sha256: "",
 };
 window.playerStats = stats;
@@ -84,6 +87,51 @@ function toRgb(planes, height, width) {
   return rgb;
 }
 
+// An ONNX Runtime Web session in its own Web Worker (session_worker.js). run(feeds) takes and resolves to
+// {name: {type, data, dims}}, as ort's InferenceSession.run does with tensors; runs are answered in call order.
+class WorkerSession {
+  constructor(label) {
+    this.label = label;
+    this.pending = new Map();
+    this.nextId = 0;
+    this.worker = new Worker(new URL("./session_worker.js", import.meta.url), { type: "module" });
+    this.worker.onmessage = ({ data }) => {
+      const call = this.pending.get(data.id);
+      this.pending.delete(data.id);
+      if (data.ok) call.resolve(data);
+      else call.reject(new Error(`${this.label}: ${data.error}`));
+    };
+    this.worker.onerror = (event) => {
+      for (const call of this.pending.values()) {
+        call.reject(new Error(`${this.label}: its Web Worker failed (${event.message || "session_worker.js did not load"}); rebuild the bundle`));
+      }
+      this.pending.clear();
+    };
+  }
+
+  call(message, transfer = []) {
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage({ ...message, id }, transfer);
+    });
+  }
+
+  async load(bytes, threads, options) {
+    try {
+      await this.call({ type: "load", ortUrl: new URL("./ort/ort.wasm.min.mjs", location.href).href,
+                        wasmPaths: new URL("./ort/", location.href).href, threads, bytes, options }, [bytes]);
+    } catch (error) {
+      throw new Error(`cannot start ONNX Runtime Web for ${error.message}; rebuild the bundle after make web`);
+    }
+    return this;
+  }
+
+  async run(feeds, transfer = []) {
+    return (await this.call({ type: "run", feeds }, transfer)).outputs;
+  }
+}
+
 class Contexts {
   constructor(buffer, layout, sizes) {
     const { K, C, h, w, H, W } = sizes;
@@ -95,10 +143,13 @@ class Contexts {
   }
 }
 
-// One player's rolling context: the last K latents and the K-1 actions before the current one.
+// One player's rolling context: the last K latents and the K-1 actions before the current one. As GameState in
+// components/play/server.py: step(action) predicts then decodes; advance(action) predicts while the previous
+// prediction decodes (the two sessions are in two workers), and both give the same frames.
 class Game {
-  constructor(ort, world, decoder, contexts) {
-    Object.assign(this, { ort, world, decoder, contexts });
+  constructor(world, decoder, contexts) {
+    Object.assign(this, { world, decoder, contexts });
+    this.decoding = null;  // the decode started by the last advance()
     this.sizes = contexts.sizes;
     this.latentSize = this.sizes.C * this.sizes.h * this.sizes.w;
   }
@@ -120,55 +171,79 @@ class Game {
     this.modelMs = 0;
   }
 
-  async step(action) {
-    const { K, C, h, w, H, W } = this.sizes;
+  // The latent that `action` leads to, pushed (with the action) into the context.
+  async predict(action) {
+    const { K, C, h, w } = this.sizes;
     const started = performance.now();
     const context = new Float32Array(K * this.latentSize);
     this.latents.forEach((latent, k) => context.set(latent, k * this.latentSize));
     const actions = BigInt64Array.from([...this.actions, action].map((a) => BigInt(a)));
     const predicted = await this.world.run({
-      context_latents: new this.ort.Tensor("float32", context, [1, K, C, h, w]),
-      context_actions: new this.ort.Tensor("int64", actions, [1, K]),
-    });
-    const predictedAt = performance.now();
-    const next = new Float32Array(predicted.next_latent.data);
-    this.latents.push(next);
+      context_latents: { type: "float32", data: context, dims: [1, K, C, h, w] },
+      context_actions: { type: "int64", data: actions, dims: [1, K] },
+    }, [context.buffer, actions.buffer]);
+    const latent = new Float32Array(predicted.next_latent.data);
+    this.latents.push(latent);
     this.latents.shift();
     if (K > 1) {
       this.actions.push(action);
       this.actions.shift();
     }
-    const decoded = await this.decoder.run({ latents: new this.ort.Tensor("float32", next, [1, C, h, w]) });
+    return { latent, action, started, predictedAt: performance.now() };
+  }
+
+  // Decode a prediction: it becomes the current frame (uint8 RGB).
+  async show(prediction) {
+    const { C, h, w, H, W } = this.sizes;
+    const decoded = await this.decoder.run({ latents: { type: "float32", data: prediction.latent, dims: [1, C, h, w] } });
     this.frame = toRgb(decoded.frames.data, H, W);
-    this.frameAction = action;
+    this.frameAction = prediction.action;
     this.frameIndex += 1;
-    this.modelMs = performance.now() - started;
-    this.worldModelMs = predictedAt - started;
+    this.modelMs = performance.now() - prediction.started;
+    this.worldModelMs = prediction.predictedAt - prediction.started;
     return this.frame;
+  }
+
+  async step(action) {
+    await this.finish();
+    return this.show(await this.predict(action));
+  }
+
+  // Predict from `action` while the previous prediction decodes; resolves once that previous frame is the current
+  // one (this.frame), with this prediction's decode queued behind it. The picture is one frame behind step()'s.
+  async advance(action) {
+    const previous = this.decoding;
+    try {
+      this.decoding = this.show(await this.predict(action));
+    } finally {
+      if (previous) await previous;
+    }
+  }
+
+  // Wait for the decode that the last advance() started, if any.
+  async finish() {
+    const decoding = this.decoding;
+    this.decoding = null;
+    if (decoding) await decoding;
   }
 }
 
 async function main() {
-  let ort;
-  try {
-    ort = await import("./ort/ort.wasm.min.mjs");
-  } catch (error) {
-    fail(`cannot load ONNX Runtime Web from ort/ (${error}); rebuild the bundle after make web`);
-    return;
-  }
   const bundleResponse = await fetch("bundle.json");
   if (!bundleResponse.ok) {
     fail(`bundle.json is missing (HTTP ${bundleResponse.status}): serve a folder written by python -m components bundle`);
     return;
   }
   const bundle = await bundleResponse.json();
+  // Two workers (world model, decoder) share the cores; WASM threads within each need cross-origin isolation.
   const requested = Number(query.get("threads") || 0);
-  const threads = stats.isolated ? (requested || Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
-  ort.env.wasm.wasmPaths = new URL("./ort/", location.href).href;
-  ort.env.wasm.numThreads = threads;
+  const cores = navigator.hardwareConcurrency || 1;
+  const threads = stats.isolated ? (requested || Math.max(1, Math.min(2, Math.floor(cores / 2)))) : 1;
   stats.threads = threads;
   stats.onnxruntimeWeb = bundle.onnxruntime_web;
-  $("engine").textContent = `engine: browser (ONNX Runtime Web ${bundle.onnxruntime_web}, WASM, ${threads} thread${threads > 1 ? "s" : ""}` +
+  stats.precision = bundle.precision ? bundle.precision.precision : "float32";
+  $("engine").textContent = `engine: browser (ONNX Runtime Web ${bundle.onnxruntime_web}, WASM, ${stats.precision}, ` +
+    `2 workers x ${threads} thread${threads > 1 ? "s" : ""}` +
     (stats.isolated ? ")" : "; not cross-origin isolated, so one thread: see README \"Play in the browser\")");
 
   let game;
@@ -180,9 +255,11 @@ async function main() {
     ]);
     // The batch axis is dynamic in the export; the page plays at batch 1, and saying so lets ORT plan for it.
     const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all", freeDimensionOverrides: { B: 1 } };
-    const world = await ort.InferenceSession.create(worldBytes, options);
-    const decoder = await ort.InferenceSession.create(decoderBytes, options);
-    game = new Game(ort, world, decoder, new Contexts(contextBytes, bundle.contexts, bundle.sizes));
+    const [world, decoder] = await Promise.all([
+      new WorkerSession(bundle.graphs.world_model).load(worldBytes, threads, options),
+      new WorkerSession(bundle.graphs.decoder).load(decoderBytes, threads, options),
+    ]);
+    game = new Game(world, decoder, new Contexts(contextBytes, bundle.contexts, bundle.sizes));
   } catch (error) {
     fail(String(error.message || error));
     return;
@@ -213,14 +290,15 @@ async function main() {
         continue;
       }
       const started = performance.now();
-      if (resetWanted) {
-        resetWanted = false;
-        game.reset(nextContext++);
-        draw(game.frame);
-      }
       const action = actionForKeys([...held], bundle.actions, bundle.keymap);
       try {
-        draw(await game.step(action));
+        if (resetWanted) {
+          resetWanted = false;
+          await game.finish();
+          game.reset(nextContext++);
+        }
+        await game.advance(action);  // the next prediction runs while this frame decodes
+        draw(game.frame);
       } catch (error) {
         fail(`the model failed: ${error.message || error}`);
         return;
@@ -264,27 +342,43 @@ async function main() {
       resumeLoop = null;
     },
     // Frames (arrays of RGB bytes) of `actions` played from shipped context `contextIndex`.
-    rollout: async (contextIndex, actions) => {
-      const replay = new Game(ort, game.world, game.decoder, game.contexts);
+    // With `pipelined`, the frames come from advance() (as the loop plays), else from step().
+    rollout: async (contextIndex, actions, pipelined = false) => {
+      const replay = new Game(game.world, game.decoder, game.contexts);
       replay.reset(contextIndex);
       const frames = [];
-      for (const action of actions) frames.push(Array.from(await replay.step(action)));
+      for (const action of actions) {
+        if (!pipelined) {
+          frames.push(Array.from(await replay.step(action)));
+        } else {
+          await replay.advance(action);
+          if (replay.frameIndex > 0) frames.push(Array.from(replay.frame));
+        }
+      }
+      await replay.finish();
+      if (pipelined) frames.push(Array.from(replay.frame));
       return frames;
     },
-    // ms per frame over `count` steps (world model + decoder, one after the other, as the loop runs them).
+    // ms per frame over `count` steps: one after the other (step: world model + decoder), and pipelined as the
+    // loop plays (advance: the slower of the two, on two cores).
     benchmark: async (count) => {
-      const replay = new Game(ort, game.world, game.decoder, game.contexts);
+      const replay = new Game(game.world, game.decoder, game.contexts);
       replay.reset(0);
       for (let i = 0; i < 3; i++) await replay.step(0);  // warm-up
       let worldModelMs = 0;
-      const started = performance.now();
+      let started = performance.now();
       for (let i = 0; i < count; i++) {
         await replay.step(i % bundle.actions.length);
         worldModelMs += replay.worldModelMs;
       }
       const ms = (performance.now() - started) / count;
-      return { frames: count, ms_per_frame: ms, fps: 1000 / ms, world_model_ms: worldModelMs / count,
-               decoder_ms: ms - worldModelMs / count, threads };
+      started = performance.now();
+      for (let i = 0; i < count; i++) await replay.advance(i % bundle.actions.length);
+      await replay.finish();
+      const pipelinedMs = (performance.now() - started) / count;
+      return { frames: count, ms_per_frame: pipelinedMs, fps: 1000 / pipelinedMs, sequential_ms_per_frame: ms,
+               sequential_fps: 1000 / ms, world_model_ms: worldModelMs / count, decoder_ms: ms - worldModelMs / count,
+               threads_per_worker: threads, precision: stats.precision };
     },
   };
   stats.ready = true;
