@@ -58,12 +58,14 @@ def test_the_bundle_refuses_a_corrupt_export_and_a_missing_onnxruntime_web(expor
         build_bundle(corrupt, tmp_path / "bundle", fps=20)
     with pytest.raises(PipelineError, match="onnxruntime-web is not installed.*make web"):
         build_bundle(export, tmp_path / "bundle", fps=20, package=tmp_path / "no_node_modules")
+    with pytest.raises(PipelineError, match="unknown precision 'int4': use one of int8, float32"):
+        build_bundle(export, tmp_path / "bundle", fps=20, precision="int4")
     assert not (tmp_path / "bundle").exists()  # nothing half-written
 
 
 def test_int8_graphs_are_refused_below_the_fidelity_bar_and_measured_above_it(export: Path, tmp_path: Path) -> None:
     """The int8 copies are checked against the float graphs' frames; a bar they miss writes nothing."""
-    with pytest.raises(QuantizationError, match=r"below play.web_int8_min_psnr_db = 200.*--precision float32"):
+    with pytest.raises(QuantizationError, match=r"dB from the float graphs.*below play.web_int8_min_psnr_db = 200"):
         quantize_graphs(export, tmp_path / "refused", min_psnr_db=200.0)
     assert not (tmp_path / "refused").exists()
     report = quantize_graphs(export, tmp_path / "int8", min_psnr_db=20.0)
@@ -97,6 +99,10 @@ def test_the_bundle_holds_the_page_the_runtime_and_the_contexts(export: Path, tm
         rebuilt = build_bundle(export, folder, fps=12.5, precision="int8")
         assert "reusing" not in caplog.text and rebuilt["files"]["decoder.int8.onnx"] == bundle["files"][
             "decoder.int8.onnx"]  # quantized again, to the same bytes
+        refused = build_bundle(export, tmp_path / "refused", fps=12.5, precision="int8", min_psnr_db=200.0)
+        assert refused["precision"]["precision"] == "float32" and refused["graphs"]["decoder"] == "decoder.onnx"
+        assert "below play.web_int8_min_psnr_db = 200" in refused["precision"]["int8_refused"]
+        assert "ships the float32 graphs" in caplog.text  # the game still plays, and the log says why
     subprocess.run([sys.executable, "-m", "components", "bundle", "--export", str(export), "--out", str(folder),
                     "--fps", "12.5", "--precision", "float32"], cwd=REPO_ROOT, env=pipeline_env(), check=True,
                    capture_output=True)

@@ -2,24 +2,27 @@
 
 ``build_bundle(export, out)`` writes one folder that any static file server can serve::
 
-    index.html, player.js,  the page (components/play/page/web.html, web_player.js, screen.js): ONNX Runtime
-    screen.js               Web runs world_model.onnx and decoder.onnx in it (WASM with SIMD; with threads when
-                            the page is cross-origin isolated, else one thread, and the page says so)
+    index.html, player.js,  the page (components/play/page/web.html, web_player.js, screen.js,
+    screen.js,              session_worker.js): ONNX Runtime Web runs the world model and the decoder in it, each in
+    session_worker.js       a Web Worker (WASM with SIMD; with threads when the page is cross-origin isolated, else
+                            one thread per worker, and the page says so)
     ort/                    ort.wasm.min.mjs and ort-wasm-simd-threaded.{mjs,wasm}, copied from
                             node_modules/onnxruntime-web/dist of this repository (``make web`` = ``npm ci``; the version
                             pinned in package.json and package-lock.json)
     world_model.int8.onnx   the graphs the page runs: with precision int8 (params play.web_precision, the
     decoder.int8.onnx       default) int8 copies of the export's graphs (components/runtime/quantize.py), checked
-                            against the float graphs' frames; with float32, world_model.onnx and decoder.onnx,
-                            byte copies of the export's (the encoder is not needed: the contexts ship as latents)
+                            against the float graphs' frames; with float32, or when the int8 copies fail that
+                            check (a warning, and bundle.json says why), world_model.onnx and decoder.onnx, byte
+                            copies of the export's (the encoder is not needed: the contexts ship as latents)
     contexts.bin            the export's held-out contexts, little-endian, one after the other: latents float32
                             [N, K, C, h, w], actions int32 [N, K], last real frame uint8 [N, H, W, 3]
     bundle.json             what the page reads first: sizes, actions, the keymap, the frame-rate cap, the layout
                             of contexts.bin, the graphs and their precision (with the int8 fidelity measured), and
                             the bytes and sha256 of every other file (the page checks them)
 
-The page plays exactly as ``components.play.server.GameState.step`` does (same keymap, same action matching, same
-rolling context, same uint8 conversion), so from the same context and actions it makes the same frames up to
+The page plays as ``components.play.server.GameState.advance`` does (same keymap, same action matching, same
+rolling context, same uint8 conversion, the next prediction beside the last decode), so from the same context and
+actions it makes the same frames as ``GameState.step`` up to
 ONNX Runtime Web's arithmetic as ONNX Runtime in Python does with the same graphs (tests/test_web_bundle.py
 measures it).
 
@@ -54,7 +57,7 @@ from components.runtime.export_contract import (
     corrupt_files,
     load_manifest,
 )
-from components.runtime.quantize import INT8_FILES, quantize_graphs
+from components.runtime.quantize import INT8_FILES, QUANTIZER, QuantizationError, quantize_graphs
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +104,13 @@ def write_contexts(export: Path, path: Path) -> dict[str, Any]:
     return layout
 
 
+PRECISIONS = ("int8", "float32")
+
+
 def reusable_int8(out: Path, sources: dict[str, str], min_psnr_db: float) -> dict[str, Any] | None:
-    """The int8 report of the bundle already in ``out`` when it quantized the float graphs of sha256 ``sources``
-    against the same fidelity bar and its int8 files are intact; else None (quantize again)."""
+    """The int8 report of the bundle already in ``out`` when it quantized the same ``sources`` (the float graphs'
+    and the contexts' sha256, and ``QUANTIZER``) against the same fidelity bar and its int8 files are intact; else
+    None (quantize again)."""
     try:
         bundle = json.loads((out / BUNDLE_FILE).read_text())
         report = bundle["precision"]
@@ -116,13 +123,32 @@ def reusable_int8(out: Path, sources: dict[str, str], min_psnr_db: float) -> dic
         return None
 
 
+def stage_int8(export: Path, out: Path, staging: Path, manifest: dict[str, Any],
+               min_psnr_db: float) -> dict[str, Any]:
+    """Put the int8 graphs into ``staging``: reused from the bundle already in ``out`` when it made them from the
+    same inputs (``reusable_int8``), else made anew (``quantize_graphs``, which may raise ``QuantizationError``).
+    Returns their report."""
+    sources = {name: manifest["files"][name] for name in (WORLD_MODEL_FILE, DECODER_FILE, CONTEXTS_FILE)}
+    sources["quantizer"] = QUANTIZER
+    report = reusable_int8(out, sources, min_psnr_db)
+    if report is None:
+        return {**quantize_graphs(export, staging, min_psnr_db), "sources": sources}
+    log.info("%s: reusing its int8 graphs (same float graphs, contexts, quantizer and fidelity bar)", out)
+    for name in INT8_FILES.values():  # about 30 s saved on the default export
+        shutil.copyfile(out / name, staging / name)
+    return report
+
+
 def build_bundle(export: str | Path, out: str | Path, fps: float, package: str | Path = ORT_PACKAGE,
-                 precision: str = "float32", min_psnr_db: float = 30.0) -> dict[str, Any]:
+                 precision: str = "int8", min_psnr_db: float = 30.0) -> dict[str, Any]:
     """Write the bundle of ``export`` into ``out`` (replaced whole, atomically); returns its ``bundle.json``.
 
-    ``precision`` int8 ships int8 copies of the graphs, refused (``QuantizationError``) below ``min_psnr_db`` against
-    the float graphs' frames; float32 ships the export's graphs. Refuses an export that fails the contract check
-    (``load_manifest``) or whose files differ from the manifest's sha256, and a missing onnxruntime-web."""
+    ``precision`` int8 ships int8 copies of the graphs when they stay at ``min_psnr_db`` or more against the float
+    graphs' frames, else (a warning, and the reason in ``bundle.json``) the float graphs; float32 ships the export's
+    graphs. Refuses an export that fails the contract check (``load_manifest``) or whose files differ from the
+    manifest's sha256, an unknown precision and a missing onnxruntime-web."""
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     export, out = Path(export), Path(out)
     manifest = load_manifest(export)
     corrupt = corrupt_files(export, manifest)
@@ -138,18 +164,16 @@ def build_bundle(export: str | Path, out: str | Path, fps: float, package: str |
             shutil.copyfile(path, staging / "ort" / path.name)
         graphs = {"world_model": WORLD_MODEL_FILE, "decoder": DECODER_FILE}
         verified: dict[str, str] = {}
+        quantization: dict[str, Any] = {"precision": "float32"}
         if precision == "int8":
-            sources = {name: manifest["files"][name] for name in graphs.values()}
-            quantization = reusable_int8(out, sources, min_psnr_db)
-            if quantization is None:
-                quantization = {**quantize_graphs(export, staging, min_psnr_db), "sources": sources}
-            else:  # the bundle already there quantized these very graphs: about 30 s saved on the default export
-                log.info("%s: reusing its int8 graphs (same float graphs, same fidelity bar)", out)
-                for name in INT8_FILES.values():
-                    shutil.copyfile(out / name, staging / name)
-            graphs = {role: INT8_FILES[name] for role, name in graphs.items()}
-        else:
-            quantization = {"precision": "float32"}
+            try:
+                quantization = stage_int8(export, out, staging, manifest, min_psnr_db)
+                graphs = {role: INT8_FILES[name] for role, name in graphs.items()}
+            except QuantizationError as refused:
+                log.warning("%s; the bundle ships the float32 graphs (play.web_precision: float32 or --precision "
+                            "float32 skips the int8 attempt)", refused)
+                quantization["int8_refused"] = str(refused)
+        if quantization["precision"] == "float32":
             verified = {name: manifest["files"][name] for name in graphs.values()}  # checked above
             for name in verified:
                 shutil.copyfile(export / name, staging / name)

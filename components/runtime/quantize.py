@@ -13,6 +13,10 @@ ONNX Runtime's own ``onnxruntime.quantization``):
   played with the float graphs and with the int8 ones; the PSNR of the int8 frames against the float frames at
   every step must reach ``min_psnr_db``, or nothing is written and the error names the setting.
 
+The gate runs here, with this machine's int8 kernels; ONNX Runtime Web's round a few activations differently
+(tests/test_web_bundle.py measures how far that goes). ``QUANTIZER`` names what makes the graphs, so that a bundle
+can tell int8 graphs made another way from its own (``web_bundle.reusable_int8``).
+
 The float graphs stay the export's contract (``export_contract.py``); these are a derived copy, like the bundle.
 """
 
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnxruntime import __version__ as ort_version
 
 from components.errors import PipelineError
 from components.runtime.export_contract import DECODER_FILE, WORLD_MODEL_FILE
@@ -36,6 +41,9 @@ log = logging.getLogger(__name__)
 INT8_FILES = {WORLD_MODEL_FILE: "world_model.int8.onnx", DECODER_FILE: "decoder.int8.onnx"}
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 FIDELITY_SEED = 0
+IDENTICAL_PSNR_DB = 100.0
+QUANTIZER = (f"onnxruntime {ort_version} static QDQ, uint8 activations, int8 per-channel weights, "
+             f"{'/'.join(QUANTIZED_OPS)} with weights, calibrated on the recorded actions, gate seed {FIDELITY_SEED}")
 
 
 class QuantizationError(PipelineError):
@@ -44,9 +52,10 @@ class QuantizationError(PipelineError):
 
 def rollout(models: OnnxModels, latents: np.ndarray, actions: np.ndarray,
             future: np.ndarray) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray], np.ndarray]:
-    """Play ``future`` [N, T] actions from contexts ``latents`` [N, K, C, h, w] and ``actions`` [N, K] (the
-    current action is the last column, as the player feeds it). Returns the world model's inputs and outputs at
-    every step and the frames, uint8 [N, T, H, W, 3]."""
+    """T steps from contexts ``latents`` [N, K, C, h, w] and ``actions`` [N, K]: step 0 applies the context's last
+    action (the current one, as the player feeds it), step t > 0 applies ``future[:, t - 1]`` (so ``future``'s last
+    column is not used). Returns the world model's inputs and outputs at every step and the frames, uint8
+    [N, T, H, W, 3]."""
     inputs, predicted, frames = [], [], []
     for step in range(future.shape[1]):
         inputs.append((latents, actions))
@@ -72,9 +81,10 @@ def held_actions(count: int, steps: int, num_actions: int, seed: int = FIDELITY_
 
 
 def frame_psnr_db(generated: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR in dB of uint8 frames, pooled over everything given (identical frames: infinity)."""
+    """PSNR in dB of uint8 frames, pooled over everything given; identical frames count as IDENTICAL_PSNR_DB (a
+    finite number, so that the report stays valid JSON for the page)."""
     error = np.mean((generated.astype(np.float64) - reference.astype(np.float64)) ** 2)
-    return float("inf") if error == 0 else float(10 * np.log10(255.0 ** 2 / error))
+    return IDENTICAL_PSNR_DB if error == 0 else min(IDENTICAL_PSNR_DB, float(10 * np.log10(255.0 ** 2 / error)))
 
 
 class Calibration:
@@ -93,8 +103,9 @@ class Calibration:
         pass
 
 
-def quantize_graph(source: Path, target: Path, batches: list[dict[str, np.ndarray]]) -> None:
-    """Static int8 QDQ quantization of ``source`` into ``target``, calibrated on ``batches`` (module docstring)."""
+def quantize_graph(source: Path, target: Path, batches: list[dict[str, np.ndarray]]) -> int:
+    """Static int8 QDQ quantization of ``source`` into ``target``, calibrated on ``batches`` (module docstring);
+    returns how many nodes were quantized."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -114,13 +125,15 @@ def quantize_graph(source: Path, target: Path, batches: list[dict[str, np.ndarra
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         nodes_to_quantize=chosen, op_types_to_quantize=list(QUANTIZED_OPS),
                         extra_options={"ActivationSymmetric": False})
+    return len(chosen)
 
 
 def quantize_graphs(export: str | Path, out: str | Path, min_psnr_db: float) -> dict[str, Any]:
     """Write ``INT8_FILES`` of ``export`` into the folder ``out``; returns what was measured (module docstring).
 
     Raises ``QuantizationError`` (nothing written) when the int8 frames fall below ``min_psnr_db`` against the
-    float graphs' frames at any step."""
+    float graphs' frames at any step, or when ONNX Runtime cannot make or run them. The two files are moved into
+    ``out`` one after the other: give it a staging folder (``atomic_directory``) for an all-or-nothing write."""
     export, out = Path(export), Path(out)
     game = OnnxExport(export, threads=1)
     contexts = game.contexts
@@ -130,21 +143,21 @@ def quantize_graphs(export: str | Path, out: str | Path, min_psnr_db: float) -> 
     decoder_batches = [{"latents": latent} for latent in predicted]
     with tempfile.TemporaryDirectory() as scratch:
         staged = {name: Path(scratch) / INT8_FILES[name] for name in INT8_FILES}
-        for name, batches in ((WORLD_MODEL_FILE, world_batches), (DECODER_FILE, decoder_batches)):
-            try:
-                quantize_graph(export / name, staged[name], batches)
-            except Exception as error:  # the quantizer's own errors come from deep inside onnx and onnxruntime
-                raise QuantizationError(
-                    f"{export / name}: ONNX Runtime's quantizer failed ({type(error).__name__}: {error}); bundle the "
-                    "float graphs instead (--precision float32 or play.web_precision: float32)") from error
         played = held_actions(len(latents), contexts["future_actions"].shape[1], len(game.actions))
         _, _, float_frames = rollout(game, latents, actions, played)
-        _, _, int8_frames = rollout(OnnxModels(staged[WORLD_MODEL_FILE], staged[DECODER_FILE], threads=1),
-                                    latents, actions, played)
+        try:
+            quantized = {name: quantize_graph(export / name, staged[name], batches) for name, batches in
+                         ((WORLD_MODEL_FILE, world_batches), (DECODER_FILE, decoder_batches))}
+            _, _, int8_frames = rollout(OnnxModels(staged[WORLD_MODEL_FILE], staged[DECODER_FILE], threads=1),
+                                        latents, actions, played)
+        except Exception as error:  # the quantizer's and the int8 sessions' errors come from deep inside onnxruntime
+            raise QuantizationError(f"{export}: ONNX Runtime could not make or run int8 copies of the graphs "
+                                    f"({type(error).__name__}: {error})") from error
         per_step = [frame_psnr_db(int8_frames[:, t], float_frames[:, t]) for t in range(played.shape[1])]
         report = {
             "precision": "int8",
-            "quantized_ops": list(QUANTIZED_OPS),
+            "quantizer": QUANTIZER,
+            "quantized_nodes": quantized,
             "calibration_samples": len(world_batches) * len(latents),
             "fidelity": {"psnr_db_vs_float_min_over_steps": round(min(per_step), 2),
                          "psnr_db_vs_float_pooled": round(frame_psnr_db(int8_frames, float_frames), 2),
@@ -154,8 +167,7 @@ def quantize_graphs(export: str | Path, out: str | Path, min_psnr_db: float) -> 
             worst = int(np.argmin(per_step))
             raise QuantizationError(
                 f"{export}: the int8 graphs' frames are {per_step[worst]:.1f} dB from the float graphs' at step "
-                f"{worst + 1} of a held-key rollout, below play.web_int8_min_psnr_db = {min_psnr_db:g}; bundle "
-                "the float graphs instead (--precision float32 or play.web_precision: float32)")
+                f"{worst + 1} of a held-key rollout, below play.web_int8_min_psnr_db = {min_psnr_db:g}")
         out.mkdir(parents=True, exist_ok=True)
         for name, path in staged.items():
             shutil.move(path, out / INT8_FILES[name])
@@ -164,4 +176,5 @@ def quantize_graphs(export: str | Path, out: str | Path, min_psnr_db: float) -> 
     return report
 
 
-__all__ = ["INT8_FILES", "QuantizationError", "frame_psnr_db", "held_actions", "quantize_graphs", "rollout"]
+__all__ = ["INT8_FILES", "QUANTIZER", "QuantizationError", "frame_psnr_db", "held_actions", "quantize_graphs",
+           "rollout"]

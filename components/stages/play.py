@@ -50,22 +50,17 @@ def main(args: argparse.Namespace) -> None:
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     fps = settings.fps if args.fps is None else args.fps
+    browser = (args.engine or settings.engine) == "browser"
+    if browser:  # the browser engine: write the bundle (its own errors), then only serve its files
+        build_bundle(export, settings.bundle_dir, fps, precision=args.precision or settings.web_precision,
+                     min_psnr_db=settings.web_int8_min_psnr_db)
     try:
-        if (args.engine or settings.engine) == "browser":
-            serve_in_browser(export, settings, host, port, fps, isolated=not args.no_isolation,
-                             precision=args.precision or settings.web_precision)
+        if browser:
+            serve_bundle(settings.bundle_dir, host, port, isolated=not args.no_isolation)
         else:
             serve_frames(export, host, port, fps, settings)
     except OSError as error:
         raise PipelineError(f"cannot serve on {host}:{port}: {error}; try --port 0") from None
-
-
-def serve_in_browser(export: str, settings: PlayParams, host: str, port: int, fps: float, isolated: bool,
-                     precision: str) -> None:
-    """The browser engine: write the bundle, then serve its files until a signal."""
-
-    build_bundle(export, settings.bundle_dir, fps, precision=precision, min_psnr_db=settings.web_int8_min_psnr_db)
-    serve_bundle(settings.bundle_dir, host, port, isolated=isolated)
 
 
 def serve_frames(export: str, host: str, port: int, fps: float, settings: PlayParams) -> None:

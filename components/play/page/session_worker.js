@@ -1,7 +1,7 @@
 // One ONNX Runtime Web session in a Web Worker (components/play/page/web_player.js). The page runs the world model
 // in one worker and the decoder in another, so that the next prediction and the last frame's decode use two cores
 // at once, as the Python player's GameState.advance does with two threads.
-// Messages: {id, type: "load", ortUrl, wasmPaths, threads, bytes, options} -> {id, ok, version}
+// Messages: {id, type: "load", ortUrl, wasmPaths, threads, bytes, options} -> {id, ok}
 //           {id, type: "run", feeds: {name: {type, data, dims}}} -> {id, ok, outputs: {name: {type, data, dims}}}
 // A failure answers {id, ok: false, error}. Messages are handled one after the other (one session run at a time).
 "use strict";
@@ -16,7 +16,7 @@ async function handle(message) {
     ort.env.wasm.wasmPaths = message.wasmPaths;
     ort.env.wasm.numThreads = message.threads;
     session = await ort.InferenceSession.create(message.bytes, message.options);
-    return { version: ort.env.versions ? ort.env.versions.web : "" };
+    return {};
   }
   const feeds = {};
   for (const [name, tensor] of Object.entries(message.feeds)) {

@@ -12,7 +12,7 @@ const query = new URLSearchParams(location.search);
 // Read by the browser tests and benchmarks/browser_play_speed.py.
 const stats = {
   ready: false, error: null, engine: "browser", threads: 0, isolated: self.crossOriginIsolated === true,
-  precision: "", pipelined: true,
+  precision: "",
   frames: 0, frameIndex: -1, contextIndex: -1, action: -1, actionsSeen: [], modelMs: 0, fps: 0, sha256: "",
 };
 window.playerStats = stats;
@@ -94,22 +94,26 @@ class WorkerSession {
     this.label = label;
     this.pending = new Map();
     this.nextId = 0;
+    this.failure = null;  // set once the worker has died: every call then fails with it
     this.worker = new Worker(new URL("./session_worker.js", import.meta.url), { type: "module" });
     this.worker.onmessage = ({ data }) => {
       const call = this.pending.get(data.id);
+      if (!call) return;
       this.pending.delete(data.id);
       if (data.ok) call.resolve(data);
       else call.reject(new Error(`${this.label}: ${data.error}`));
     };
-    this.worker.onerror = (event) => {
-      for (const call of this.pending.values()) {
-        call.reject(new Error(`${this.label}: its Web Worker failed (${event.message || "session_worker.js did not load"}); rebuild the bundle`));
-      }
+    const die = (reason) => {
+      this.failure = new Error(`${this.label}: its Web Worker failed (${reason}); rebuild the bundle`);
+      for (const call of this.pending.values()) call.reject(this.failure);
       this.pending.clear();
     };
+    this.worker.onerror = (event) => die(event.message || "session_worker.js did not load");
+    this.worker.onmessageerror = () => die("it sent a message that cannot be read");
   }
 
   call(message, transfer = []) {
+    if (this.failure) return Promise.reject(this.failure);
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
@@ -122,6 +126,7 @@ class WorkerSession {
       await this.call({ type: "load", ortUrl: new URL("./ort/ort.wasm.min.mjs", location.href).href,
                         wasmPaths: new URL("./ort/", location.href).href, threads, bytes, options }, [bytes]);
     } catch (error) {
+      if (this.failure) throw this.failure;
       throw new Error(`cannot start ONNX Runtime Web for ${error.message}; rebuild the bundle after make web`);
     }
     return this;
@@ -145,11 +150,12 @@ class Contexts {
 
 // One player's rolling context: the last K latents and the K-1 actions before the current one. As GameState in
 // components/play/server.py: step(action) predicts then decodes; advance(action) predicts while the previous
-// prediction decodes (the two sessions are in two workers), and both give the same frames.
+// prediction decodes (the two sessions are in two workers), and both give the same frames. onFrame(game), if set,
+// is called as soon as a frame is decoded (the page draws it then, as the server sends it).
 class Game {
-  constructor(world, decoder, contexts) {
-    Object.assign(this, { world, decoder, contexts });
-    this.decoding = null;  // the decode started by the last advance()
+  constructor(world, decoder, contexts, onFrame = null) {
+    Object.assign(this, { world, decoder, contexts, onFrame });
+    this.decoding = null;  // the decode started by the last advance(): resolves to its frame
     this.sizes = contexts.sizes;
     this.latentSize = this.sizes.C * this.sizes.h * this.sizes.w;
   }
@@ -192,16 +198,18 @@ class Game {
     return { latent, action, started, predictedAt: performance.now() };
   }
 
-  // Decode a prediction: it becomes the current frame (uint8 RGB).
+  // Decode a prediction: it becomes the current frame (uint8 RGB), which is returned and handed to onFrame.
   async show(prediction) {
     const { C, h, w, H, W } = this.sizes;
     const decoded = await this.decoder.run({ latents: { type: "float32", data: prediction.latent, dims: [1, C, h, w] } });
-    this.frame = toRgb(decoded.frames.data, H, W);
+    const frame = toRgb(decoded.frames.data, H, W);
+    this.frame = frame;
     this.frameAction = prediction.action;
     this.frameIndex += 1;
     this.modelMs = performance.now() - prediction.started;
     this.worldModelMs = prediction.predictedAt - prediction.started;
-    return this.frame;
+    if (this.onFrame) this.onFrame(this);
+    return frame;
   }
 
   async step(action) {
@@ -209,22 +217,29 @@ class Game {
     return this.show(await this.predict(action));
   }
 
-  // Predict from `action` while the previous prediction decodes; resolves once that previous frame is the current
-  // one (this.frame), with this prediction's decode queued behind it. The picture is one frame behind step()'s.
+  // Predict from `action` while the previous prediction decodes, then queue this prediction's decode in the
+  // decoder's worker, behind the previous one (so the decoder never waits for a round trip through this thread);
+  // resolves to the previous frame (null on the first call after a reset) once it is decoded. A player is never
+  // more than one prediction ahead of its frames, and the frames are those of step() in the same order.
   async advance(action) {
-    const previous = this.decoding;
+    const previous = this.decoding || Promise.resolve(null);
+    this.decoding = null;
+    let prediction;
     try {
-      this.decoding = this.show(await this.predict(action));
-    } finally {
-      if (previous) await previous;
+      prediction = await this.predict(action);
+    } catch (error) {
+      previous.catch(() => {});  // nobody waits for it any more
+      throw error;
     }
+    this.decoding = this.show(prediction);
+    return previous;
   }
 
-  // Wait for the decode that the last advance() started, if any.
+  // Wait for the decode that the last advance() started, if any; resolves to its frame (else null).
   async finish() {
     const decoding = this.decoding;
     this.decoding = null;
-    if (decoding) await decoding;
+    return decoding ? decoding : null;
   }
 }
 
@@ -259,7 +274,7 @@ async function main() {
       new WorkerSession(bundle.graphs.world_model).load(worldBytes, threads, options),
       new WorkerSession(bundle.graphs.decoder).load(decoderBytes, threads, options),
     ]);
-    game = new Game(world, decoder, new Contexts(contextBytes, bundle.contexts, bundle.sizes));
+    game = new Game(world, decoder, new Contexts(contextBytes, bundle.contexts, bundle.sizes), shown);
   } catch (error) {
     fail(String(error.message || error));
     return;
@@ -277,15 +292,46 @@ async function main() {
   let nextContext = 0;
   let resetWanted = true;
   let paused = false;
-  let onPaused = null;  // pause()'s promise: resolved once the loop has stopped between two steps
+  let pauseWaiter = null;  // pause()'s promise: settled once the loop has stopped between two steps, or failed
   let resumeLoop = null;
   const fps = new FpsCounter($("fps"), (value) => { stats.fps = value; });
+
+  // A frame of the main game, drawn as soon as it is decoded.
+  function shown(played) {
+    draw(played.frame);
+    fps.frame();
+    const action = played.frameAction;
+    stats.frames += 1;
+    stats.frameIndex = played.frameIndex;
+    stats.contextIndex = played.contextIndex;
+    stats.action = action;
+    stats.modelMs = played.modelMs;
+    if (!stats.actionsSeen.includes(action)) stats.actionsSeen.push(action);
+    $("action").textContent = "action: " + (bundle.actions[action] ? bundle.actions[action].name : action);
+    $("model").textContent = "model: " + played.modelMs.toFixed(1) + " ms";
+  }
+
+  function stopped(error = null) {
+    if (pauseWaiter) error ? pauseWaiter.reject(error) : pauseWaiter.resolve();
+    pauseWaiter = null;
+  }
+
+  function failed(error) {
+    game.finish().catch(() => {});  // its decode may fail too: nobody waits for it any more
+    fail(`the model failed: ${error.message || error}`);
+    stopped(new Error(stats.error));
+  }
 
   async function loop() {
     for (;;) {
       if (paused) {
-        if (onPaused) onPaused();
-        onPaused = null;
+        try {
+          await game.finish();  // the last frame is decoded and drawn before the loop stops
+        } catch (error) {
+          failed(error);
+          return;
+        }
+        stopped();
         await new Promise((resume) => { resumeLoop = resume; });
         continue;
       }
@@ -296,22 +342,13 @@ async function main() {
           resetWanted = false;
           await game.finish();
           game.reset(nextContext++);
+          draw(game.frame);
         }
-        await game.advance(action);  // the next prediction runs while this frame decodes
-        draw(game.frame);
+        await game.advance(action);  // the next prediction runs while the last frame decodes (and is drawn)
       } catch (error) {
-        fail(`the model failed: ${error.message || error}`);
+        failed(error);
         return;
       }
-      fps.frame();
-      stats.frames += 1;
-      stats.frameIndex = game.frameIndex;
-      stats.contextIndex = game.contextIndex;
-      stats.action = action;
-      stats.modelMs = game.modelMs;
-      if (!stats.actionsSeen.includes(action)) stats.actionsSeen.push(action);
-      $("action").textContent = "action: " + (bundle.actions[action] ? bundle.actions[action].name : action);
-      $("model").textContent = "model: " + game.modelMs.toFixed(1) + " ms";
       const wait = fpsCap > 0 ? Math.max(0, 1000 / fpsCap - (performance.now() - started)) : 0;
       await new Promise((resolve) => setTimeout(resolve, wait));
     }
@@ -335,7 +372,8 @@ async function main() {
   // then play a fixed sequence on a second game that shares the sessions.
   if (query.has("hooks")) window.player = {
     actionForKeys: (keysHeld) => actionForKeys(keysHeld, bundle.actions, bundle.keymap),
-    pause: () => new Promise((stopped) => { paused = true; onPaused = stopped; }),
+    pause: () => stats.error ? Promise.reject(new Error(stats.error))
+      : new Promise((resolve, reject) => { paused = true; pauseWaiter = { resolve, reject }; }),
     resume: () => {
       paused = false;
       if (resumeLoop) resumeLoop();
@@ -351,12 +389,12 @@ async function main() {
         if (!pipelined) {
           frames.push(Array.from(await replay.step(action)));
         } else {
-          await replay.advance(action);
-          if (replay.frameIndex > 0) frames.push(Array.from(replay.frame));
+          const frame = await replay.advance(action);
+          if (frame) frames.push(Array.from(frame));
         }
       }
-      await replay.finish();
-      if (pipelined) frames.push(Array.from(replay.frame));
+      const last = await replay.finish();
+      if (last) frames.push(Array.from(last));
       return frames;
     },
     // ms per frame over `count` steps: one after the other (step: world model + decoder), and pipelined as the
