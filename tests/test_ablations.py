@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -172,9 +173,13 @@ def _pipeline_ready() -> str | None:
 
 
 @pytest.mark.skipif(_pipeline_ready() is not None, reason=str(_pipeline_ready()))
-def test_ablations_on_the_micro_pipeline(tmp_path: Path) -> None:
-    """The real thing: two context lengths on the micro profile, full pipeline per experiment."""
-    repo = make_repo_copy(tmp_path / "repo")
+def test_ablations_on_the_micro_pipeline(micro_pipeline: Path, tmp_path: Path) -> None:
+    """The real thing: two context lengths on the micro profile, full pipeline per experiment. It starts from a
+    committed micro pipeline, as a user would: what the context length does not change comes from DVC's cache."""
+    repo = tmp_path / "repo"
+    shutil.copytree(micro_pipeline, repo, symlinks=True)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "micro pipeline"], repo)
     run([sys.executable, "-m", "components", "ablations", "--groups", "context"], repo, timeout=3000)
     names = [n for n in run(["dvc", "exp", "ls", "--name-only"], repo).stdout.split() if n.startswith("abl-")]
     assert len(names) >= 2
