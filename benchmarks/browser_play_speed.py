@@ -3,13 +3,15 @@ the Python player's figure from ``benchmarks/play_speed.py`` in the same run. Pr
 
     make web && python benchmarks/browser_play_speed.py                  # data/onnx_export
     python benchmarks/browser_play_speed.py --export E --frames 200 --threads 1 2 --precision int8 float32
+    python benchmarks/browser_play_speed.py --precision int8 --threads 1 --decoder-head-share 0 0.1
 
 One frame = one world-model prediction then one decode at batch 1, fed back autoregressively, as the page's game
 loop runs them (``window.player.benchmark``), with no frame-rate cap. The bundle is written to a temporary folder
 and served by ``python -m components play --engine browser`` (cross-origin isolated, so WASM threads work), once
-per ``--precision`` (the graphs the bundle ships: int8 copies or the export's float32 ones); each ``--threads``
-value is one page load. Target (issue 16): at least 30 FPS at the default resolution on 2 cores.
-The machine may be shared: ``machine_busy_cores`` is how many cores the whole machine kept busy meanwhile
+per ``--precision`` (the graphs the bundle ships: int8 copies or the export's float32 ones) and
+``--decoder-head-share`` (``play.web_decoder_head_share``: how much of the decoder runs in the world model's
+worker); each ``--threads`` value is one page load. Target (issue 16): at least 30 FPS at the default resolution on
+2 cores. The machine may be shared: ``machine_busy_cores`` is how many cores the whole machine kept busy meanwhile
 (the page's own threads included).
 """
 
@@ -27,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -37,9 +41,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
-def start_player(export: Path, folder: Path, precision: str) -> tuple[subprocess.Popen[str], str]:
+def start_player(export: Path, folder: Path, precision: str,
+                 head_share: float | None) -> tuple[subprocess.Popen[str], str]:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if head_share is not None:
+        params["play"]["web_decoder_head_share"] = head_share
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     process = subprocess.Popen(
-        [sys.executable, "-m", "components", "--params", str(ROOT / "params.yaml"), "play", "--engine", "browser",
+        [sys.executable, "-m", "components", "--params", str(folder / "params.yaml"), "play", "--engine", "browser",
          "--export", str(export.resolve()), "--port", "0", "--precision", precision],
         cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -97,17 +106,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="WASM threads, one page load each")
     parser.add_argument("--precision", nargs="+", choices=["int8", "float32"], default=["int8", "float32"],
                         help="graphs the bundle ships, one bundle each")
+    parser.add_argument("--decoder-head-share", type=float, nargs="+", default=[None],
+                        help="play.web_decoder_head_share of the bundle, one bundle each (default: params.yaml's)")
     parser.add_argument("--no-python", action="store_true", help="skip the Python player's figure")
     args = parser.parse_args()
     browser = []
     for precision in args.precision:
-        with tempfile.TemporaryDirectory(prefix="browser-bench-") as scratch:
-            process, url = start_player(args.export, Path(scratch), precision)
-            try:
-                browser += browser_figures(url, args.threads, args.frames)
-            finally:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=10)
+        for share in args.decoder_head_share:
+            with tempfile.TemporaryDirectory(prefix="browser-bench-") as scratch:
+                process, url = start_player(args.export, Path(scratch), precision, share)
+                try:
+                    browser += browser_figures(url, args.threads, args.frames)
+                finally:
+                    os.killpg(process.pid, signal.SIGTERM)
+                    process.wait(timeout=10)
     result: dict[str, Any] = {"export": str(args.export), "frames": args.frames, "browser": browser,
                               "cpu_count": os.cpu_count()}
     if not args.no_python:

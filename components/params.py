@@ -302,7 +302,7 @@ class WorldModelParams(Section):
     down_block_types: list[str] = Field(["CrossAttnDownBlock2D", "DownBlock2D"], min_length=1)
     up_block_types: list[str] = Field(["UpBlock2D", "CrossAttnUpBlock2D"], min_length=1)
     layers_per_block: int = Field(1, gt=0)  # paper (SD v1.4): 2
-    attention_head_dim: int = Field(8, gt=0)  # paper (SD v1.4): 8
+    attention_head_dim: int = Field(2, gt=0)  # the number of heads (diffusers' name); paper (SD v1.4): 8
     norm_num_groups: int = Field(32, gt=0)
     cross_attention_dim: int = Field(64, gt=0, description="width of the action tokens")  # paper (SD v1.4): 768
     num_train_timesteps: int = Field(1000, gt=1)
@@ -457,6 +457,11 @@ class PlayParams(Section):
     web_int8_min_psnr_db: float = Field(
         30.0, gt=0.0, description="int8 is refused when its frames are below this PSNR against the float graphs' "
         "frames at any step of a held-key rollout from the shipped contexts"
+    )
+    web_decoder_head_share: float = Field(
+        0.1, ge=0.0, le=0.5, description="share of the decoder's multiply-adds that the browser bundle runs in the "
+        "world model's Web Worker, right after the prediction, so that the two workers take about as long "
+        "(components/runtime/decoder_split.py); 0 = the decoder whole in its own worker"
     )
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8765, ge=0, le=65535, description="0 picks a free port")

@@ -25,7 +25,7 @@ import pytest
 from components.errors import PipelineError
 from components.play.server import GameState, OnnxGame, action_for_keys
 from components.play.web_bundle import ORT_PACKAGE, build_bundle
-from components.runtime.export_contract import ExportNotFoundError
+from components.runtime.export_contract import DECODER_FILE, WORLD_MODEL_FILE, ExportNotFoundError
 from components.runtime.quantize import INT8_FILES, QuantizationError, frame_psnr_db, quantize_graphs
 from components.runtime.sessions import OnnxModels
 from tests.fixtures.browser import chromium_page, needs_chromium
@@ -41,6 +41,7 @@ PARITY_MEAN_LEVELS = 0.05
 # across an int8 rounding step, and the rollout feeds it back: the frames then stay within this PSNR of Python's
 # (the bar the int8 graphs meet against the float ones, params play.web_int8_min_psnr_db).
 INT8_PARITY_MIN_PSNR_DB = 30.0
+GRAPHS = {"world_model": WORLD_MODEL_FILE, "decoder": DECODER_FILE}
 
 
 @pytest.fixture(scope="module")
@@ -85,20 +86,26 @@ def test_the_bundle_holds_the_page_the_runtime_and_the_contexts(export: Path, tm
                     "--fps", "12.5"], cwd=REPO_ROOT, env=pipeline_env(), check=True, capture_output=True)
     bundle = json.loads((folder / "bundle.json").read_text())
     assert bundle["precision"]["precision"] == "int8" and bundle["graphs"] == {  # params play.web_precision
-        "world_model": "world_model.int8.onnx", "decoder": "decoder.int8.onnx"}
+        "world_model": "world_model_decoder_head.int8.onnx", "decoder": "decoder_tail.int8.onnx"}  # and the split
     assert bundle["precision"]["fidelity"]["psnr_db_vs_float_min_over_steps"] >= 30.0
+    split = bundle["decoder_split"]  # params play.web_decoder_head_share: 0.1
+    assert split["cut"].startswith("decoder_head/") and 0 < split["head_share_of_decoder_flops"] <= 0.5, split
+    assert split["max_abs_diff"] <= 1e-4
+    joined = onnx.load(str(folder / bundle["graphs"]["world_model"]))
+    assert [o.name for o in joined.graph.output] == ["next_latent", split["cut"]]
+    assert [i.name for i in onnx.load(str(folder / bundle["graphs"]["decoder"])).graph.input] == [split["cut"]]
     assert {"index.html", "player.js", "session_worker.js", *bundle["graphs"].values(), "contexts.bin",
             "ort/ort.wasm.min.mjs", "ort/ort-wasm-simd-threaded.wasm"} <= set(bundle["files"])
-    assert "world_model.onnx" not in bundle["files"]
+    assert not {"world_model.onnx", "world_model.int8.onnx", "decoder.int8.onnx"} & set(bundle["files"])
+    tail = bundle["graphs"]["decoder"]
     with caplog.at_level(logging.INFO, "components.play.web_bundle"):  # the same graphs again: reused, not redone
-        assert build_bundle(export, folder, fps=12.5, precision="int8")["precision"] == bundle["precision"]
-        assert "reusing its int8 graphs" in caplog.text
+        again = build_bundle(export, folder, fps=12.5, precision="int8", head_share=0.1)
+        assert (again["precision"], again["decoder_split"]) == (bundle["precision"], split)
+        assert "reusing its graphs" in caplog.text
         caplog.clear()
-        damaged = folder / "decoder.int8.onnx"
-        damaged.write_bytes(damaged.read_bytes()[:-1])
-        rebuilt = build_bundle(export, folder, fps=12.5, precision="int8")
-        assert "reusing" not in caplog.text and rebuilt["files"]["decoder.int8.onnx"] == bundle["files"][
-            "decoder.int8.onnx"]  # quantized again, to the same bytes
+        (folder / tail).write_bytes((folder / tail).read_bytes()[:-1])
+        rebuilt = build_bundle(export, folder, fps=12.5, precision="int8", head_share=0.1)
+        assert "reusing" not in caplog.text and rebuilt["files"][tail] == bundle["files"][tail]  # made again, same
         refused = build_bundle(export, tmp_path / "refused", fps=12.5, precision="int8", min_psnr_db=200.0)
         assert refused["precision"]["precision"] == "float32" and refused["graphs"]["decoder"] == "decoder.onnx"
         assert "below play.web_int8_min_psnr_db = 200" in refused["precision"]["int8_refused"]
@@ -107,7 +114,11 @@ def test_the_bundle_holds_the_page_the_runtime_and_the_contexts(export: Path, tm
                     "--fps", "12.5", "--precision", "float32"], cwd=REPO_ROOT, env=pipeline_env(), check=True,
                    capture_output=True)
     bundle = json.loads((folder / "bundle.json").read_text())
-    assert bundle["precision"] == {"precision": "float32"} and not (folder / "world_model.int8.onnx").exists()
+    assert bundle["precision"] == {"precision": "float32"} and bundle["decoder_split"]["cut"]
+    assert not (folder / "decoder_tail.int8.onnx").exists()  # the folder is replaced whole
+    whole = build_bundle(export, folder, fps=12.5, precision="float32", head_share=0.0)  # no split: the export's
+    assert whole["graphs"] == {"world_model": "world_model.onnx", "decoder": "decoder.onnx"}
+    assert whole["decoder_split"] == {"cut": None, "reason": "play.web_decoder_head_share is 0"}
     assert (folder / "world_model.onnx").read_bytes() == (export / "world_model.onnx").read_bytes()
     assert bundle["fps"] == 12.5 and bundle["onnxruntime_web"] == json.loads((ORT / "package.json").read_text())[
         "version"]
@@ -153,7 +164,8 @@ def test_the_browser_plays_the_bundle_as_python_does(export: Path, tmp_path: Pat
     """Frames arrive, a held key changes the action the page sends to the model (the same keymap and matching as
     the server's), the page runs several WASM threads when cross-origin isolated, its two workers' pipeline gives
     the frames one after the other would, and from a shipped context and a fixed action sequence its frames are ONNX
-    Runtime's in Python on the same graphs: within PARITY_MAX_LEVELS uint8 levels (float32), or the first frame so
+    Runtime's in Python on the whole graphs (the page runs them split, params play.web_decoder_head_share): within
+    PARITY_MAX_LEVELS uint8 levels (float32), or the first frame so
     and the rollout within INT8_PARITY_MIN_PSNR_DB (int8)."""
     game = OnnxGame(export, threads=1)
     names = {a["name"]: a["id"] for a in game.actions}
@@ -163,6 +175,7 @@ def test_the_browser_plays_the_bundle_as_python_does(export: Path, tmp_path: Pat
         assert stats["error"] is None and stats["ready"] and stats["isolated"] and stats["threads"] == 2, stats
         assert stats["precision"] == precision and f"WASM, {precision}, 2 workers" in page.inner_text("#engine")
         assert stats["sha256"] == "checked"
+        assert stats["decoderSplit"].startswith("decoder_head/") and "decoder split" in page.inner_text("#engine")
         page.wait_for_function("window.playerStats.frames >= 3", timeout=60_000)
         assert "engine: browser (ONNX Runtime Web" in page.inner_text("#engine")
         page.click("#screen")
@@ -178,9 +191,14 @@ def test_the_browser_plays_the_bundle_as_python_does(export: Path, tmp_path: Pat
         pipelined_frames = np.array(page.evaluate(f"window.player.rollout(1, {sequence}, true)"), np.uint8)
         page.screenshot(path=str(tmp_path / "browser_player.png"))
     np.testing.assert_array_equal(pipelined_frames, browser_frames)  # the two workers' pipeline, as step() plays
-    bundle = json.loads((tmp_path / "dist" / "play" / "bundle.json").read_text())
-    graphs = {role: tmp_path / "dist" / "play" / name for role, name in bundle["graphs"].items()}
-    state = GameState(OnnxModels(graphs["world_model"], graphs["decoder"], threads=1),  # the graphs the page ran
+    # Python runs the whole graphs the page's split ones were cut from: the export's, or its int8 copies (made
+    # again here: quantization is deterministic), so the split is checked too.
+    if precision == "int8":
+        quantize_graphs(export, tmp_path / "int8", min_psnr_db=INT8_PARITY_MIN_PSNR_DB)
+        whole = {role: tmp_path / "int8" / INT8_FILES[name] for role, name in GRAPHS.items()}
+    else:
+        whole = {role: export / name for role, name in GRAPHS.items()}
+    state = GameState(OnnxModels(whole["world_model"], whole["decoder"], threads=1),
                       *(game.contexts[name][1] for name in ("context_latents", "context_actions")),
                       game.contexts["context_frames"][1][-1], 1)
     python_frames = np.stack([state.step(a).reshape(-1) for a in sequence])

@@ -9,16 +9,22 @@
     ort/                    ort.wasm.min.mjs and ort-wasm-simd-threaded.{mjs,wasm}, copied from
                             node_modules/onnxruntime-web/dist of this repository (``make web`` = ``npm ci``; the version
                             pinned in package.json and package-lock.json)
-    world_model.int8.onnx   the graphs the page runs: with precision int8 (params play.web_precision, the
-    decoder.int8.onnx       default) int8 copies of the export's graphs (components/runtime/quantize.py), checked
-                            against the float graphs' frames; with float32, or when the int8 copies fail that
-                            check (a warning, and bundle.json says why), world_model.onnx and decoder.onnx, byte
-                            copies of the export's (the encoder is not needed: the contexts ship as latents)
+    world_model_decoder_    the graphs the page runs, one per worker: with precision int8 (params
+      head.int8.onnx        play.web_precision, the default) int8 copies of the export's graphs
+    decoder_tail.int8.onnx  (components/runtime/quantize.py), checked against the float graphs' frames; with
+                            float32, or when the int8 copies fail that check (a warning, and bundle.json says why),
+                            the export's float graphs. The decoder's first layers (params
+                            play.web_decoder_head_share of its work) run in the world model's worker, joined to the
+                            world model's graph (``split_for_workers``); with a share of 0 the graphs ship whole,
+                            as world_model[.int8].onnx and decoder[.int8].onnx (the encoder is not needed: the
+                            contexts ship as latents)
     contexts.bin            the export's held-out contexts, little-endian, one after the other: latents float32
                             [N, K, C, h, w], actions int32 [N, K], last real frame uint8 [N, H, W, 3]
     bundle.json             what the page reads first: sizes, actions, the keymap, the frame-rate cap, the layout
-                            of contexts.bin, the graphs and their precision (with the int8 fidelity measured), and
-                            the bytes and sha256 of every other file (the page checks them)
+                            of contexts.bin, the graphs, their precision (with the int8 fidelity measured), the
+                            decoder's split and what the graphs were made from (``graph_sources``: a rebuild with
+                            the same sources reuses them), and the bytes and sha256 of every other file (the page
+                            checks them)
 
 The page plays as ``components.play.server.GameState.advance`` does (same keymap, same action matching, same
 rolling context, same uint8 conversion, the next prediction beside the last decode), so from the same context and
@@ -45,10 +51,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from components.atomic import atomic_directory, file_sha256
 from components.errors import PipelineError
 from components.play.server import KEY_BUTTONS, PAGE_DIR, stop_on_signals
+from components.runtime import decoder_split
 from components.runtime.export_contract import (
     CONTEXTS_FILE,
     DECODER_FILE,
@@ -58,6 +66,7 @@ from components.runtime.export_contract import (
     load_manifest,
 )
 from components.runtime.quantize import INT8_FILES, QUANTIZER, QuantizationError, quantize_graphs
+from components.runtime.sessions import load_session
 
 log = logging.getLogger(__name__)
 
@@ -107,46 +116,112 @@ def write_contexts(export: Path, path: Path) -> dict[str, Any]:
 PRECISIONS = ("int8", "float32")
 
 
-def reusable_int8(out: Path, sources: dict[str, str], min_psnr_db: float) -> dict[str, Any] | None:
-    """The int8 report of the bundle already in ``out`` when it quantized the same ``sources`` (the float graphs'
-    and the contexts' sha256, and ``QUANTIZER``) against the same fidelity bar and its int8 files are intact; else
-    None (quantize again)."""
+def graph_sources(manifest: dict[str, Any], precision: str, min_psnr_db: float, head_share: float) -> dict[str, Any]:
+    """What the bundle's graphs are made from and how: the float graphs' and the contexts' sha256, the precision
+    asked for, the quantizer and its fidelity bar, and the decoder's split. Equal sources make equal graphs."""
+    files = (WORLD_MODEL_FILE, DECODER_FILE, CONTEXTS_FILE)
+    sources: dict[str, Any] = {name: manifest["files"][name] for name in files}
+    sources.update(precision=precision, decoder_head_share=head_share)
+    if precision == "int8":
+        sources.update(quantizer=QUANTIZER, min_psnr_db=min_psnr_db)
+    return sources
+
+
+def reusable_graphs(out: Path, sources: dict[str, Any]) -> dict[str, Any] | None:
+    """The bundle already in ``out`` (its ``bundle.json``) when it made its graphs from the same ``sources`` and
+    they are intact; else None (make them again)."""
     try:
         bundle = json.loads((out / BUNDLE_FILE).read_text())
-        report = bundle["precision"]
-        if report.get("sources") != sources or report["fidelity"]["min_psnr_db"] != min_psnr_db:
+        if bundle["sources"] != sources:
             return None
-        if any(file_sha256(out / name) != bundle["files"][name]["sha256"] for name in INT8_FILES.values()):
+        if any(file_sha256(out / name) != bundle["files"][name]["sha256"] for name in bundle["graphs"].values()):
             return None
-        return dict(report)
+        return dict(bundle)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def stage_int8(export: Path, out: Path, staging: Path, manifest: dict[str, Any],
-               min_psnr_db: float) -> dict[str, Any]:
-    """Put the int8 graphs into ``staging``: reused from the bundle already in ``out`` when it made them from the
-    same inputs (``reusable_int8``), else made anew (``quantize_graphs``, which may raise ``QuantizationError``).
-    Returns their report."""
-    sources = {name: manifest["files"][name] for name in (WORLD_MODEL_FILE, DECODER_FILE, CONTEXTS_FILE)}
-    sources["quantizer"] = QUANTIZER
-    report = reusable_int8(out, sources, min_psnr_db)
-    if report is None:
-        return {**quantize_graphs(export, staging, min_psnr_db), "sources": sources}
-    log.info("%s: reusing its int8 graphs (same float graphs, contexts, quantizer and fidelity bar)", out)
-    for name in INT8_FILES.values():  # about 30 s saved on the default export
-        shutil.copyfile(out / name, staging / name)
-    return report
+def stage_precision(export: Path, staging: Path, manifest: dict[str, Any], precision: str,
+                    min_psnr_db: float) -> tuple[dict[str, str], dict[str, Any]]:
+    """Put the whole graphs of ``precision`` into ``staging``: int8 copies (``quantize_graphs``) when they pass
+    the fidelity gate, else (a warning, the reason in the report) or with float32 the export's own graphs.
+    Returns (graph role -> file name, the precision report)."""
+    graphs = {"world_model": WORLD_MODEL_FILE, "decoder": DECODER_FILE}
+    report: dict[str, Any] = {"precision": "float32"}
+    if precision == "int8":
+        try:
+            report = quantize_graphs(export, staging, min_psnr_db)
+            return {role: INT8_FILES[name] for role, name in graphs.items()}, report
+        except QuantizationError as refused:
+            log.warning("%s; the bundle ships the float32 graphs (play.web_precision: float32 or --precision "
+                        "float32 skips the int8 attempt)", refused)
+            report["int8_refused"] = str(refused)
+    for name in graphs.values():
+        shutil.copyfile(export / name, staging / name)
+    return graphs, report
+
+
+def split_for_workers(staging: Path, graphs: dict[str, str], float_decoder: Path, contexts: Path,
+                      head_share: float) -> tuple[dict[str, str], dict[str, Any]]:
+    """Move the first ``head_share`` of the decoder's work into the world model's worker: the staged decoder is cut
+    where the float one's cut holds about that share (``decoder_split.choose_cut``), and the world model and the
+    head become one graph (``decoder_split.with_head``). Kept only when it gives the whole graphs' frames on the
+    shipped contexts; otherwise the graphs stay whole and the report says why. Returns (graphs, report)."""
+    if head_share <= 0:
+        return graphs, {"cut": None, "reason": "play.web_decoder_head_share is 0"}
+    choice = decoder_split.choose_cut(decoder_split.load_graph(float_decoder), head_share)
+    if choice is None:
+        return graphs, {"cut": None, "reason": "the decoder graph has no single-tensor cut"}
+    cut, share = choice
+    suffix = graphs["decoder"].removeprefix("decoder")  # ".onnx" or ".int8.onnx"
+    split = {"world_model": f"world_model_decoder_head{suffix}", "decoder": f"decoder_tail{suffix}"}
+    try:
+        head, tail = decoder_split.split(decoder_split.load_graph(staging / graphs["decoder"]), cut)
+        joined = decoder_split.with_head(decoder_split.load_graph(staging / graphs["world_model"]),
+                                         onnx.load_from_string(head))
+        tail_model = decoder_split.renamed_tensor(onnx.load_from_string(tail), cut, decoder_split.HEAD_PREFIX + cut)
+        (staging / split["world_model"]).write_bytes(joined.SerializeToString())
+        (staging / split["decoder"]).write_bytes(tail_model.SerializeToString())
+        difference = split_difference(staging, graphs, split, contexts)
+    except Exception as error:  # an optimisation only: ship the whole graphs rather than fail
+        return graphs, {"cut": None, "reason": f"splitting the decoder at {cut} failed: {error}"}
+    if difference > SPLIT_TOLERANCE:  # never expected: the parts hold the same nodes
+        return graphs, {"cut": None, "reason": f"head then tail differs from the decoder by {difference:g}"}
+    for name in graphs.values():
+        (staging / name).unlink()
+    log.info("decoder split at %s: %.0f%% of its multiply-adds run in the world model's worker", cut, 100 * share)
+    return split, {"cut": decoder_split.HEAD_PREFIX + cut, "head_share_of_decoder_flops": round(share, 3),
+                   "max_abs_diff": difference}
+
+
+SPLIT_TOLERANCE = 1e-4
+
+
+def split_difference(folder: Path, whole: dict[str, str], split: dict[str, str], contexts: Path) -> float:
+    """Largest difference between the frames of the ``whole`` graphs and of the ``split`` ones (in ``folder``),
+    one prediction from each shipped context."""
+    with np.load(contexts) as data:
+        feeds = {"context_latents": data["context_latents"].astype(np.float32),
+                 "context_actions": data["context_actions"].astype(np.int64)}
+    session = {name: load_session(folder / name, threads=1) for name in (*whole.values(), *split.values())}
+    latent = session[whole["world_model"]].run(["next_latent"], feeds)[0]
+    frames = session[whole["decoder"]].run(["frames"], {"latents": latent})[0]
+    joined_latent, hidden = session[split["world_model"]].run(None, feeds)
+    tail = session[split["decoder"]]
+    split_frames = tail.run(["frames"], {tail.get_inputs()[0].name: hidden})[0]
+    return float(max(np.abs(latent - joined_latent).max(), np.abs(frames - split_frames).max()))
 
 
 def build_bundle(export: str | Path, out: str | Path, fps: float, package: str | Path = ORT_PACKAGE,
-                 precision: str = "int8", min_psnr_db: float = 30.0) -> dict[str, Any]:
+                 precision: str = "int8", min_psnr_db: float = 30.0, head_share: float = 0.0) -> dict[str, Any]:
     """Write the bundle of ``export`` into ``out`` (replaced whole, atomically); returns its ``bundle.json``.
 
     ``precision`` int8 ships int8 copies of the graphs when they stay at ``min_psnr_db`` or more against the float
     graphs' frames, else (a warning, and the reason in ``bundle.json``) the float graphs; float32 ships the export's
-    graphs. Refuses an export that fails the contract check (``load_manifest``) or whose files differ from the
-    manifest's sha256, an unknown precision and a missing onnxruntime-web."""
+    graphs. ``head_share`` > 0 moves about that share of the decoder into the world model's worker
+    (``split_for_workers``). Graphs made from the same sources are reused from the bundle already in ``out``.
+    Refuses an export that fails the contract check (``load_manifest``) or whose files differ from the manifest's
+    sha256, an unknown precision and a missing onnxruntime-web."""
     if precision not in PRECISIONS:
         raise PipelineError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     export, out = Path(export), Path(out)
@@ -156,27 +231,23 @@ def build_bundle(export: str | Path, out: str | Path, fps: float, package: str |
         raise ExportNotFoundError(f"{export}: {corrupt} differ from the sha256 in manifest.json; rebuild the export "
                                   "(`dvc repro onnx_export`) or pass --export with an intact one")
     ort_version, ort_files = ort_web_files(Path(package))
+    sources = graph_sources(manifest, precision, min_psnr_db, head_share)
     with atomic_directory(out) as staging:
         for target, source in PAGE_FILES.items():
             shutil.copyfile(PAGE_DIR / source, staging / target)
         (staging / "ort").mkdir()
         for path in ort_files:
             shutil.copyfile(path, staging / "ort" / path.name)
-        graphs = {"world_model": WORLD_MODEL_FILE, "decoder": DECODER_FILE}
-        verified: dict[str, str] = {}
-        quantization: dict[str, Any] = {"precision": "float32"}
-        if precision == "int8":
-            try:
-                quantization = stage_int8(export, out, staging, manifest, min_psnr_db)
-                graphs = {role: INT8_FILES[name] for role, name in graphs.items()}
-            except QuantizationError as refused:
-                log.warning("%s; the bundle ships the float32 graphs (play.web_precision: float32 or --precision "
-                            "float32 skips the int8 attempt)", refused)
-                quantization["int8_refused"] = str(refused)
-        if quantization["precision"] == "float32":
-            verified = {name: manifest["files"][name] for name in graphs.values()}  # checked above
-            for name in verified:
-                shutil.copyfile(export / name, staging / name)
+        previous = reusable_graphs(out, sources)
+        if previous is None:
+            graphs, quantization = stage_precision(export, staging, manifest, precision, min_psnr_db)
+            graphs, split = split_for_workers(staging, graphs, export / DECODER_FILE, export / CONTEXTS_FILE,
+                                              head_share)
+        else:  # about 30 s of quantization and checks saved on the default export
+            log.info("%s: reusing its graphs (made from the same float graphs, contexts and settings)", out)
+            graphs, quantization, split = previous["graphs"], previous["precision"], previous["decoder_split"]
+            for name in graphs.values():
+                shutil.copyfile(out / name, staging / name)
         contexts = write_contexts(export, staging / CONTEXTS_BIN)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         bundle = {
@@ -188,15 +259,18 @@ def build_bundle(export: str | Path, out: str | Path, fps: float, package: str |
             "contexts": contexts,
             "graphs": graphs,
             "precision": quantization,
+            "decoder_split": split,
+            "sources": sources,
             "onnxruntime_web": ort_version,
             "export": {"params_hash": manifest["params_hash"], "sampling": manifest["sampling"],
                        "scenario": manifest["scenario"]},
             "files": {name: {"bytes": (staging / name).stat().st_size,
-                             "sha256": verified.get(name) or file_sha256(staging / name)} for name in files},
+                             "sha256": file_sha256(staging / name)} for name in files},
         }
         (staging / BUNDLE_FILE).write_text(json.dumps(bundle, indent=1))
-    log.info("wrote %s: %d files, %.1f MB, %s graphs (onnxruntime-web %s)", out, len(files) + 1,
-             sum(f["bytes"] for f in bundle["files"].values()) / 1e6, precision, ort_version)
+    log.info("wrote %s: %d files, %.1f MB, %s graphs, decoder split at %s (onnxruntime-web %s)", out, len(files) + 1,
+             sum(f["bytes"] for f in bundle["files"].values()) / 1e6, quantization["precision"],
+             split["cut"] or f"none ({split['reason']})", ort_version)
     return bundle
 
 

@@ -7,8 +7,12 @@ graph is cut at a tensor that alone carries everything from the first part to th
 into a *head* and a *tail*. Nothing is changed or approximated: the two parts hold the same nodes and weights as
 the whole graph, and ``OnnxModels`` checks on load that head then tail gives the whole decoder's output.
 
+The browser bundle (``components/play/web_bundle.py``) splits the same way and goes one step further:
+``with_head`` joins the world model and the head into one graph, so that each of the page's two Web Workers still
+runs one session.
+
 This module needs the ``onnx`` package (already a dependency of the export); without it the player simply does
-not split. The export and its contract are untouched: the split lives in memory only.
+not split. The export and its contract are untouched: the split lives in memory (the player) or in the bundle.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx import numpy_helper, shape_inference
+from onnx import compose, numpy_helper, shape_inference
 from onnx.utils import Extractor
 
 COST_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -114,3 +118,29 @@ def split(model: onnx.ModelProto, tensor: str) -> tuple[bytes, bytes]:
     head = extractor.extract_model(inputs, [tensor])
     tail = extractor.extract_model([tensor], outputs)
     return head.SerializeToString(), tail.SerializeToString()
+
+
+HEAD_PREFIX = "decoder_head/"
+
+
+def with_head(world_model: onnx.ModelProto, head: onnx.ModelProto, latent: str = "next_latent") -> onnx.ModelProto:
+    """One graph that runs ``world_model`` and then ``head`` on its output ``latent``; its outputs are ``latent``
+    and the head's output, renamed ``HEAD_PREFIX`` + its name (the head's names are prefixed so none clashes)."""
+    head = compose.add_prefix(head, HEAD_PREFIX)
+    (head_input,) = [i.name for i in head.graph.input if i.name not in {t.name for t in head.graph.initializer}]
+    return compose.merge_models(world_model, head, io_map=[(latent, head_input)],
+                                outputs=[latent, *(o.name for o in head.graph.output)])
+
+
+def renamed_tensor(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto:
+    """``model`` with its tensor ``old`` called ``new`` (as the tail's input takes the name of ``with_head``'s
+    output)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.name == old:
+            value.name = new
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    return model

@@ -6,7 +6,8 @@
 
 The page runs int8 copies of the export's world model and decoder (``play.web_precision``, ``--precision``;
 components/runtime/quantize.py), refused below ``play.web_int8_min_psnr_db`` against the float graphs' frames, or
-the float32 graphs themselves. Any static file server can serve the folder; WASM threads need the two cross-origin
+the float32 graphs themselves; the decoder's first layers run in the world model's worker
+(``play.web_decoder_head_share``). Any static file server can serve the folder; WASM threads need the two cross-origin
 isolation headers (README "Play in the browser"). Without them each of the page's two workers runs one thread and
 the page says so.
 """
@@ -33,6 +34,7 @@ def main(args: argparse.Namespace) -> None:
     settings = load_params(args.params).play
     out = args.out or settings.bundle_dir
     build_bundle(args.export or settings.export_dir, out, settings.fps if args.fps is None else args.fps,
-                 precision=args.precision or settings.web_precision, min_psnr_db=settings.web_int8_min_psnr_db)
+                 precision=args.precision or settings.web_precision, min_psnr_db=settings.web_int8_min_psnr_db,
+                 head_share=settings.web_decoder_head_share)
     print(f"wrote {out}: serve it with any static file server (README \"Play in the browser\"), or play it with "
           "python -m components play --engine browser")

@@ -53,7 +53,8 @@ def main(args: argparse.Namespace) -> None:
     browser = (args.engine or settings.engine) == "browser"
     if browser:  # the browser engine: write the bundle (its own errors), then only serve its files
         build_bundle(export, settings.bundle_dir, fps, precision=args.precision or settings.web_precision,
-                     min_psnr_db=settings.web_int8_min_psnr_db)
+                     min_psnr_db=settings.web_int8_min_psnr_db,
+                     head_share=settings.web_decoder_head_share)
     try:
         if browser:
             serve_bundle(settings.bundle_dir, host, port, isolated=not args.no_isolation)

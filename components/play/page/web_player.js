@@ -12,7 +12,7 @@ const query = new URLSearchParams(location.search);
 // Read by the browser tests and benchmarks/browser_play_speed.py.
 const stats = {
   ready: false, error: null, engine: "browser", threads: 0, isolated: self.crossOriginIsolated === true,
-  precision: "",
+  precision: "", decoderSplit: null,
   frames: 0, frameIndex: -1, contextIndex: -1, action: -1, actionsSeen: [], modelMs: 0, fps: 0, sha256: "",
 };
 window.playerStats = stats;
@@ -151,10 +151,12 @@ class Contexts {
 // One player's rolling context: the last K latents and the K-1 actions before the current one. As GameState in
 // components/play/server.py: step(action) predicts then decodes; advance(action) predicts while the previous
 // prediction decodes (the two sessions are in two workers), and both give the same frames. onFrame(game), if set,
-// is called as soon as a frame is decoded (the page draws it then, as the server sends it).
+// is called as soon as a frame is decoded (the page draws it then, as the server sends it). With the decoder split
+// (bundle.json "decoder_split"), the world model's graph also runs the decoder's head and outputs `decoderInput`,
+// which the decoder's worker (the tail) takes instead of the latent.
 class Game {
-  constructor(world, decoder, contexts, onFrame = null) {
-    Object.assign(this, { world, decoder, contexts, onFrame });
+  constructor(world, decoder, contexts, onFrame = null, decoderInput = "latents") {
+    Object.assign(this, { world, decoder, contexts, onFrame, decoderInput });
     this.decoding = null;  // the decode started by the last advance(): resolves to its frame
     this.sizes = contexts.sizes;
     this.latentSize = this.sizes.C * this.sizes.h * this.sizes.w;
@@ -189,19 +191,23 @@ class Game {
       context_actions: { type: "int64", data: actions, dims: [1, K] },
     }, [context.buffer, actions.buffer]);
     const latent = new Float32Array(predicted.next_latent.data);
+    const hidden = this.decoderInput === "latents"
+      ? { type: "float32", data: latent, dims: [1, C, h, w] } : predicted[this.decoderInput];
     this.latents.push(latent);
     this.latents.shift();
     if (K > 1) {
       this.actions.push(action);
       this.actions.shift();
     }
-    return { latent, action, started, predictedAt: performance.now() };
+    return { hidden, action, started, predictedAt: performance.now() };
   }
 
   // Decode a prediction: it becomes the current frame (uint8 RGB), which is returned and handed to onFrame.
   async show(prediction) {
-    const { C, h, w, H, W } = this.sizes;
-    const decoded = await this.decoder.run({ latents: { type: "float32", data: prediction.latent, dims: [1, C, h, w] } });
+    const { H, W } = this.sizes;
+    const split = this.decoderInput !== "latents";  // the head's output is used once; the latent stays in the context
+    const decoded = await this.decoder.run({ [this.decoderInput]: prediction.hidden },
+                                           split ? [prediction.hidden.data.buffer] : []);
     const frame = toRgb(decoded.frames.data, H, W);
     this.frame = frame;
     this.frameAction = prediction.action;
@@ -257,8 +263,9 @@ async function main() {
   stats.threads = threads;
   stats.onnxruntimeWeb = bundle.onnxruntime_web;
   stats.precision = bundle.precision ? bundle.precision.precision : "float32";
+  stats.decoderSplit = (bundle.decoder_split && bundle.decoder_split.cut) || null;
   $("engine").textContent = `engine: browser (ONNX Runtime Web ${bundle.onnxruntime_web}, WASM, ${stats.precision}, ` +
-    `2 workers x ${threads} thread${threads > 1 ? "s" : ""}` +
+    `2 workers x ${threads} thread${threads > 1 ? "s" : ""}${stats.decoderSplit ? ", decoder split" : ""}` +
     (stats.isolated ? ")" : "; not cross-origin isolated, so one thread: see README \"Play in the browser\")");
 
   let game;
@@ -274,7 +281,8 @@ async function main() {
       new WorkerSession(bundle.graphs.world_model).load(worldBytes, threads, options),
       new WorkerSession(bundle.graphs.decoder).load(decoderBytes, threads, options),
     ]);
-    game = new Game(world, decoder, new Contexts(contextBytes, bundle.contexts, bundle.sizes), shown);
+    game = new Game(world, decoder, new Contexts(contextBytes, bundle.contexts, bundle.sizes), shown,
+                    stats.decoderSplit || "latents");
   } catch (error) {
     fail(String(error.message || error));
     return;
@@ -382,7 +390,7 @@ async function main() {
     // Frames (arrays of RGB bytes) of `actions` played from shipped context `contextIndex`.
     // With `pipelined`, the frames come from advance() (as the loop plays), else from step().
     rollout: async (contextIndex, actions, pipelined = false) => {
-      const replay = new Game(game.world, game.decoder, game.contexts);
+      const replay = new Game(game.world, game.decoder, game.contexts, null, game.decoderInput);
       replay.reset(contextIndex);
       const frames = [];
       for (const action of actions) {
@@ -400,7 +408,7 @@ async function main() {
     // ms per frame over `count` steps: one after the other (step: world model + decoder), and pipelined as the
     // loop plays (advance: the slower of the two, on two cores).
     benchmark: async (count) => {
-      const replay = new Game(game.world, game.decoder, game.contexts);
+      const replay = new Game(game.world, game.decoder, game.contexts, null, game.decoderInput);
       replay.reset(0);
       for (let i = 0; i < 3; i++) await replay.step(0);  // warm-up
       let worldModelMs = 0;
