@@ -161,6 +161,9 @@ def stage_precision(export: Path, staging: Path, manifest: dict[str, Any], preci
     return graphs, report
 
 
+SPLIT_TOLERANCE = 1e-4  # the largest difference the split may make to a latent or a frame ([0, 1])
+
+
 def split_for_workers(staging: Path, graphs: dict[str, str], float_decoder: Path, contexts: Path,
                       head_share: float) -> tuple[dict[str, str], dict[str, Any]]:
     """Move the first ``head_share`` of the decoder's work into the world model's worker: the staged decoder is cut
@@ -184,17 +187,18 @@ def split_for_workers(staging: Path, graphs: dict[str, str], float_decoder: Path
         (staging / split["decoder"]).write_bytes(tail_model.SerializeToString())
         difference = split_difference(staging, graphs, split, contexts)
     except Exception as error:  # an optimisation only: ship the whole graphs rather than fail
-        return graphs, {"cut": None, "reason": f"splitting the decoder at {cut} failed: {error}"}
-    if difference > SPLIT_TOLERANCE:  # never expected: the parts hold the same nodes
-        return graphs, {"cut": None, "reason": f"head then tail differs from the decoder by {difference:g}"}
+        difference, reason = float("inf"), f"splitting the decoder at {cut} failed: {error}"
+    else:  # the int8 parts can differ when the cut falls inside a group of nodes ORT fuses (measured: 0.027)
+        reason = f"head then tail differs from the decoder by {difference:g}"
+    if difference > SPLIT_TOLERANCE:
+        for name in split.values():
+            (staging / name).unlink(missing_ok=True)
+        return graphs, {"cut": None, "reason": reason}
     for name in graphs.values():
         (staging / name).unlink()
     log.info("decoder split at %s: %.0f%% of its multiply-adds run in the world model's worker", cut, 100 * share)
     return split, {"cut": decoder_split.HEAD_PREFIX + cut, "head_share_of_decoder_flops": round(share, 3),
                    "max_abs_diff": difference}
-
-
-SPLIT_TOLERANCE = 1e-4
 
 
 def split_difference(folder: Path, whole: dict[str, str], split: dict[str, str], contexts: Path) -> float:
