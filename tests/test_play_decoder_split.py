@@ -7,7 +7,14 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from components.runtime.decoder_split import choose_cut, node_costs, single_tensor_cuts, split
+from components.runtime.decoder_split import (
+    choose_cut,
+    node_costs,
+    quantized_tensor,
+    ranked_cuts,
+    single_tensor_cuts,
+    split,
+)
 
 
 def conv_graph() -> onnx.ModelProto:
@@ -57,6 +64,23 @@ def test_the_cut_nearest_the_share_asked_for_is_chosen() -> None:
     assert choose_cut(conv_graph(), 0.0) is None
     # Cutting after d would leave the head with more than half of the work: never chosen.
     assert choose_cut(conv_graph(), 0.5)[0] == "a"
+    assert [tensor for tensor, _ in ranked_cuts(conv_graph(), 0.2)] == ["a", "b"]  # equal shares, graph order
+
+
+def test_an_int8_graph_is_cut_after_the_quantization_of_the_cut_tensor() -> None:
+    """In a QDQ graph the float tensor's only consumer is its QuantizeLinear: the cut moves to that node's output."""
+    scale, zero = numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "z")
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("QuantizeLinear", ["a", "s", "z"], ["a_q"]),
+             helper.make_node("DequantizeLinear", ["a_q", "s", "z"], ["a_dq"]),
+             helper.make_node("Relu", ["a_dq"], ["b"]),
+             helper.make_node("Add", ["b", "a_dq"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [scale, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantized_tensor(model, "a") == "a_q"
+    assert quantized_tensor(model, "a_dq") == "a_dq"  # used by two nodes, none a quantization: stays
+    assert quantized_tensor(conv_graph(), "a") == "a"  # a float graph: stays
 
 
 def test_head_then_tail_is_the_whole_graph() -> None:

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from components.atomic import atomic_directory, file_sha256
 from components.errors import PipelineError
@@ -161,44 +160,48 @@ def stage_precision(export: Path, staging: Path, manifest: dict[str, Any], preci
     return graphs, report
 
 
-SPLIT_TOLERANCE = 1e-4  # the largest difference the split may make to a latent or a frame ([0, 1])
+CUTS_TRIED = 3  # the cuts nearest the share asked for that are checked before the graphs ship whole
 
 
 def split_for_workers(staging: Path, graphs: dict[str, str], float_decoder: Path, contexts: Path,
                       head_share: float) -> tuple[dict[str, str], dict[str, Any]]:
     """Move the first ``head_share`` of the decoder's work into the world model's worker: the staged decoder is cut
-    where the float one's cut holds about that share (``decoder_split.choose_cut``), and the world model and the
-    head become one graph (``decoder_split.with_head``). Kept only when it gives the whole graphs' frames on the
-    shipped contexts; otherwise the graphs stay whole and the report says why. Returns (graphs, report)."""
+    where the float one's cut holds about that share (``decoder_split.ranked_cuts``; in an int8 graph after the cut
+    tensor's quantization), and the world model and the head become one graph (``decoder_split.with_head``). A cut
+    is kept only when it gives the whole graphs' frames on the shipped contexts (``decoder_split.SPLIT_TOLERANCE``);
+    the next nearest is tried after it, up to ``CUTS_TRIED``, and then the graphs stay whole and the report says
+    why. Returns (graphs, report)."""
     if head_share <= 0:
         return graphs, {"cut": None, "reason": "play.web_decoder_head_share is 0"}
-    choice = decoder_split.choose_cut(decoder_split.load_graph(float_decoder), head_share)
-    if choice is None:
+    cuts = decoder_split.ranked_cuts(decoder_split.load_graph(float_decoder), head_share)[:CUTS_TRIED]
+    if not cuts:
         return graphs, {"cut": None, "reason": "the decoder graph has no single-tensor cut"}
-    cut, share = choice
     suffix = graphs["decoder"].removeprefix("decoder")  # ".onnx" or ".int8.onnx"
     split = {"world_model": f"world_model_decoder_head{suffix}", "decoder": f"decoder_tail{suffix}"}
-    try:
-        head, tail = decoder_split.split(decoder_split.load_graph(staging / graphs["decoder"]), cut)
-        joined = decoder_split.with_head(decoder_split.load_graph(staging / graphs["world_model"]),
-                                         onnx.load_from_string(head))
-        tail_model = decoder_split.renamed_tensor(onnx.load_from_string(tail), cut, decoder_split.HEAD_PREFIX + cut)
-        (staging / split["world_model"]).write_bytes(joined.SerializeToString())
-        (staging / split["decoder"]).write_bytes(tail_model.SerializeToString())
-        difference = split_difference(staging, graphs, split, contexts)
-    except Exception as error:  # an optimisation only: ship the whole graphs rather than fail
-        difference, reason = float("inf"), f"splitting the decoder at {cut} failed: {error}"
-    else:  # the int8 parts can differ when the cut falls inside a group of nodes ORT fuses (measured: 0.027)
-        reason = f"head then tail differs from the decoder by {difference:g}"
-    if difference > SPLIT_TOLERANCE:
-        for name in split.values():
-            (staging / name).unlink(missing_ok=True)
-        return graphs, {"cut": None, "reason": reason}
-    for name in graphs.values():
-        (staging / name).unlink()
-    log.info("decoder split at %s: %.0f%% of its multiply-adds run in the world model's worker", cut, 100 * share)
-    return split, {"cut": decoder_split.HEAD_PREFIX + cut, "head_share_of_decoder_flops": round(share, 3),
-                   "max_abs_diff": difference}
+    decoder = decoder_split.load_graph(staging / graphs["decoder"])
+    reasons = []
+    for float_cut, share in cuts:
+        cut = decoder_split.quantized_tensor(decoder, float_cut)
+        try:
+            joined, tail = decoder_split.with_head(decoder_split.load_graph(staging / graphs["world_model"]),
+                                                   decoder, cut)
+            (staging / split["world_model"]).write_bytes(joined.SerializeToString())
+            (staging / split["decoder"]).write_bytes(tail.SerializeToString())
+            difference = split_difference(staging, graphs, split, contexts)
+        except Exception as error:  # an optimisation only: ship the whole graphs rather than fail
+            reasons.append(f"splitting the decoder at {cut} failed: {error}")
+            continue
+        if difference <= decoder_split.SPLIT_TOLERANCE:
+            for name in graphs.values():
+                (staging / name).unlink()
+            log.info("decoder split at %s: %.0f%% of its multiply-adds run in the world model's worker", cut,
+                     100 * share)
+            return split, {"cut": decoder_split.HEAD_PREFIX + cut, "head_share_of_decoder_flops": round(share, 3),
+                           "max_abs_diff": difference}
+        reasons.append(f"head then tail at {cut} differs from the decoder by {difference:g}")
+    for name in split.values():
+        (staging / name).unlink(missing_ok=True)
+    return graphs, {"cut": None, "reason": "; ".join(reasons)}
 
 
 def split_difference(folder: Path, whole: dict[str, str], split: dict[str, str], contexts: Path) -> float:

@@ -92,19 +92,32 @@ def node_costs(model: onnx.ModelProto) -> list[float]:
     return costs
 
 
-def choose_cut(model: onnx.ModelProto, head_share: float) -> tuple[str, float] | None:
-    """The cut whose head holds the share of the graph's multiply-adds closest to ``head_share`` (0 to 0.5),
-    and that share; None when no cut has a head with any work in it."""
+def ranked_cuts(model: onnx.ModelProto, head_share: float) -> list[tuple[str, float]]:
+    """(tensor, head share) of every cut whose head holds some work and at most half of it, the share nearest
+    ``head_share`` (0 to 0.5) first; empty when ``head_share`` is 0 or the graph has no work to share."""
     costs = node_costs(model)
     total = sum(costs)
     if total <= 0 or head_share <= 0:
-        return None
-    best: tuple[str, float] | None = None
-    for k, tensor in single_tensor_cuts(model):
-        share = sum(costs[:k]) / total
-        if 0 < share <= 0.5 and (best is None or abs(share - head_share) < abs(best[1] - head_share)):
-            best = (tensor, share)
-    return best
+        return []
+    shares = [(tensor, sum(costs[:k]) / total) for k, tensor in single_tensor_cuts(model)]
+    return sorted([cut for cut in shares if 0 < cut[1] <= 0.5], key=lambda cut: abs(cut[1] - head_share))
+
+
+def choose_cut(model: onnx.ModelProto, head_share: float) -> tuple[str, float] | None:
+    """The cut whose head holds the share of the graph's multiply-adds closest to ``head_share`` (0 to 0.5),
+    and that share; None when no cut has a head with any work in it."""
+    cuts = ranked_cuts(model, head_share)
+    return cuts[0] if cuts else None
+
+
+def quantized_tensor(model: onnx.ModelProto, tensor: str) -> str:
+    """Where to cut a QDQ (int8) graph for the float graph's ``tensor``: the output of the ``QuantizeLinear`` that
+    is its only consumer, so that ONNX Runtime fuses the head's last node with that quantization exactly as it does
+    in the whole graph (cutting before it gave frames 0.027 apart); ``tensor`` itself in any other graph."""
+    consumers = [node for node in model.graph.node if tensor in node.input]
+    if len(consumers) == 1 and consumers[0].op_type == "QuantizeLinear":
+        return str(consumers[0].output[0])
+    return tensor
 
 
 def split(model: onnx.ModelProto, tensor: str) -> tuple[bytes, bytes]:
@@ -121,26 +134,23 @@ def split(model: onnx.ModelProto, tensor: str) -> tuple[bytes, bytes]:
 
 
 HEAD_PREFIX = "decoder_head/"
+SPLIT_TOLERANCE = 1e-4  # the largest difference a split may make to a latent or a frame ([0, 1]); else no split
 
 
-def with_head(world_model: onnx.ModelProto, head: onnx.ModelProto, latent: str = "next_latent") -> onnx.ModelProto:
-    """One graph that runs ``world_model`` and then ``head`` on its output ``latent``; its outputs are ``latent``
-    and the head's output, renamed ``HEAD_PREFIX`` + its name (the head's names are prefixed so none clashes)."""
-    head = compose.add_prefix(head, HEAD_PREFIX)
+def with_head(world_model: onnx.ModelProto, decoder: onnx.ModelProto, tensor: str,
+              latent: str = "next_latent") -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The decoder cut at ``tensor``, for two workers: (one graph that runs ``world_model`` and then the decoder's
+    head on its output ``latent``, the decoder's tail). The joined graph outputs ``latent`` and the head's output,
+    renamed ``HEAD_PREFIX`` + ``tensor`` (the head's names are prefixed so none clashes); the tail takes that name."""
+    head_bytes, tail_bytes = split(decoder, tensor)
+    head = compose.add_prefix(onnx.load_from_string(head_bytes), HEAD_PREFIX)
     (head_input,) = [i.name for i in head.graph.input if i.name not in {t.name for t in head.graph.initializer}]
-    return compose.merge_models(world_model, head, io_map=[(latent, head_input)],
-                                outputs=[latent, *(o.name for o in head.graph.output)])
-
-
-def renamed_tensor(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto:
-    """``model`` with its tensor ``old`` called ``new`` (as the tail's input takes the name of ``with_head``'s
-    output)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        if value.name == old:
-            value.name = new
-    for node in graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
-        node.output[:] = [new if name == old else name for name in node.output]
-    return model
+    joined = compose.merge_models(world_model, head, io_map=[(latent, head_input)],
+                                  outputs=[latent, *(o.name for o in head.graph.output)])
+    tail = onnx.load_from_string(tail_bytes)
+    for value in [*tail.graph.input, *tail.graph.value_info]:
+        if value.name == tensor:
+            value.name = HEAD_PREFIX + tensor
+    for node in tail.graph.node:
+        node.input[:] = [HEAD_PREFIX + tensor if name == tensor else name for name in node.input]
+    return joined, tail

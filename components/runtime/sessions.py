@@ -148,7 +148,7 @@ class OnnxModels:
             return {"cut": None, "reason": f"splitting at {cut} failed: {error}"}
         whole = self.decoder.run(["frames"], {"latents": latents})[0]
         difference = float(np.abs(whole - parts).max())
-        if difference > 1e-4:  # never expected: the parts hold the same nodes; then play the whole graph
+        if difference > decoder_split.SPLIT_TOLERANCE:  # never expected: the parts hold the same nodes
             return {"cut": None, "reason": f"head then tail differs from the decoder by {difference:g}"}
         self.decoder_head, self.decoder_tail, self._cut = head, tail, cut
         return {"cut": cut, "head_share_of_decoder_flops": round(share, 3), "max_abs_diff": difference}
