@@ -178,13 +178,13 @@ def split_for_workers(staging: Path, graphs: dict[str, str], float_decoder: Path
         return graphs, {"cut": None, "reason": "the decoder graph has no single-tensor cut"}
     suffix = graphs["decoder"].removeprefix("decoder")  # ".onnx" or ".int8.onnx"
     split = {"world_model": f"world_model_decoder_head{suffix}", "decoder": f"decoder_tail{suffix}"}
+    world_model = decoder_split.load_graph(staging / graphs["world_model"])
     decoder = decoder_split.load_graph(staging / graphs["decoder"])
     reasons = []
     for float_cut, share in cuts:
         cut = decoder_split.quantized_tensor(decoder, float_cut)
         try:
-            joined, tail = decoder_split.with_head(decoder_split.load_graph(staging / graphs["world_model"]),
-                                                   decoder, cut)
+            joined, tail = decoder_split.with_head(world_model, decoder, cut)
             (staging / split["world_model"]).write_bytes(joined.SerializeToString())
             (staging / split["decoder"]).write_bytes(tail.SerializeToString())
             difference = split_difference(staging, graphs, split, contexts)
