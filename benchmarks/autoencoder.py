@@ -53,15 +53,14 @@ def main() -> None:
 
     import torch
 
-    from components.models.autoencoder import FrameAutoencoder, build_vae, load_pretrained_vae, training_loss
+    from components.models.autoencoder import FrameAutoencoder, load_pretrained_vae, training_loss, vae_from_params
     from components.params import load_params
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     params = load_params(args.params)
     a = params.autoencoder
-    vae = load_pretrained_vae(a.pretrained) if a.pretrained else build_vae(
-        a.block_out_channels, a.latent_channels, a.layers_per_block, a.norm_num_groups, a.mid_block_attention)
+    vae = load_pretrained_vae(a.pretrained) if a.pretrained else vae_from_params(a)
     vae = vae.to(memory_format=torch.channels_last).eval()
     frame_size = (params.environment.height, params.environment.width)
     autoencoder = FrameAutoencoder(vae, frame_size, 1.0, a.latent_multiple, a.pad_mode)

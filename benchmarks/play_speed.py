@@ -84,7 +84,7 @@ def build_untrained(params: Any, folder: Path) -> dict[str, Path]:
     """Random-weight models with the params' architecture, saved and exported like the pipeline does."""
     import torch
 
-    from components.models.autoencoder import FrameAutoencoder, build_vae
+    from components.models.autoencoder import FrameAutoencoder, vae_from_params
     from components.models.distillation import OneStepStudent
     from components.models.world_model import ActionConditionedUNet
     from components.runtime.export import DecoderGraph, EncoderGraph, export_graph
@@ -92,8 +92,7 @@ def build_untrained(params: Any, folder: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     a = params.autoencoder
     width, height = params.environment.resolution
-    vae = build_vae(a.block_out_channels, a.latent_channels, a.layers_per_block, a.norm_num_groups,
-                    a.mid_block_attention)
+    vae = vae_from_params(a)
     autoencoder = FrameAutoencoder(vae, (height, width), 1.0, a.latent_multiple, a.pad_mode).eval()
     C, h, w = autoencoder.latent_shape
     net = ActionConditionedUNet.from_params(params.world_model, C, (h, w), len(params.environment.actions)).eval()

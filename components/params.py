@@ -199,6 +199,10 @@ class AutoencoderParams(Section):
         None, description="local folder with an SD-style AutoencoderKL (e.g. SD v1.4's vae/); null trains one"
     )  # paper: SD v1.4 vae
     block_out_channels: list[int] = Field([32, 64, 64], min_length=1)  # SD: [128, 256, 512, 512] (8x down)
+    decoder_block_out_channels: list[int] | None = Field(
+        [32, 32, 64], description="the decoder's own widths, listed as block_out_channels (full resolution first); "
+        "null = block_out_channels"
+    )  # SD: null
     latent_channels: int = Field(4, gt=0)  # SD: 4
     layers_per_block: int = Field(1, gt=0)  # SD: 2
     norm_num_groups: int = Field(16, gt=0)  # SD: 32
@@ -222,18 +226,23 @@ class AutoencoderParams(Section):
     )
     seed: int = 0
 
-    @field_validator("block_out_channels")
+    @field_validator("block_out_channels", "decoder_block_out_channels")
     @classmethod
-    def _channels_positive(cls, value: list[int]) -> list[int]:
-        if min(value) <= 0:
+    def _channels_positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) <= 0):
             raise ValueError(f"must be positive channel counts, got {value}")
         return value
 
     @model_validator(mode="after")
     def _groups_divide_channels(self) -> AutoencoderParams:
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels, not {bad}")
+        for name in ("block_out_channels", "decoder_block_out_channels"):
+            bad = [c for c in getattr(self, name) or [] if c % self.norm_num_groups]
+            if bad:
+                raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every {name}, not {bad}")
+        decoder = self.decoder_block_out_channels
+        if decoder is not None and len(decoder) != len(self.block_out_channels):
+            raise ValueError(f"decoder_block_out_channels {decoder} needs one width per block of block_out_channels "
+                             f"{self.block_out_channels} (the decoder upsamples as much as the encoder downsamples)")
         return self
 
 

@@ -13,6 +13,7 @@ import torch
 from components.models.autoencoder import (
     AutoencoderError,
     FrameAutoencoder,
+    build_vae,
     load_autoencoder,
     load_pretrained_vae,
     padding_for,
@@ -96,6 +97,26 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.encode(frames), autoencoder.encode(frames))
         latents = autoencoder.encode(frames)
         torch.testing.assert_close(loaded.decode(latents), autoencoder.decode(latents))
+
+
+def test_a_decoder_of_its_own_widths_round_trips(tmp_path: Path) -> None:
+    """``autoencoder.decoder_block_out_channels``: the decoder is built narrower than the encoder, and a saved folder
+    (whose config.json diffusers alone cannot load) comes back with the same decoder and the same frames."""
+    torch.manual_seed(0)
+    vae = build_vae([8, 16, 16], 4, 1, 4, False, decoder_block_out_channels=[8, 8, 16])
+    assert vae.decoder.up_blocks[1].resnets[0].conv1.out_channels == 8  # 16 in the encoder's mirror image
+    mirrored = build_vae([8, 16, 16], 4, 1, 4, False).decoder
+    assert sum(p.numel() for p in vae.decoder.parameters()) < sum(p.numel() for p in mirrored.parameters())
+    autoencoder = FrameAutoencoder(vae, (60, 80), 0.37, latent_multiple=4).eval()
+    autoencoder.save(tmp_path / "ae")
+    loaded = load_autoencoder(tmp_path / "ae")
+    for (name, a), (_, b) in zip(vae.state_dict().items(), loaded.vae.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    frames = torch.rand(2, 3, 60, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.reconstruct(frames), autoencoder.reconstruct(frames))
+    with pytest.raises(ValueError, match="needs 3 widths"):
+        build_vae([8, 16, 16], 4, 1, 4, False, decoder_block_out_channels=[8, 16])
 
 
 def test_onnx_encoder_matches_pytorch_and_refuses_a_mismatch(tmp_path: Path) -> None:

@@ -77,6 +77,10 @@ def test_code_defaults_are_the_values_in_params_yaml() -> None:
         ("distilled_model.teacher_noise", "random",
          "distilled_model.teacher_noise: must be one of 'fresh' or 'frozen'"),
         ("autoencoder.mixed_precision", "fp16", "autoencoder.mixed_precision: must be one of 'no' or 'bf16'"),
+        ("autoencoder.decoder_block_out_channels", [32, 64], "decoder_block_out_channels [32, 64] needs one width "
+         "per block of block_out_channels [32, 64, 64]"),
+        ("autoencoder.decoder_block_out_channels", [32, 24, 64], "norm_num_groups 16 must divide every "
+         "decoder_block_out_channels, not [24]"),
         ("validated_latents.engine", "tensorrt", "validated_latents.engine: must be one of 'onnxruntime' or 'torch'"),
     ],
 )

@@ -33,9 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import kornia
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import Decoder
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
 from components.atomic import atomic_directory, atomic_write_json
 from components.errors import PipelineError
@@ -44,6 +47,7 @@ from components.metrics import PSNR_CAP_DB, detail_loss, laplacian_energy, psnr_
 
 if TYPE_CHECKING:
     from components.data.trajectory_store import TrajectoryStore
+    from components.params import AutoencoderParams
 
 
 log = logging.getLogger(__name__)
@@ -197,7 +201,7 @@ def load_pretrained_vae(path: str | Path) -> Any:
     if not (folder / "config.json").is_file():
         raise AutoencoderError(f"autoencoder.pretrained: {folder} has no config.json; expected {expected}")
     try:
-        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+        vae = vae_from_folder(folder)
     except Exception as error:  # diffusers raises OSError/ValueError/EnvironmentError variants
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AutoencoderError(f"autoencoder.pretrained: cannot load {folder} ({first_line}); "
@@ -211,11 +215,15 @@ def build_vae(
     layers_per_block: int,
     norm_num_groups: int,
     mid_block_attention: bool,
+    decoder_block_out_channels: Sequence[int] | None = None,
 ) -> Any:
-    """A fresh ``AutoencoderKL`` from a config (the stand-in for SD's VAE when no weights are available)."""
+    """A fresh ``AutoencoderKL`` from a config (the stand-in for SD's VAE when no weights are available).
+
+    ``decoder_block_out_channels`` (listed as ``block_out_channels``, from full resolution down) gives the decoder
+    its own widths; it is kept in the VAE's config so that ``vae_from_folder`` rebuilds the same decoder."""
 
     blocks = len(block_out_channels)
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * blocks,
@@ -226,6 +234,42 @@ def build_vae(
         norm_num_groups=norm_num_groups,
         mid_block_add_attention=mid_block_attention,
     )
+    if decoder_block_out_channels is not None and list(decoder_block_out_channels) != list(block_out_channels):
+        if len(decoder_block_out_channels) != blocks:
+            raise ValueError(f"decoder_block_out_channels {list(decoder_block_out_channels)} needs {blocks} widths, "
+                             f"one per block of block_out_channels {list(block_out_channels)}")
+        vae.decoder = Decoder(
+            in_channels=latent_channels,
+            out_channels=3,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            block_out_channels=tuple(decoder_block_out_channels),
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            mid_block_add_attention=mid_block_attention,
+        )
+        vae.register_to_config(decoder_block_out_channels=list(decoder_block_out_channels))
+    return vae
+
+
+def vae_from_params(settings: AutoencoderParams) -> Any:
+    """``build_vae`` with the architecture fields of the ``autoencoder`` params section."""
+    return build_vae(settings.block_out_channels, settings.latent_channels, settings.layers_per_block,
+                     settings.norm_num_groups, settings.mid_block_attention, settings.decoder_block_out_channels)
+
+
+def vae_from_folder(folder: Path) -> Any:
+    """``AutoencoderKL.from_pretrained(folder)``, or, for a VAE saved with its own decoder widths (config key
+    ``decoder_block_out_channels``, which diffusers does not know), the same VAE rebuilt by ``build_vae`` with the
+    saved weights loaded strictly."""
+
+    config = AutoencoderKL.load_config(str(folder), local_files_only=True)
+    if config.get("decoder_block_out_channels") is None:
+        return AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+    vae = build_vae(config["block_out_channels"], config["latent_channels"], config["layers_per_block"],
+                    config["norm_num_groups"], config.get("mid_block_add_attention", True),
+                    config["decoder_block_out_channels"])
+    vae.load_state_dict(safetensors.torch.load_file(str(folder / SAFETENSORS_WEIGHTS_NAME)), strict=True)
+    return vae
 
 
 def load_autoencoder(folder: str | Path) -> FrameAutoencoder:
@@ -254,7 +298,7 @@ def load_autoencoder(folder: str | Path) -> FrameAutoencoder:
     if not (folder / VAE_SUBFOLDER / "config.json").is_file():
         raise AutoencoderError(f"{folder / VAE_SUBFOLDER}: missing AutoencoderKL weights; expected {what}")
     try:
-        vae = AutoencoderKL.from_pretrained(str(folder / VAE_SUBFOLDER), local_files_only=True)
+        vae = vae_from_folder(folder / VAE_SUBFOLDER)
     except Exception as error:
         raise AutoencoderError(f"{folder / VAE_SUBFOLDER}: cannot load the AutoencoderKL ({error}); "
                                f"expected {what}") from None

@@ -32,7 +32,6 @@ from components.models.autoencoder import (
     VAE_SUBFOLDER,
     FrameAutoencoder,
     FrameSampler,
-    build_vae,
     decoder_loss,
     evaluation_frames,
     load_autoencoder,
@@ -40,6 +39,7 @@ from components.models.autoencoder import (
     measure_scaling_factor,
     reconstruction_metrics,
     training_loss,
+    vae_from_params,
 )
 
 if TYPE_CHECKING:
@@ -83,8 +83,7 @@ def train_base_autoencoder(params: Params, trajectories: str | Path, cache: str 
         vae = load_pretrained_vae(settings.pretrained)
         source = {"source": "pretrained", "pretrained": settings.pretrained}
     else:
-        vae = build_vae(settings.block_out_channels, settings.latent_channels, settings.layers_per_block,
-                        settings.norm_num_groups, settings.mid_block_attention)
+        vae = vae_from_params(settings)
         source = {"source": "trained"}
     vae = vae.to(memory_format=torch.channels_last)
     autoencoder = FrameAutoencoder(vae, frame_size, 1.0, settings.latent_multiple, settings.pad_mode)
