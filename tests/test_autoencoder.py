@@ -117,6 +117,9 @@ def test_a_decoder_of_its_own_widths_round_trips(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.reconstruct(frames), autoencoder.reconstruct(frames))
     with pytest.raises(ValueError, match="needs 3 widths"):
         build_vae([8, 16, 16], 4, 1, 4, False, decoder_block_out_channels=[8, 16])
+    (tmp_path / "ae" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(AutoencoderError, match="cannot load the AutoencoderKL"):
+        load_autoencoder(tmp_path / "ae")
 
 
 def test_onnx_encoder_matches_pytorch_and_refuses_a_mismatch(tmp_path: Path) -> None:

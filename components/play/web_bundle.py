@@ -48,7 +48,7 @@ import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -66,6 +66,9 @@ from components.runtime.export_contract import (
 )
 from components.runtime.quantize import INT8_FILES, QUANTIZER, QuantizationError, quantize_graphs
 from components.runtime.sessions import load_session
+
+if TYPE_CHECKING:
+    from components.params import PlayParams
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +222,15 @@ def split_difference(folder: Path, whole: dict[str, str], split: dict[str, str],
     return float(max(np.abs(latent - joined_latent).max(), np.abs(frames - split_frames).max()))
 
 
+def bundle_for_play(export: str | Path, out: str | Path, settings: PlayParams, fps: float | None = None,
+                    precision: str | None = None) -> dict[str, Any]:
+    """``build_bundle`` with the ``play`` section's settings; ``fps`` and ``precision`` (command-line values, None
+    when not given) override ``play.fps`` and ``play.web_precision``."""
+    return build_bundle(export, out, settings.fps if fps is None else fps,
+                        precision=precision or settings.web_precision, min_psnr_db=settings.web_int8_min_psnr_db,
+                        head_share=settings.web_decoder_head_share)
+
+
 def build_bundle(export: str | Path, out: str | Path, fps: float, package: str | Path = ORT_PACKAGE,
                  precision: str = "int8", min_psnr_db: float = 30.0, head_share: float = 0.0) -> dict[str, Any]:
     """Write the bundle of ``export`` into ``out`` (replaced whole, atomically); returns its ``bundle.json``.
@@ -329,4 +341,4 @@ async def serve_until_signal(server: ThreadingHTTPServer, folder: Path, isolated
         server.shutdown()
 
 
-__all__ = ["build_bundle", "serve_bundle", "write_contexts", "ort_web_files"]
+__all__ = ["build_bundle", "bundle_for_play", "serve_bundle", "write_contexts", "ort_web_files"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from components.params import load_params
-from components.play.web_bundle import build_bundle
+from components.play.web_bundle import bundle_for_play
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     settings = load_params(args.params).play
     out = args.out or settings.bundle_dir
-    build_bundle(args.export or settings.export_dir, out, settings.fps if args.fps is None else args.fps,
-                 precision=args.precision or settings.web_precision, min_psnr_db=settings.web_int8_min_psnr_db,
-                 head_share=settings.web_decoder_head_share)
+    bundle_for_play(args.export or settings.export_dir, out, settings, args.fps, args.precision)
     print(f"wrote {out}: serve it with any static file server (README \"Play in the browser\"), or play it with "
           "python -m components play --engine browser")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from components.errors import PipelineError
 from components.params import load_params
 from components.play.server import OnnxGame, PlayServer
-from components.play.web_bundle import build_bundle, serve_bundle
+from components.play.web_bundle import bundle_for_play, serve_bundle
 from components.runtime.sessions import pipelined_threads
 
 if TYPE_CHECKING:
@@ -52,9 +52,7 @@ def main(args: argparse.Namespace) -> None:
     fps = settings.fps if args.fps is None else args.fps
     browser = (args.engine or settings.engine) == "browser"
     if browser:  # the browser engine: write the bundle (its own errors), then only serve its files
-        build_bundle(export, settings.bundle_dir, fps, precision=args.precision or settings.web_precision,
-                     min_psnr_db=settings.web_int8_min_psnr_db,
-                     head_share=settings.web_decoder_head_share)
+        bundle_for_play(export, settings.bundle_dir, settings, fps, args.precision)
     try:
         if browser:
             serve_bundle(settings.bundle_dir, host, port, isolated=not args.no_isolation)
