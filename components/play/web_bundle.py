@@ -183,6 +183,11 @@ def split_for_workers(staging: Path, graphs: dict[str, str], float_decoder: Path
     split = {"world_model": f"world_model_decoder_head{suffix}", "decoder": f"decoder_tail{suffix}"}
     world_model = decoder_split.load_graph(staging / graphs["world_model"])
     decoder = decoder_split.load_graph(staging / graphs["decoder"])
+    feeds = context_feeds(contexts)
+    try:
+        whole = predicted_frames(staging, graphs, feeds)  # what every cut must reproduce
+    except Exception as error:  # as below: ship the whole graphs rather than fail
+        return graphs, {"cut": None, "reason": f"the whole graphs did not run on the shipped contexts: {error}"}
     reasons = []
     for float_cut, share in cuts:
         cut = decoder_split.quantized_tensor(decoder, float_cut)
@@ -190,7 +195,7 @@ def split_for_workers(staging: Path, graphs: dict[str, str], float_decoder: Path
             joined, tail = decoder_split.with_head(world_model, decoder, cut)
             (staging / split["world_model"]).write_bytes(joined.SerializeToString())
             (staging / split["decoder"]).write_bytes(tail.SerializeToString())
-            difference = split_difference(staging, graphs, split, contexts)
+            difference = split_difference(whole, predicted_frames(staging, split, feeds))
         except Exception as error:  # an optimisation only: ship the whole graphs rather than fail
             reasons.append(f"splitting the decoder at {cut} failed: {error}")
             continue
@@ -207,19 +212,27 @@ def split_for_workers(staging: Path, graphs: dict[str, str], float_decoder: Path
     return graphs, {"cut": None, "reason": "; ".join(reasons)}
 
 
-def split_difference(folder: Path, whole: dict[str, str], split: dict[str, str], contexts: Path) -> float:
-    """Largest difference between the frames of the ``whole`` graphs and of the ``split`` ones (in ``folder``),
-    one prediction from each shipped context."""
+def context_feeds(contexts: Path) -> dict[str, np.ndarray]:
+    """The world model's inputs for one prediction from each shipped context (``contexts.npz``)."""
     with np.load(contexts) as data:
-        feeds = {"context_latents": data["context_latents"].astype(np.float32),
-                 "context_actions": data["context_actions"].astype(np.int64)}
-    session = {name: load_session(folder / name, threads=1) for name in (*whole.values(), *split.values())}
-    latent = session[whole["world_model"]].run(["next_latent"], feeds)[0]
-    frames = session[whole["decoder"]].run(["frames"], {"latents": latent})[0]
-    joined_latent, hidden = session[split["world_model"]].run(None, feeds)
-    tail = session[split["decoder"]]
-    split_frames = tail.run(["frames"], {tail.get_inputs()[0].name: hidden})[0]
-    return float(max(np.abs(latent - joined_latent).max(), np.abs(frames - split_frames).max()))
+        return {"context_latents": data["context_latents"].astype(np.float32),
+                "context_actions": data["context_actions"].astype(np.int64)}
+
+
+def predicted_frames(folder: Path, graphs: dict[str, str], feeds: dict[str, np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(next latent, frames) of the world model and decoder graphs ``graphs`` in ``folder``: whole graphs, or a
+    world model with the decoder's head (its second output feeds the tail)."""
+    world_model = load_session(folder / graphs["world_model"], threads=1)
+    decoder = load_session(folder / graphs["decoder"], threads=1)
+    outputs = world_model.run(None, feeds)
+    frames = decoder.run(["frames"], {decoder.get_inputs()[0].name: outputs[-1]})[0]
+    return outputs[0], frames
+
+
+def split_difference(whole: tuple[np.ndarray, np.ndarray], split: tuple[np.ndarray, np.ndarray]) -> float:
+    """Largest difference between the (next latent, frames) of the whole graphs and of the split ones."""
+    return float(max(np.abs(whole[0] - split[0]).max(), np.abs(whole[1] - split[1]).max()))
 
 
 def bundle_for_play(export: str | Path, out: str | Path, settings: PlayParams, fps: float | None = None,

@@ -264,6 +264,8 @@ async function main() {
   stats.onnxruntimeWeb = bundle.onnxruntime_web;
   stats.precision = bundle.precision ? bundle.precision.precision : "float32";
   stats.decoderSplit = (bundle.decoder_split && bundle.decoder_split.cut) || null;
+  // What the decoder worker is fed: the world model's latents, or, when the decoder is split, the head's tensor.
+  const decoderInput = stats.decoderSplit || "latents";
   $("engine").textContent = `engine: browser (ONNX Runtime Web ${bundle.onnxruntime_web}, WASM, ${stats.precision}, ` +
     `2 workers x ${threads} thread${threads > 1 ? "s" : ""}${stats.decoderSplit ? ", decoder split" : ""}` +
     (stats.isolated ? ")" : "; not cross-origin isolated, so one thread: see README \"Play in the browser\")");
@@ -282,7 +284,7 @@ async function main() {
       new WorkerSession(bundle.graphs.decoder).load(decoderBytes, threads, options),
     ]);
     game = new Game(world, decoder, new Contexts(contextBytes, bundle.contexts, bundle.sizes), shown,
-                    stats.decoderSplit || "latents");
+                    decoderInput);
   } catch (error) {
     fail(String(error.message || error));
     return;
