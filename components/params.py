@@ -361,6 +361,10 @@ class DiffusionCheckpointParams(Section):
     context_dropout: float = Field(
         0.1, ge=0.0, lt=1.0, description="share of samples whose context latents are zeroed (for CFG)"
     )  # paper: 0.1
+    terminal_share: float = Field(
+        0.25, ge=0.0, lt=1.0, description="share of samples trained at the last timestep (pure noise), the one the "
+        "1-step student runs at; the rest draw t uniformly (0 = all uniform, as the paper; README \"World model\")"
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="autocast of the training loss (components/training.py); fp16 needs CUDA")
     checkpoint_every: int = Field(500, gt=0, description="resumable checkpoint every N steps (.cache/)")

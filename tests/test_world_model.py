@@ -16,7 +16,7 @@ import torch
 from components.errors import PipelineError
 from components.models.sampler import Sampler, make_scheduler, rollout, sample_next_latent
 from components.models.world_model import ActionConditionedUNet, load_world_model, noise_bucket
-from components.models.world_model_training import WindowStream, open_latents, train
+from components.models.world_model_training import Batch, WindowStream, diffusion_loss, open_latents, train
 from components.params import ParamsError, parse_params
 from tests.fixtures.models import tiny_autoencoder
 from tests.fixtures.params import micro_params_dict
@@ -59,6 +59,42 @@ def test_loss_goes_down_and_dvclive_logs(trained: dict[str, Any]) -> None:
     assert losses[-1] < 0.7 * losses[0], losses
     metrics = (trained["root"] / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert len(metrics) == 2 + TRAIN["steps"] // TRAIN["log_every"]  # the header, the first step, every log_every
+
+
+def _training_timesteps(world_model: ActionConditionedUNet, batch: Any, terminal_share: float,
+                        seed: int) -> tuple[torch.Tensor, float]:
+    """The timesteps one ``diffusion_loss`` call trains at (read by a forward pre-hook), and the loss."""
+    seen: list[torch.Tensor] = []
+    hook = world_model.register_forward_pre_hook(lambda _module, args: seen.append(args[1].clone()))
+    try:
+        loss = diffusion_loss(world_model, make_scheduler(world_model.config, "ddpm"), batch, world_model.config,
+                              0.0, torch.Generator().manual_seed(seed), terminal_share)
+    finally:
+        hook.remove()
+    return seen[0], loss.item()
+
+
+def test_terminal_share_trains_where_the_one_step_student_runs(trained: dict[str, Any]) -> None:
+    """diffusion_checkpoint.terminal_share: that share of the examples is trained at the last timestep (the first
+    DDIM step, where the student runs); at 0 the draws are the uniform ones of a run without it."""
+    world_model, batch = trained["world_model"], trained["batch"]
+    last = world_model.config.num_train_timesteps - 1
+    ddim = make_scheduler(world_model.config)
+    ddim.set_timesteps(1)
+    assert int(ddim.timesteps[0]) == last
+    with torch.no_grad():
+        uniform, uniform_loss = _training_timesteps(world_model, batch, 0.0, seed=3)
+        terminal, _ = _training_timesteps(world_model, batch, 0.999, seed=3)
+        large = Batch(batch.context_latents.repeat(40, 1, 1, 1, 1), batch.context_actions.repeat(40, 1),
+                      batch.target.repeat(40, 1, 1, 1))
+        mixed, _ = _training_timesteps(world_model, large, 0.5, seed=3)
+        plain = diffusion_loss(world_model, make_scheduler(world_model.config, "ddpm"), batch, world_model.config,
+                               0.0, torch.Generator().manual_seed(3))
+    assert (uniform < last).all() and len(set(uniform.tolist())) > 1
+    assert plain.item() == uniform_loss  # no extra random draw at 0
+    assert (terminal == last).all()
+    share = (mixed == last).float().mean().item()
+    assert 0.35 < share < 0.65, share  # 320 draws of p = 0.5
 
 
 def test_actions_give_different_next_frames(trained: dict[str, Any]) -> None:

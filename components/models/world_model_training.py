@@ -13,7 +13,7 @@ Loss, per example (paper: "Model and training")::
     level ~ U(0, max_noise_level); bucket = noise_bucket(level)
     context = context + level * eps_ctx                  # noise augmentation
     context = 0 with probability context_dropout         # for classifier-free guidance on past frames
-    t ~ U{0..T-1}; eps ~ N(0, I); x_t = ddpm.add_noise(target, eps, t)
+    t ~ U{0..T-1}, or T-1 with probability terminal_share; eps ~ N(0, I); x_t = ddpm.add_noise(target, eps, t)
     loss = || world_model(x_t, t, context, actions, bucket) - ddpm.get_velocity(target, eps, t) ||^2
 
 Training runs on the shared engine (``components/training.py``): device (``device``), mixed precision, the
@@ -167,9 +167,11 @@ def data_fingerprint(store: TrajectoryStore) -> str:
 
 
 def diffusion_loss(world_model: ActionConditionedUNet, ddpm: Scheduler, batch: Batch, config: WorldModelConfig,
-                   context_dropout: float,
-                   generator: torch.Generator) -> torch.Tensor:
-    """The v-prediction loss with context noise augmentation and context dropout (module docstring)."""
+                   context_dropout: float, generator: torch.Generator, terminal_share: float = 0.0) -> torch.Tensor:
+    """The v-prediction loss with context noise augmentation and context dropout (module docstring).
+
+    ``terminal_share`` of the examples are trained at the last timestep, where the input is pure noise (zero
+    terminal SNR) and the velocity is minus the target: the prediction the 1-step student starts from."""
     device = batch.target.device
     size = batch.target.shape[0]
     levels = torch.rand(size, generator=generator) * config.max_noise_level
@@ -178,7 +180,11 @@ def diffusion_loss(world_model: ActionConditionedUNet, ddpm: Scheduler, batch: B
     target = world_model.to_residual(batch.target, world_model.residual_base(context, batch.context_actions))
     keep = (torch.rand(size, generator=generator) >= context_dropout).to(device=device, dtype=context.dtype)
     context = context * keep.view(-1, 1, 1, 1, 1)
-    timesteps = torch.randint(0, config.num_train_timesteps, (size,), generator=generator).to(device)
+    timesteps = torch.randint(0, config.num_train_timesteps, (size,), generator=generator)
+    if terminal_share > 0:  # no extra draw at 0, so runs without it draw what they always drew
+        terminal = torch.rand(size, generator=generator) < terminal_share
+        timesteps = torch.where(terminal, config.num_train_timesteps - 1, timesteps)
+    timesteps = timesteps.to(device)
     noise = torch.randn(batch.target.shape, generator=generator).to(device)
     noisy = ddpm.add_noise(target, noise, timesteps)
     target_v = ddpm.get_velocity(target, noise, timesteps)
@@ -251,7 +257,8 @@ def train(params: Params, latents_root: str | Path, cache_root: str | Path | Non
 
     def loss_fn(step: Step) -> torch.Tensor:
         batch = stream.batch(step.index, settings.batch_size).to(step.device)
-        return diffusion_loss(world_model, ddpm, batch, world_model.config, settings.context_dropout, step.generator)
+        return diffusion_loss(world_model, ddpm, batch, world_model.config, settings.context_dropout, step.generator,
+                              settings.terminal_share)
 
     result = run_training(world_model, list(world_model.parameters()), loss_fn, recipe(settings), runtime, folder,
                           live_dir=live_dir, name="diffusion_checkpoint", stop_after=stop_after)
