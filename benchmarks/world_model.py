@@ -96,7 +96,7 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * plan.budget.lr_scale(step[0], settings.steps)
         loss = diffusion_loss(world_model, ddpm, batch, world_model.config, settings.context_dropout,
-                              make_step(0, runtime, step[0]).generator)
+                              make_step(0, runtime, step[0]).generator, settings.terminal_share)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(world_model.parameters(), settings.grad_clip)
         optimizer.step()
