@@ -6,8 +6,9 @@ Builds the world model and the autoencoder from ``params.yaml`` (weights do not 
 ``data/finetuned_vae`` is used when present), at the latent size the autoencoder makes, and prints one JSON object:
 
 * ``train_samples_per_s`` / ``train_step_ms``: one full training step (data read excluded: batches are in memory;
-  v-loss with noise augmentation and context dropout, backward, clipping, AdamW) at
-  ``diffusion_checkpoint.batch_size``; ``steps_in_train_minutes``: the steps the stage's time budget would plan;
+  v-loss with noise augmentation and context dropout under ``diffusion_checkpoint.mixed_precision``'s autocast,
+  backward, clipping, AdamW) at ``diffusion_checkpoint.batch_size``; ``steps_in_train_minutes``: the steps the
+  stage's time budget would plan;
 * ``ms_per_frame``: ``Sampler.step`` (DDIM with ``sampler.cfg``, two UNet calls per step when cfg != 1, plus the
   decode) for 1, 2, 4 and 8 DDIM steps, batch 1; ``ms_per_frame_cfg1`` the same without guidance;
 * ``decode_ms``: the autoencoder decode alone.
@@ -91,12 +92,14 @@ def main() -> None:
     batch = Batch(torch.randn(b, k, channels, height, width), torch.randint(0, num_actions, (b, k)),
                   torch.randn(b, channels, height, width)).to(device)
     step = [0]
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision)  # as the stage trains
 
     def train_step() -> None:
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * plan.budget.lr_scale(step[0], settings.steps)
-        loss = diffusion_loss(world_model, ddpm, batch, world_model.config, settings.context_dropout,
-                              make_step(0, runtime, step[0]).generator, settings.terminal_share)
+        with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
+            loss = diffusion_loss(world_model, ddpm, batch, world_model.config, settings.context_dropout,
+                                  make_step(0, runtime, step[0]).generator, settings.terminal_share)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(world_model.parameters(), settings.grad_clip)
         optimizer.step()
@@ -128,6 +131,7 @@ def main() -> None:
         "context": k,
         "parameters_m": round(world_model.num_parameters() / 1e6, 3),
         "batch_size": b,
+        "mixed_precision": settings.mixed_precision,
         "train_step_ms": round(train_ms, 2),
         "train_samples_per_s": round(b / train_ms * 1000, 2),
         "max_steps": settings.steps,

@@ -266,14 +266,36 @@ def test_stage_trains_a_critic_beside_the_student_and_checkpoints_both(tmp_path:
     assert not any("critic" in name for name in student.state_dict())
 
 
-@pytest.mark.parametrize("bad", ["trajectories", "rollout_steps"])
-def test_stage_checks_the_decoder_inputs_before_training(tmp_path: Path, bad: str) -> None:
-    """A missing frames folder or rollouts longer than any training episode stop the stage at once (exit 2,
-    naming what to fix) and write nothing."""
+def test_stage_trains_the_student_under_bf16_autocast(tmp_path: Path) -> None:
+    """``mixed_precision: bf16``: the same steps from the same seed give a different, finite loss than float32
+    (the autocast is on), and the metrics say which precision trained."""
+    paths = build_upstream(tmp_path)
+    losses = {}
+    for precision in ("no", "bf16"):
+        write_export_params(tmp_path, distilled_model={"mixed_precision": precision, "minutes": 100.0,
+                                                       "max_steps": 2})
+        metrics_file = tmp_path / f"metrics_{precision}.json"
+        cli_in(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
+               "--autoencoder", str(paths["finetuned_vae"]), "--latents", str(paths["validated_latents"]),
+               "--trajectories", str(paths["raw_trajectories"]), "--out", str(tmp_path / precision),
+               "--metrics", str(metrics_file), "--plots", str(tmp_path / "plots"), "--cache", "")
+        metrics = json.loads(metrics_file.read_text())
+        assert metrics["mixed_precision"] == precision and metrics["train_steps"] == 2
+        losses[precision] = metrics["final_loss"]
+    assert all(math.isfinite(loss) for loss in losses.values())
+    assert losses["bf16"] != losses["no"]
+    assert losses["bf16"] == pytest.approx(losses["no"], rel=0.05)
+
+
+@pytest.mark.parametrize("bad", ["trajectories", "rollout_steps", "mixed_precision"])
+def test_stage_checks_its_inputs_before_training(tmp_path: Path, bad: str) -> None:
+    """A missing frames folder, rollouts longer than any training episode or fp16 on a CPU stop the stage at once
+    (exit 2, naming what to fix) and write nothing."""
     paths = build_upstream(tmp_path)
     steps = 50 if bad == "rollout_steps" else 4
     write_export_params(tmp_path, distilled_model={"decoder_minutes": 0.05, "decoder_rollout_steps": steps,
-                                                   "minutes": 5.0, "max_steps": 5000})
+                                                   "minutes": 5.0, "max_steps": 5000,
+                                                   "mixed_precision": "fp16" if bad == "mixed_precision" else "no"})
     trajectories = tmp_path / "missing" if bad == "trajectories" else paths["raw_trajectories"]
     out = tmp_path / "data" / "distilled_model"
     result = cli_in(tmp_path, "distilled_model", "--teacher", str(paths["diffusion_checkpoint"]),
@@ -281,6 +303,8 @@ def test_stage_checks_the_decoder_inputs_before_training(tmp_path: Path, bad: st
                     "--trajectories", str(trajectories), "--out", str(out), "--metrics", str(tmp_path / "metrics.json"),
                     "--plots", str(tmp_path / "plots"), "--cache", "", check=False, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert ("missing" if bad == "trajectories" else "decoder_rollout_steps") in result.stderr
+    expected = {"trajectories": "missing", "rollout_steps": "decoder_rollout_steps",
+                "mixed_precision": "distilled_model.mixed_precision: fp16 needs a CUDA device"}
+    assert expected[bad] in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists() and not (tmp_path / "metrics.json").exists()

@@ -78,6 +78,7 @@ def test_code_defaults_are_the_values_in_params_yaml() -> None:
         ("distilled_model.teacher_noise", "random",
          "distilled_model.teacher_noise: must be one of 'fresh' or 'frozen'"),
         ("autoencoder.mixed_precision", "fp16", "autoencoder.mixed_precision: must be one of 'no' or 'bf16'"),
+        ("distilled_model.mixed_precision", "fp8", "distilled_model.mixed_precision: must be one of 'no', 'fp16'"),
         ("autoencoder.decoder_block_out_channels", [32, 64], "decoder_block_out_channels [32, 64] needs one width "
          "per block of block_out_channels [32, 64, 64]"),
         ("autoencoder.decoder_block_out_channels", [32, 24, 64], "norm_num_groups 16 must divide every "

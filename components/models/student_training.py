@@ -65,6 +65,7 @@ def distil(params: Params, teacher_folder: str | Path, autoencoder_folder: str |
 
     settings, sampler = params.distilled_model, params.sampler
     runtime = training.start_runtime(params.device)
+    training.check_precision(settings.mixed_precision, runtime.device, "distilled_model.mixed_precision")
     torch.manual_seed(settings.seed)
 
     teacher = load_world_model(teacher_folder, runtime.device)
@@ -111,7 +112,8 @@ def distil(params: Params, teacher_folder: str | Path, autoencoder_folder: str |
            training.inputs_fingerprint(store), teacher_files]
     recipe = training.Recipe(training.Budget(settings.minutes, settings.max_steps, settings.warmup_steps),
                              settings.learning_rate, seed=settings.seed, batch_size=settings.batch_size,
-                             eval_every_s=settings.eval_every_s, checkpoint_every_s=settings.checkpoint_every_s)
+                             mixed_precision=settings.mixed_precision, eval_every_s=settings.eval_every_s,
+                             checkpoint_every_s=settings.checkpoint_every_s)
     critic = None
     trained: torch.nn.Module = student
     if settings.adversarial_weight > 0:
@@ -149,6 +151,7 @@ def distil(params: Params, teacher_folder: str | Path, autoencoder_folder: str |
         "train_samples_per_s": round(result.samples_per_s, 2),
         "processes": runtime.processes,
         "final_loss": result.last_loss,
+        "mixed_precision": settings.mixed_precision,
         "teacher_steps": sampler.steps,
         "cfg": sampler.cfg,
         "context_noise_level": sampler.context_noise_level,
