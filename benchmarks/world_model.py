@@ -67,7 +67,7 @@ def main() -> None:
     from components.models.world_model import ActionConditionedUNet, make_scheduler
     from components.models.world_model_training import Batch, diffusion_loss, recipe
     from components.params import load_params
-    from components.training import make_optimizer, make_step, start_runtime
+    from components.training import autocast, make_optimizer, make_step, start_runtime
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -92,12 +92,11 @@ def main() -> None:
     batch = Batch(torch.randn(b, k, channels, height, width), torch.randint(0, num_actions, (b, k)),
                   torch.randn(b, channels, height, width)).to(device)
     step = [0]
-    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.mixed_precision)  # as the stage trains
 
     def train_step() -> None:
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * plan.budget.lr_scale(step[0], settings.steps)
-        with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
+        with autocast(settings.mixed_precision, device):  # as the stage trains
             loss = diffusion_loss(world_model, ddpm, batch, world_model.config, settings.context_dropout,
                                   make_step(0, runtime, step[0]).generator, settings.terminal_share)
         loss.backward()

@@ -87,6 +87,12 @@ def check_precision(mixed_precision: str, device: torch.device, key: str) -> Non
         raise PipelineError(f"{key}: fp16 needs a CUDA device, this run is on {device.type}; use bf16 or no")
 
 
+def autocast(mixed_precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context a training step's loss runs under (disabled for ``no``)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @dataclass
 class Runtime:
     """Where this process trains: its device, its rank among ``processes`` and whether it writes the outputs."""
@@ -413,7 +419,6 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
     if recipe.ema_decay > 0 and ema is None:
         ema = {k: v.detach().clone().float().cpu() for k, v in module.state_dict().items()}
     scaler = torch.amp.GradScaler("cuda") if recipe.mixed_precision == "fp16" else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.mixed_precision)
     live = open_live(live_dir, runtime)
     if live is not None and losses and not live_history(live_dir):  # DVC removed it; this run resumes
         replay_history(live, losses, learning_rates)
@@ -449,7 +454,7 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
         lr = recipe.learning_rate * budget.lr_scale(step, planned or budget.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        with torch.autocast(runtime.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(recipe.mixed_precision, runtime.device):
             loss = loss_fn(make_step(recipe.seed, runtime, step))
         optimizer.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
