@@ -436,8 +436,8 @@ class DistilledModelParams(Section):
     )
     decoder_detail_patch: int = Field(4, gt=0, description="pixels per side of the regions the detail term compares")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no", description="autocast of the student's loss (components/training.py); fp16 needs CUDA; README "
-        "\"Distillation\"")
+        "no", description="autocast of the student's loss (components/training.py); fp16 needs CUDA; measured in "
+        "README \"World model\" (Training)")
     eval_windows: int = Field(64, gt=0, description="held-out windows for the PSNR metrics")
     eval_every_s: float = Field(60.0, gt=0.0, description="seconds of training between held-out checks")
     checkpoint_every_s: float = Field(
