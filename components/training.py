@@ -11,7 +11,9 @@ engine does the rest, once for all:
   and every process keeps identical weights.
 - **Mixed precision**: the loss runs under ``torch.autocast`` (``bf16``; ``fp16`` on CUDA with a gradient scaler).
 - **Budget** (``Budget``): minutes or steps. With minutes, steps ``PLAN_FROM..PLAN_AT`` are timed and the step count
-  is fixed once to fit; the learning-rate plan (warm-up, then cosine or constant) is a function of the step only.
+  is fixed to fit; it is timed again at ``REPLAN_AT`` (fractions of the plan) and refitted to the time left, since a
+  trainer's sustained speed can fall below its first steps'. The learning-rate plan (warm-up, then cosine or
+  constant) is a function of the step and the planned count only.
 - **Exact resume**: each step's randomness comes from ``Step.generator`` / ``Step.rng`` (and the global torch seed,
   set per step), functions of (seed, rank, step) only; one atomic, pickle-free safetensors checkpoint holds the
   model, optimizer, EMA and counters. A run killed with ``kill -9`` resumes to the same final weights.
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 PLAN_FROM, PLAN_AT = 5, 25  # with a time budget, steps PLAN_FROM..PLAN_AT are timed to fix the step count
+REPLAN_AT = (0.1, 0.5, 0.8)  # fractions of the plan where the steps since the last plan are timed and it is refitted
 DeviceSetting = Literal["auto", "cpu", "cuda"]
 Precision = Literal["no", "fp16", "bf16"]
 
@@ -152,7 +155,7 @@ def average_gradients(parameters: Sequence[torch.nn.Parameter], runtime: Runtime
 
 @dataclass
 class Budget:
-    """Train ``max_steps`` steps, or, with ``minutes``, as many as fit them (fixed once, after timing)."""
+    """Train ``max_steps`` steps, or, with ``minutes``, as many as fit them (fixed after timing, refitted later)."""
 
     minutes: float | None
     max_steps: int
@@ -180,6 +183,15 @@ class Budget:
 
 
 # --------------------------------------------------------------------------- one step's inputs
+
+
+def replan_due(step: int, planned: int | None, replans: int, timed_from: tuple[int, float]) -> bool:
+    """Whether a time budget's step count is (re)fitted now: first after ``PLAN_AT - PLAN_FROM`` timed steps, then
+    at each ``REPLAN_AT`` fraction of the plan, each time on at least as many steps timed since the last fit."""
+    enough = step - timed_from[0] >= PLAN_AT - PLAN_FROM
+    if planned is None:
+        return enough
+    return enough and replans < len(REPLAN_AT) and step >= REPLAN_AT[replans] * planned and step < planned
 
 
 @dataclass
@@ -352,7 +364,7 @@ def open_live(live_dir: str | Path | None, runtime: Runtime) -> Any:
 def _restore(folder: Path | None, module: torch.nn.Module, optimizer: torch.optim.Optimizer
              ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Counters and EMA of the run saved in ``folder``, weights and optimizer loaded; fresh ones otherwise."""
-    fresh: dict[str, Any] = {"step": 0, "planned": None, "elapsed": 0.0, "curve": [], "losses": [],
+    fresh: dict[str, Any] = {"step": 0, "planned": None, "replans": 0, "elapsed": 0.0, "curve": [], "losses": [],
                              "learning_rates": [], "last_loss": float("nan")}
     if folder is None:
         return fresh, None
@@ -408,6 +420,7 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
     optimizer = make_optimizer(recipe.optimizer, groups, recipe.learning_rate, recipe.weight_decay)
     counters, ema = _restore(folder, module, optimizer)
     step, planned, elapsed = int(counters["step"]), counters["planned"], float(counters["elapsed"])
+    replans = int(counters["replans"])
     curve, losses = list(counters["curve"]), [tuple(x) for x in counters["losses"]]
     learning_rates = list(counters["learning_rates"])
     resumed_from = step
@@ -423,7 +436,8 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
     if live is not None and losses and not live_history(live_dir):  # DVC removed it; this run resumes
         replay_history(live, losses, learning_rates)
     next_eval = (math.floor(elapsed / recipe.eval_every_s) + 1) * recipe.eval_every_s if evaluate else math.inf
-    last_save, plan_elapsed, elapsed_before = time.monotonic(), elapsed, elapsed
+    last_save, elapsed_before = time.monotonic(), elapsed
+    timed_from: tuple[int, float] | None = None  # (step, elapsed) where the steps timed for the next plan start
     window: list[float] = []
     samples, loss_value = 0, float(counters["last_loss"])  # the last step's loss, restored on resume
     bar = tqdm(initial=step, total=planned or budget.max_steps, desc=name, disable=not runtime.is_main,
@@ -433,7 +447,8 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
         if folder is not None and runtime.is_main:  # every process holds the same state; one writes it
             folder.mkdir(parents=True, exist_ok=True)
             save_checkpoint(folder / CHECKPOINT_FILE, module.state_dict(), optimizer, ema, {
-                "step": step, "planned": planned, "elapsed": elapsed, "curve": curve, "losses": losses,
+                "step": step, "planned": planned, "replans": replans, "elapsed": elapsed, "curve": curve,
+                "losses": losses,
                 "learning_rates": learning_rates, "last_loss": loss_value})
 
     def evaluation_point() -> None:
@@ -450,7 +465,7 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
     while step < (planned or budget.max_steps) and (stop_after is None or step < resumed_from + stop_after):
         started = time.monotonic()
         if step == resumed_from + PLAN_FROM:
-            plan_elapsed = elapsed
+            timed_from = (step, elapsed)
         lr = recipe.learning_rate * budget.lr_scale(step, planned or budget.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -479,12 +494,16 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
         samples += recipe.batch_size * runtime.processes
         elapsed += time.monotonic() - started
         bar.update(1)
-        if planned is None and step == resumed_from + PLAN_AT:
-            per_step = (elapsed - plan_elapsed) / (PLAN_AT - PLAN_FROM)
+        if timed_from is not None and budget.minutes is not None and replan_due(step, planned, replans, timed_from):
+            per_step = (elapsed - timed_from[1]) / (step - timed_from[0])
+            if planned is not None:
+                replans += 1
             planned = runtime.broadcast_int(budget.plan(step, per_step, elapsed))
+            timed_from = (step, elapsed)
             bar.total = planned
-            log.info("%s: %.3f s/step, %d steps fit %.1f minutes (the most is %d); LR plan fixed to %d steps",
-                     name, per_step, planned, budget.minutes, budget.max_steps, planned)
+            log.info("%s: step %d, %.3f s/step, %d steps fit %.1f minutes (the most is %d); LR plan %s to %d steps",
+                     name, step, per_step, planned, budget.minutes, budget.max_steps,
+                     "refitted" if replans else "fixed", planned)
         if step % recipe.log_every == 0 or step == planned or step == resumed_from + 1:
             losses.append((step, float(np.mean(window))))
             learning_rates.append(lr)

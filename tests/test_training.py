@@ -21,6 +21,7 @@ from components.errors import PipelineError
 from components.training import (
     CHECKPOINT_FILE,
     PLAN_AT,
+    REPLAN_AT,
     Budget,
     Recipe,
     Step,
@@ -115,12 +116,28 @@ def test_the_run_key_covers_the_inputs_and_the_process_count(tmp_path: Path) -> 
     assert run_folder("", runtime, {"lr": 1e-3}) is None  # no cache: no checkpoints
 
 
-def test_a_time_budget_fixes_the_step_count_once(tmp_path: Path) -> None:
+def test_a_spent_time_budget_stops_as_soon_as_it_is_timed(tmp_path: Path) -> None:
     recipe = Recipe(Budget(1e-4, 10_000), 0.01)  # a budget spent as soon as it is measured
     model, loss_fn = _model_and_loss()
     result = train(model, list(model.parameters()), loss_fn, recipe, start_runtime("cpu"), tmp_path)
     assert result.steps == result.planned_steps == PLAN_AT
     assert load_checkpoint(tmp_path / CHECKPOINT_FILE).counters["planned"] == PLAN_AT
+
+
+def test_a_time_budget_is_refitted_when_the_steps_slow_down(tmp_path: Path) -> None:
+    model, loss_fn = _model_and_loss()
+
+    def slowing_loss(step: Step) -> torch.Tensor:  # 2 ms a step while the plan is first timed, then 8 ms
+        time.sleep(0.002 if step.index < PLAN_AT + 15 else 0.008)
+        return loss_fn(step)  # type: ignore[operator]
+
+    budget_s = 1.2  # the first plan (at 2 ms a step) is about 500 steps: 4 s at the later speed
+    recipe = Recipe(Budget(budget_s / 60, 10_000), 0.01)
+    result = train(model, list(model.parameters()), slowing_loss, recipe, start_runtime("cpu"), tmp_path)
+    counters = load_checkpoint(tmp_path / CHECKPOINT_FILE).counters
+    assert counters["replans"] == len(REPLAN_AT) and counters["planned"] == result.planned_steps == result.steps
+    assert budget_s * 0.7 < result.seconds < budget_s * 1.4, result.seconds
+    assert result.steps < budget_s / 0.004  # far fewer steps than the first timing fitted
 
 
 def test_the_learning_rate_plan() -> None:
