@@ -182,9 +182,6 @@ class Budget:
         return self.min_lr_fraction + (1 - self.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# --------------------------------------------------------------------------- one step's inputs
-
-
 def replan_due(step: int, planned: int | None, replans: int, timed_from: tuple[int, float]) -> bool:
     """Whether a time budget's step count is (re)fitted now: first after ``PLAN_AT - PLAN_FROM`` timed steps, then
     at each ``REPLAN_AT`` fraction of the plan, each time on at least as many steps timed since the last fit."""
@@ -192,6 +189,9 @@ def replan_due(step: int, planned: int | None, replans: int, timed_from: tuple[i
     if planned is None:
         return enough
     return enough and replans < len(REPLAN_AT) and step >= REPLAN_AT[replans] * planned and step < planned
+
+
+# --------------------------------------------------------------------------- one step's inputs
 
 
 @dataclass
@@ -448,8 +448,7 @@ def train(module: torch.nn.Module, parameters: Sequence[torch.nn.Parameter] | Se
             folder.mkdir(parents=True, exist_ok=True)
             save_checkpoint(folder / CHECKPOINT_FILE, module.state_dict(), optimizer, ema, {
                 "step": step, "planned": planned, "replans": replans, "elapsed": elapsed, "curve": curve,
-                "losses": losses,
-                "learning_rates": learning_rates, "last_loss": loss_value})
+                "losses": losses, "learning_rates": learning_rates, "last_loss": loss_value})
 
     def evaluation_point() -> None:
         module.eval()

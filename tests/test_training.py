@@ -136,7 +136,7 @@ def test_a_time_budget_is_refitted_when_the_steps_slow_down(tmp_path: Path) -> N
     result = train(model, list(model.parameters()), slowing_loss, recipe, start_runtime("cpu"), tmp_path)
     counters = load_checkpoint(tmp_path / CHECKPOINT_FILE).counters
     assert counters["replans"] == len(REPLAN_AT) and counters["planned"] == result.planned_steps == result.steps
-    assert budget_s * 0.7 < result.seconds < budget_s * 1.4, result.seconds
+    assert budget_s * 0.6 < result.seconds < budget_s * 1.6, result.seconds  # fitted once: about 3.5 s
     assert result.steps < budget_s / 0.004  # far fewer steps than the first timing fitted
 
 
