@@ -186,6 +186,35 @@ def test_teacher_forced_perfect_model_wins_turns_and_obeys_actions() -> None:
     assert result["controllability"]["all"]["share"] == 0.0  # ignores its keys
 
 
+def test_by_action_shows_which_keys_the_model_gets_right_and_where_its_error_is() -> None:
+    """A model that knows turn_left only: that action has the margin and the controllability, the other turns
+    carry all the error, and the actions that do not move the toy view show no margin and no error."""
+    windows = toy_windows(120, rows=3)
+
+    def left_only(context: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        last = context[:, -1]
+        return np.stack([np.roll(f, -1, axis=-1) if int(a) == 3 else f for f, a in
+                         zip(last, actions[:, -1], strict=True)])
+
+    names = [a["name"] for a in ACTIONS]
+    result = scoring.teacher_forced(scoring.ModelUnderTest("left", left_only, identity), windows, context=2,
+                                    kinds_of_actions=action_kinds(ACTIONS), opposite=counterfactual_actions(ACTIONS),
+                                    batch_size=16, action_names=names)
+    by = result["by_action"]
+    counts = np.bincount(windows.actions[:, 1], minlength=len(names))
+    assert {name: row["windows"] for name, row in by.items()} == {
+        name: int(c) for name, c in zip(names, counts, strict=True) if c}
+    assert by["turn_left"]["margin_db_vs_copy_last_latent"] > 10 and by["turn_left"]["error_share"] == 0.0
+    assert by["turn_left"]["controllability"] == 1.0  # exact with its key, a copy with turn_right's
+    assert by["turn_right"]["margin_db_vs_copy_last_latent"] == 0.0  # it copies the last frame there
+    moving_view = sum(by[n]["error_share"] for n in ("turn_right", "forward_turn_left", "forward_turn_right"))
+    assert moving_view == pytest.approx(1.0)
+    assert by["noop"]["controllability"] is None and by["noop"]["error_share"] == 0.0
+    assert "by_action" not in scoring.teacher_forced(scoring.ModelUnderTest("left", left_only, identity), windows,
+                                                     context=2, kinds_of_actions=action_kinds(ACTIONS),
+                                                     opposite=counterfactual_actions(ACTIONS), batch_size=16)
+
+
 def test_encoded_context_matches_stored_latents() -> None:
     windows = toy_windows(5, rows=3)
     kinds, opposite = action_kinds(ACTIONS), counterfactual_actions(ACTIONS)

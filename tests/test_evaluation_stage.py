@@ -115,6 +115,8 @@ def test_stage_writes_metrics_for_export_and_teacher(evaluated: Path) -> None:
         assert tf["margin_db"]["copy_last_latent"]["pooled"] == pytest.approx(
             tf["psnr"]["model"]["pooled"] - tf["psnr"]["copy_last_latent"]["pooled"])
         assert "all" in tf["controllability"]
+        assert sum(row["windows"] for row in tf["by_action"].values()) == 8  # each window under its last action
+        assert sum(row["error_share"] for row in tf["by_action"].values()) == pytest.approx(1.0)
         assert sorted(metrics[model]["rollout"], key=int) == [str(n) for n in ROLLOUTS]
         for steps in ROLLOUTS:
             curve = metrics[model]["rollout"][str(steps)]["psnr_by_step"]

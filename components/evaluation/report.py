@@ -49,6 +49,7 @@ def evaluate_heldout(params: Params, export: Path, raw_root: Path, latents_root:
              {k: round(v, 1) for k, v in metrics["view_motion"]["displacement_px"].items()})
     metrics["onnx"], extras["onnx"] = scoring.evaluate_model(onnx, int(manifest["K"]), raw, None, episodes, settings,
                                                              actions, motion, with_long_play=True)
+    log_by_action(metrics["onnx"]["teacher_forced"]["by_action"])
     if with_teacher:
         model, k = scoring.teacher_model(teacher_dir, autoencoder_dir, params.sampler, resolve_device(params.device))
         metrics["teacher"], extras["teacher"] = scoring.evaluate_model(model, k, raw, latents, episodes, settings,
@@ -74,6 +75,16 @@ def evaluate_heldout(params: Params, export: Path, raw_root: Path, latents_root:
     for key, value in metrics["headline"].items():
         log.info("%s = %s", key, f"{value:.3f}" if isinstance(value, float) else value)
     return metrics, extras
+
+
+def log_by_action(rows: dict[str, dict[str, Any]]) -> None:
+    """A log line per action that led to a held-out frame: the shipped model's margin, its share of the error and
+    which keys it obeys (``teacher_forced.by_action`` in the metrics)."""
+    for name, row in rows.items():
+        obeys = "none" if row["controllability"] is None else f"{100 * row['controllability']:.0f}%"
+        share = 0.0 if row["error_share"] is None else 100 * row["error_share"]
+        log.info("by action: %-20s %4d windows, %+.2f dB over copy-last-latent, %4.1f%% of the error, "
+                 "controllability %s", name, row["windows"], row["margin_db_vs_copy_last_latent"], share, obeys)
 
 
 def check_export_matches(manifest: dict[str, Any], raw: TrajectoryStore, params: Params) -> None:

@@ -225,6 +225,7 @@ def teacher_forced(
     batch_size: int,
     cap_db: float = PSNR_CAP_DB,
     motion: ViewMotion | None = None,
+    action_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Next-frame metrics of ``model`` on windows of ``context + 1`` rows, with the baselines beside them.
 
@@ -233,7 +234,8 @@ def teacher_forced(
     shifted by the action's median displacement; with ``motion``) and of the autoencoder ceiling (decode(latent
     of the real next frame)); the model's margins over the baselines in dB; the share of windows it wins against
     each baseline by action kind; and controllability (true action vs its counterfactual, on windows whose action
-    has one) of the model and of the controllable baseline.
+    has one) of the model and of the controllable baseline. With ``action_names`` also ``by_action``: the same
+    per action that led to the frame (:func:`by_action`).
     """
     k = context
     latents = context_latents(model, windows, slice(0, k + 1), batch_size)
@@ -269,34 +271,67 @@ def teacher_forced(
     def model_frames(actions: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return batched(model.decode, batch_size, batched(model.predict, batch_size, ctx[rows], actions))
 
-    result["controllability"] = _controllability(model_frames, ctx_actions, target, mse["model"], kinds, opposite)
+    has_opposite, counter_mse = _counterfactual_mse(model_frames, ctx_actions, target, opposite)
+    result["controllability"] = _controllability(mse["model"], has_opposite, counter_mse, kinds)
     if motion is not None:
-        result["baseline_controllability"] = {"shift_last_frame": _controllability(
-            lambda actions, rows: motion.shift(last_frame[rows], actions[:, -1]), ctx_actions, target,
-            mse["shift_last_frame"], kinds, opposite)}
+        shifted = _counterfactual_mse(lambda actions, rows: motion.shift(last_frame[rows], actions[:, -1]),
+                                      ctx_actions, target, opposite)
+        result["baseline_controllability"] = {"shift_last_frame": _controllability(mse["shift_last_frame"],
+                                                                                   *shifted, kinds)}
+    if action_names is not None:
+        result["by_action"] = by_action(mse["model"], mse["copy_last_latent"], has_opposite, counter_mse,
+                                        ctx_actions[:, -1], action_names, cap_db)
     return result
 
 
-def _controllability(
+def _counterfactual_mse(
     predict_frames: Callable[[np.ndarray, np.ndarray], np.ndarray],
     ctx_actions: np.ndarray,
     target: np.ndarray,
-    true_mse: np.ndarray,
-    kinds: Sequence[str],
     opposite: dict[int, int],
-) -> dict[str, Any]:
+) -> tuple[np.ndarray, np.ndarray]:
     """``predict_frames(context actions [n, K], window mask)``: the frames predicted for the masked windows
-    with their last action swapped for its counterfactual."""
-    last = ctx_actions[:, -1]
-    has_opposite = np.array([int(a) in opposite for a in last], bool)
+    with their last action swapped for its counterfactual. Returns the mask of the windows whose action has one
+    and, for those, the MSE of that counterfactual frame against the real one."""
+    has_opposite = np.array([int(a) in opposite for a in ctx_actions[:, -1]], bool)
     if not has_opposite.any():
-        return {"all": {"share": None, "count": 0}, "reason": "no window's action has a counterfactual"}
+        return has_opposite, np.zeros(0)
     swapped = ctx_actions[has_opposite].copy()
     swapped[:, -1] = [opposite[int(a)] for a in swapped[:, -1]]
-    counter = predict_frames(swapped, has_opposite)
-    cf_mse = mse_per_frame(counter, target[has_opposite])
+    return has_opposite, mse_per_frame(predict_frames(swapped, has_opposite), target[has_opposite])
+
+
+def _controllability(true_mse: np.ndarray, has_opposite: np.ndarray, counter_mse: np.ndarray,
+                     kinds: Sequence[str]) -> dict[str, Any]:
+    if not has_opposite.any():
+        return {"all": {"share": None, "count": 0}, "reason": "no window's action has a counterfactual"}
     selected_kinds = [k for k, keep in zip(kinds, has_opposite, strict=True) if keep]
-    return controllability(true_mse[has_opposite], cf_mse, selected_kinds)
+    return controllability(true_mse[has_opposite], counter_mse, selected_kinds)
+
+
+def by_action(model_mse: np.ndarray, copy_latent_mse: np.ndarray, has_opposite: np.ndarray,
+              counter_mse: np.ndarray, last_actions: np.ndarray, names: Sequence[str],
+              cap_db: float = PSNR_CAP_DB) -> dict[str, dict[str, float | int | None]]:
+    """Per action that led to the frame (by name; actions with no window left out): ``windows``, the model's
+    pooled PSNR margin over copy-last-latent in dB, its ``error_share`` (of the model's summed MSE: where the
+    error is) and ``controllability`` (null for actions with no counterfactual)."""
+    wins = np.zeros(len(model_mse), bool)
+    wins[has_opposite] = model_mse[has_opposite] < counter_mse
+    total = float(model_mse.sum())
+    result: dict[str, dict[str, float | int | None]] = {}
+    for action, name in enumerate(names):
+        rows = last_actions == action
+        if not rows.any():
+            continue
+        judged = rows & has_opposite
+        result[name] = {
+            "windows": int(rows.sum()),
+            "margin_db_vs_copy_last_latent": psnr_summary(model_mse[rows], cap_db)["pooled"]
+            - psnr_summary(copy_latent_mse[rows], cap_db)["pooled"],
+            "error_share": float(model_mse[rows].sum()) / total if total > 0 else None,
+            "controllability": float(wins[judged].mean()) if judged.any() else None,
+        }
+    return result
 
 
 def _check_frames(name: str, predicted: np.ndarray, target: np.ndarray) -> None:
@@ -506,7 +541,7 @@ def evaluate_model(
     metrics: dict[str, Any] = {
         "context": context,
         "teacher_forced": teacher_forced(model, windows, context, kinds, opposite, settings.batch_size,
-                                         settings.psnr_cap_db, motion),
+                                         settings.psnr_cap_db, motion, [spec_field(a, "name") for a in actions]),
         "rollout": {},
     }
     extras: dict[str, Any] = {}
