@@ -32,6 +32,17 @@ def mse_per_frame(prediction: np.ndarray | torch.Tensor, target: np.ndarray | to
     return ((p - t) ** 2).flatten(1).mean(1).numpy()
 
 
+def weighted_mse(predicted: torch.Tensor, target: torch.Tensor, actions: torch.Tensor,
+                 weights: torch.Tensor | None) -> torch.Tensor:
+    """A training loss: the MSE over a batch whose examples count ``weights[actions]`` (``actions`` [B] ids, e.g.
+    ``evaluation.actions.action_loss_weights``); the plain mean when ``weights`` is None."""
+    if weights is None:
+        return torch.nn.functional.mse_loss(predicted.float(), target.float())
+    per_example = (predicted.float() - target.float()).pow(2).flatten(1).mean(1)
+    example_weights = weights[actions]
+    return (example_weights * per_example).sum() / example_weights.sum()
+
+
 def psnr_from_mse(mse: np.ndarray | float, max_value: float = 1.0) -> np.ndarray:
     """PSNR in dB of each MSE; an MSE of exactly 0 gives ``inf`` (not an error, not NaN)."""
     mse = np.asarray(mse, dtype=np.float64)

@@ -365,6 +365,10 @@ class DiffusionCheckpointParams(Section):
         0.25, ge=0.0, lt=1.0, description="share of samples trained at the last timestep (pure noise), the one the "
         "1-step student runs at; the rest draw t uniformly (0 = all uniform, as the paper; README \"World model\")"
     )
+    moving_weight: float = Field(
+        1.0, gt=0.0, description="loss weight of the windows whose last action moves or strafes (the evaluation's "
+        "kind 'moving'), the others 1: spends the samples where moving controllability is decided"
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="autocast of the training loss (components/training.py); fp16 needs CUDA")
     checkpoint_every: int = Field(500, gt=0, description="resumable checkpoint every N steps (.cache/)")
@@ -409,6 +413,10 @@ class DistilledModelParams(Section):
     rollout_steps: int = Field(
         8, gt=0, description="steps of its own rollout the student trains on: after the first, its context ends "
         "with its own predictions (training on its own predictions)"
+    )
+    moving_weight: float = Field(
+        1.0, gt=0.0, description="loss weight of the rollout steps whose action moves or strafes, the others 1 "
+        "(diffusion_checkpoint.moving_weight for the student)"
     )
     detail_weight: float = Field(
         0.0, ge=0.0, description="weight of the detail term: the local Laplacian RMS of the predicted latent against "

@@ -16,6 +16,7 @@ from components.models.distillation import (
     LatentCritic,
     OneStepStudent,
     adversarial_terms,
+    distillation_loss,
     load_student,
     one_step_coefficients,
     teacher_sample,
@@ -95,6 +96,28 @@ def test_training_moves_the_student_towards_the_teacher(teacher: ActionCondition
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_moving_weight_weighs_each_rollout_step_by_its_action(teacher: ActionConditionedUNet, tmp_path: Path) -> None:
+    """distilled_model.moving_weight: each window's MSE at each rollout step counts by the action taken there;
+    weights that are all equal give the plain loss, weights on one action give another."""
+    from components.data.trajectory_store import TrajectoryStore
+    from components.data.windows import LatentWindows
+    from tests.fixtures.stores import write_synthetic_latents
+
+    store = TrajectoryStore(write_synthetic_latents(tmp_path / "latents", ACTIONS))
+    windows = LatentWindows(store, K + 3, "train")
+    student = OneStepStudent.from_teacher(teacher, steps=2, cfg=1.0, context_noise_level=0.1, noise_seed=0)
+    scheduler = make_scheduler(teacher.config)
+
+    def loss(weights: torch.Tensor | None) -> float:
+        with torch.no_grad():
+            return distillation_loss(student, teacher, scheduler, windows, 16, np.random.default_rng(0),
+                                     target="data", rollout_steps=3, action_weights=weights).item()
+
+    plain = loss(None)
+    assert loss(torch.full((ACTIONS,), 5.0)) == pytest.approx(plain, rel=1e-5)
+    assert loss(torch.tensor([1.0, 10.0, 1.0, 1.0, 1.0])) != pytest.approx(plain, rel=1e-3)
 
 
 def test_adversarial_terms_train_each_side_against_the_other() -> None:

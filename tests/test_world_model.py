@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from components.errors import PipelineError
+from components.evaluation.actions import action_kinds, action_loss_weights
+from components.metrics import weighted_mse
 from components.models.sampler import Sampler, make_scheduler, rollout, sample_next_latent
 from components.models.world_model import ActionConditionedUNet, load_world_model, noise_bucket
 from components.models.world_model_training import Batch, WindowStream, diffusion_loss, open_latents, train
@@ -95,6 +97,41 @@ def test_terminal_share_trains_where_the_one_step_student_runs(trained: dict[str
     assert (terminal == last).all()
     share = (mixed == last).float().mean().item()
     assert 0.35 < share < 0.65, share  # 320 draws of p = 0.5
+
+
+def test_moving_weight_counts_a_moving_window_as_that_many_copies(trained: dict[str, Any]) -> None:
+    """diffusion_checkpoint.moving_weight: a window whose last action moves weighs as much as that many copies of it
+    (the loss of a batch where it is repeated), the others 1; at 1 the loss is the plain mean."""
+    world_model, batch, params = trained["world_model"], trained["batch"], trained["params"]
+    actions = params.environment.actions
+    moving = [i for i, kind in enumerate(action_kinds(actions)) if kind == "moving"]
+    weights = action_loss_weights(actions, 3.0)
+    assert weights is not None and action_loss_weights(actions, 1.0) is None
+    assert weights.tolist() == [3.0 if i in moving else 1.0 for i in range(len(actions))]
+    two = Batch(batch.context_latents[:2], batch.context_actions[:2].clone(), batch.target[:2])
+    two.context_actions[:, -1] = torch.tensor([moving[0], 0])
+    copies = Batch(two.context_latents[[0, 0, 0, 1]], two.context_actions[[0, 0, 0, 1]], two.target[[0, 0, 0, 1]])
+
+    def loss(of: Batch, action_weights: torch.Tensor | None) -> float:  # no noise or dropout draws: same inputs
+        with torch.no_grad():
+            timesteps = torch.full((len(of.target),), 500)
+            scheduler = make_scheduler(world_model.config, "ddpm")
+            target = world_model.to_residual(of.target, world_model.residual_base(of.context_latents,
+                                                                                  of.context_actions))
+            noise = torch.ones_like(target)
+            predicted = world_model(scheduler.add_noise(target, noise, timesteps), timesteps, of.context_latents,
+                                    of.context_actions, torch.zeros(len(of.target), dtype=torch.long))
+            return weighted_mse(predicted, scheduler.get_velocity(target, noise, timesteps),
+                                of.context_actions[:, -1], action_weights).item()
+
+    assert loss(two, weights) == pytest.approx(loss(copies, None), rel=1e-5)
+    assert loss(two, weights) != pytest.approx(loss(two, None), rel=1e-3)
+    with torch.no_grad():  # and the stage's loss takes them
+        weighted = diffusion_loss(world_model, make_scheduler(world_model.config, "ddpm"), two, world_model.config,
+                                  0.0, torch.Generator().manual_seed(3), 0.0, weights)
+        plain = diffusion_loss(world_model, make_scheduler(world_model.config, "ddpm"), two, world_model.config,
+                               0.0, torch.Generator().manual_seed(3))
+    assert weighted.item() != pytest.approx(plain.item(), rel=1e-4)
 
 
 def test_actions_give_different_next_frames(trained: dict[str, Any]) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 ACTION_KINDS = ("turning", "moving", "static")
 
 
@@ -19,6 +21,16 @@ def action_kind(buttons: Sequence[str]) -> str:
     if any(b.startswith("MOVE_") for b in buttons):
         return "moving"
     return "static"
+
+
+def action_loss_weights(actions: Sequence[Any], moving_weight: float,
+                        device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """A training loss's weight per action id (a torch tensor on ``device``): ``moving_weight`` for the actions of
+    kind ``moving``, 1 for the others; None when every weight would be 1 (the plain mean)."""
+    if moving_weight == 1.0:
+        return None
+    return torch.tensor([moving_weight if action_kind(spec_field(a, "buttons")) == "moving" else 1.0
+                         for a in actions], device=device)
 
 
 # Tried in order, so a turn flips only its turn (forward_turn_left -> forward_turn_right), and an action

@@ -59,7 +59,7 @@ from torch.nn import functional as F
 from components.atomic import atomic_directory, atomic_write_json, save_safetensors
 from components.data.windows import LatentWindows
 from components.errors import PipelineError
-from components.metrics import detail_loss, pooled_psnr
+from components.metrics import detail_loss, pooled_psnr, weighted_mse
 from components.models.sampler import guided_velocity
 from components.models.world_model import (
     ActionConditionedUNet,
@@ -356,7 +356,8 @@ def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, s
                       windows: LatentWindows, batch_size: int, rng: np.random.Generator,
                       generator: torch.Generator | None = None, target: str = "teacher",
                       rollout_steps: int = 1, detail_weight: float = 0.0, detail_patch: int = 1,
-                      critic: LatentCritic | None = None, adversarial_weight: float = 0.0) -> torch.Tensor:
+                      critic: LatentCritic | None = None, adversarial_weight: float = 0.0,
+                      action_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The student's loss on a random batch of ``windows`` (training windows of K + ``rollout_steps`` rows), over
     ``rollout_steps`` steps of its own rollout.
 
@@ -369,6 +370,7 @@ def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, s
     With a ``critic`` each step also pays ``adversarial_weight * -D(predicted)`` and the critic learns to tell the
     recorded next latent from the student's (:func:`adversarial_terms`, conditioned on the real previous latent and
     the action), so a blurred mean that MSE accepts is pushed towards latents that look like real ones.
+    ``action_weights`` (per action id) weigh each window's MSE at each step by the action taken there.
     """
     k = student.config.context
     rows = rng.integers(0, len(windows), batch_size)
@@ -382,7 +384,7 @@ def distillation_loss(student: OneStepStudent, teacher: ActionConditionedUNet, s
             goal = future[:, step]
         else:
             goal = teacher_sample(teacher, scheduler, student, context, step_actions, generator)
-        total = total + torch.mean((predicted - goal) ** 2)
+        total = total + weighted_mse(predicted, goal, step_actions[:, -1], action_weights)
         if detail_weight > 0:
             total = total + detail_weight * detail_loss(predicted, goal, detail_patch)
         if critic is not None:

@@ -21,6 +21,7 @@ from components.atomic import file_sha256
 from components.data.trajectory_store import TrajectoryStore
 from components.data.windows import LatentWindows, heldout_windows
 from components.errors import PipelineError
+from components.evaluation.actions import action_loss_weights
 from components.models.autoencoder import FrameAutoencoder, load_autoencoder
 from components.models.distillation import (
     LatentCritic,
@@ -121,6 +122,7 @@ def distil(params: Params, teacher_folder: str | Path, autoencoder_folder: str |
                               settings.critic_width).to(runtime.device)
         trained = StudentAndCritic(student, critic)
     groups: list[training.ParamGroup] = [{"params": list(student.net.parameters())}]
+    action_weights = action_loss_weights(params.environment.actions, settings.moving_weight, runtime.device)
     if critic is not None:
         groups.append({"params": list(critic.parameters()), "lr_scale": settings.critic_lr_scale})
     result = training.train(
@@ -128,7 +130,7 @@ def distil(params: Params, teacher_folder: str | Path, autoencoder_folder: str |
         lambda step: distillation_loss(student, teacher, scheduler, train_windows, settings.batch_size, step.rng,
                                        teacher_generator(settings, step.index), settings.target,
                                        settings.rollout_steps, settings.detail_weight, settings.detail_patch,
-                                       critic, settings.adversarial_weight),
+                                       critic, settings.adversarial_weight, action_weights),
         recipe, runtime, training.run_folder(cache, runtime, key), evaluate=evaluate, name="distilled_model")
     if not result.is_main_process:
         return None

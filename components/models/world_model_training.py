@@ -45,7 +45,9 @@ import torch
 from components.data.trajectory_store import TrajectoryStore
 from components.data.windows import LatentWindows, heldout_windows
 from components.errors import PipelineError
+from components.evaluation.actions import action_loss_weights
 from components.images import frame_grid, to_uint8
+from components.metrics import weighted_mse
 from components.models.motion_warp import LatentGeometry, fit_action_warp
 from components.models.sampler import sample_next_latent
 from components.models.world_model import (
@@ -167,11 +169,13 @@ def data_fingerprint(store: TrajectoryStore) -> str:
 
 
 def diffusion_loss(world_model: ActionConditionedUNet, ddpm: Scheduler, batch: Batch, config: WorldModelConfig,
-                   context_dropout: float, generator: torch.Generator, terminal_share: float = 0.0) -> torch.Tensor:
+                   context_dropout: float, generator: torch.Generator, terminal_share: float = 0.0,
+                   action_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The v-prediction loss with context noise augmentation and context dropout (module docstring).
 
     ``terminal_share`` of the examples are trained at the last timestep, where the input is pure noise (zero
-    terminal SNR) and the velocity is minus the target: the prediction the 1-step student starts from."""
+    terminal SNR) and the velocity is minus the target: the prediction the 1-step student starts from.
+    ``action_weights`` (per action id, ``actions.action_loss_weights``) weigh each example by its last action."""
     device = batch.target.device
     size = batch.target.shape[0]
     levels = torch.rand(size, generator=generator) * config.max_noise_level
@@ -189,7 +193,7 @@ def diffusion_loss(world_model: ActionConditionedUNet, ddpm: Scheduler, batch: B
     noisy = ddpm.add_noise(target, noise, timesteps)
     target_v = ddpm.get_velocity(target, noise, timesteps)
     predicted = world_model(noisy, timesteps, context, batch.context_actions, buckets)
-    return torch.nn.functional.mse_loss(predicted.float(), target_v.float())
+    return weighted_mse(predicted, target_v, batch.context_actions[:, -1], action_weights)
 
 
 # diffusion_checkpoint params that do not change the trained weights, so changing them keeps the checkpoint
@@ -254,11 +258,12 @@ def train(params: Params, latents_root: str | Path, cache_root: str | Path | Non
              runtime.device, settings.batch_size)
     ddpm = make_scheduler(world_model.config, "ddpm")
     stream = WindowStream(store, context, "train", settings.seed, runtime.rank, runtime.processes)
+    action_weights = action_loss_weights(params.environment.actions, settings.moving_weight, runtime.device)
 
     def loss_fn(step: Step) -> torch.Tensor:
         batch = stream.batch(step.index, settings.batch_size).to(step.device)
         return diffusion_loss(world_model, ddpm, batch, world_model.config, settings.context_dropout, step.generator,
-                              settings.terminal_share)
+                              settings.terminal_share, action_weights)
 
     result = run_training(world_model, list(world_model.parameters()), loss_fn, recipe(settings), runtime, folder,
                           live_dir=live_dir, name="diffusion_checkpoint", stop_after=stop_after)
