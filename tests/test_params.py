@@ -68,6 +68,8 @@ def test_code_defaults_are_the_values_in_params_yaml() -> None:
         ("rl_agent.ppo.n_steps", "many", "rl_agent.ppo.n_steps: Input should be a valid integer"),
         ("environment.frame_skip", 0, "environment.frame_skip: must be > 0, got 0"),
         ("diffusion_checkpoint.terminal_share", 1.0, "diffusion_checkpoint.terminal_share: must be < 1"),
+        ("diffusion_checkpoint.moving_weight", 0, "diffusion_checkpoint.moving_weight: must be > 0.0, got 0"),
+        ("distilled_model.moving_weight", -2.0, "distilled_model.moving_weight: must be > 0.0, got -2.0"),
         ("raw_trajectories.random_action_fraction", 1.5, "raw_trajectories.random_action_fraction: must be <= 1"),
         ("raw_trajectories.policy", "expert", "raw_trajectories.policy: must be one of 'agent' or 'random'"),
         ("raw_trajectories.shards", [0, 0], "raw_trajectories.shards: must be distinct"),
