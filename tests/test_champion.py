@@ -133,7 +133,9 @@ def test_scheduled_retraining_registers_what_its_champion_stage_promoted(micro_p
     assert tree(tmp_path / "prod" / "export") != workspace["champion"]  # a new seed, a new model
 
     # A criterion the challenger cannot meet (a metric it does not have): the experiment's champion stage rejects.
+    # Its fresh seed goes to the evaluation only, so that the experiment reruns just the last two stages.
     params["evaluation"]["promotion"]["criteria"].append({"metric": "onnx.no_such_metric", "tolerance": 0.0})
+    params["orchestration"]["retraining_seed_param"] = "evaluation.seed"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "commit", "-q", "-am", "a stricter gate"], repo)
     registered_tags = tags(repo)

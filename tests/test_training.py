@@ -234,9 +234,14 @@ def test_base_autoencoder_survives_sigkill_with_the_weights_of_an_uninterrupted_
     killed_at = checkpoint_step(tmp_path / "run" / "cache")
     assert killed_at is not None and 0 < killed_at < steps and not (tmp_path / "run" / "metrics.json").exists()
 
-    for name in ("run", "fresh"):
-        done = subprocess.run(command(name), env=pipeline_env(threads=1), capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    # the resumed run and an uninterrupted one, side by side (one thread each)
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("run", "fresh")}
+    runs = {name: subprocess.Popen(command(name), env=pipeline_env(threads=1), stdout=log, stderr=log)
+            for name, log in logs.items()}
+    for name, process in runs.items():
+        process.wait(timeout=600)
+        logs[name].close()
+        assert process.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == steps and metrics["resumed_from_step"] == killed_at
     resumed = load_file(str(tmp_path / "run" / "model" / "vae" / "diffusion_pytorch_model.safetensors"))

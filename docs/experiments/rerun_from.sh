@@ -1,0 +1,48 @@
+#!/bin/bash
+# Rerun part of a finished pipeline with changed params, in a copy of its workspace (how README's "measured and
+# not kept" rows were made):
+#
+#   docs/experiments/rerun_from.sh SOURCE COPY [--keep STAGE]... [KEY=VALUE]...
+#
+# SOURCE is the workspace of a finished default run (a clone after `make run`), COPY a new folder. The copy gets
+# this checkout's components/ and dvc.yaml and the KEY=VALUE params (dotted keys, YAML values); the stages up to
+# finetuned_vae and every --keep STAGE (e.g. --keep diffusion_checkpoint to reuse the teacher) are taken as they
+# are (`dvc commit -f`), so `python -m components repro evaluation` reruns only what the change touches. Then it
+# prints the copy's headline beside the source's (docs/experiments/compare_runs.py). Needs the project's .venv
+# first on PATH. Run it on an otherwise idle machine: the time budgets buy fewer steps when something else runs.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/../.." && pwd)
+[ $# -ge 2 ] || { sed -n 2,12p "$0" >&2; exit 2; }
+source=$(cd "$1" && pwd); copy=$2; shift 2
+keep=()
+while [ $# -gt 0 ] && [ "$1" = --keep ]; do keep+=("$2"); shift 2; done
+if [ ! -f "$source/metrics/evaluation.json" ]; then
+  echo "error: $source is not a finished run (no metrics/evaluation.json)" >&2; exit 2
+fi
+[ ! -e "$copy" ] || { echo "error: $copy exists; give a new folder" >&2; exit 2; }
+params=$(mktemp); trap 'rm -f "$params"' EXIT
+python - "$source/params.yaml" "$params" "$@" <<'PY'
+import sys
+
+import yaml
+
+source, target, pairs = sys.argv[1], sys.argv[2], sys.argv[3:]
+params = yaml.safe_load(open(source))
+for pair in pairs:
+    key, _, value = pair.partition("=")
+    *path, last = key.split(".")
+    section = params
+    for part in path:
+        section = section.get(part) if isinstance(section, dict) else None
+    if not _ or not isinstance(section, dict) or last not in section:
+        sys.exit(f"error: {pair!r}: give KEY=VALUE with a dotted KEY that params.yaml has")
+    section[last] = yaml.safe_load(value)
+yaml.safe_dump(params, open(target, "w"), sort_keys=False)
+PY
+cp -a "$source" "$copy"; cd "$copy"; rm -rf .cache; cp "$params" params.yaml
+rm -rf components; cp -a "$here/components" components; cp "$here/dvc.yaml" dvc.yaml
+find components -name __pycache__ -prune -exec rm -rf {} +
+dvc commit -f -q rl_agent raw_trajectories base_autoencoder validated_latents finetuned_vae "${keep[@]}"
+dvc status | grep -E "^[a-z_]+:" || true
+python -m components repro evaluation 2>&1 | tee repro.log | grep -E "^Running stage|ERROR" || true
+python "$here/docs/experiments/compare_runs.py" "$source" "$copy"
