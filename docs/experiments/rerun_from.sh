@@ -13,6 +13,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 [ $# -ge 2 ] || { sed -n 2,12p "$0" >&2; exit 2; }
+[ -d "$1" ] || { echo "error: $1 is not a folder (give the workspace of a finished run)" >&2; exit 2; }
 source=$(cd "$1" && pwd); copy=$2; shift 2
 keep=()
 while [ $# -gt 0 ] && [ "$1" = --keep ]; do keep+=("$2"); shift 2; done
