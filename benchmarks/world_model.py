@@ -1,6 +1,7 @@
 """Benchmark the diffusion world model at the default profile: training throughput and ms per generated frame.
 
     python benchmarks/world_model.py [--params params.yaml] [--threads 2] [--device cpu|cuda] [--repeats 5]
+                                     [--train-mode eager|channels_last|compile]
 
 Builds the world model and the autoencoder from ``params.yaml`` (weights do not change the speed; a trained
 ``data/finetuned_vae`` is used when present), at the latent size the autoencoder makes, and prints one JSON object:
@@ -8,7 +9,9 @@ Builds the world model and the autoencoder from ``params.yaml`` (weights do not 
 * ``train_samples_per_s`` / ``train_step_ms``: one full training step (data read excluded: batches are in memory;
   v-loss with noise augmentation and context dropout under ``diffusion_checkpoint.mixed_precision``'s autocast,
   backward, clipping, AdamW) at ``diffusion_checkpoint.batch_size``; ``steps_in_train_minutes``: the steps the
-  stage's time budget would plan;
+  stage's time budget would plan; ``--train-mode`` trains the UNet channels-last or under ``torch.compile``
+  instead (the stage trains eagerly; README "World model" has the comparison), ``train_warmup_s`` is the first
+  step (the compile, for ``compile``);
 * ``ms_per_frame``: ``Sampler.step`` (DDIM with ``sampler.cfg``, two UNet calls per step when cfg != 1, plus the
   decode) for 1, 2, 4 and 8 DDIM steps, batch 1; ``ms_per_frame_cfg1`` the same without guidance;
 * ``decode_ms``: the autoencoder decode alone.
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--autoencoder", default="data/finetuned_vae")
+    parser.add_argument("--train-mode", choices=["eager", "channels_last", "compile"], default="eager",
+                        help="how the training step runs the UNet (the stage: eager)")
     args = parser.parse_args()
 
     import torch
@@ -81,6 +86,11 @@ def main() -> None:
     torch.manual_seed(0)
     world_model = ActionConditionedUNet.from_params(params.world_model, channels, (height, width), num_actions)
     world_model = world_model.to(device)
+    eager_unet = world_model.unet
+    if args.train_mode == "channels_last":
+        world_model = world_model.to(memory_format=torch.channels_last)
+    if args.train_mode == "compile":
+        world_model.unet = torch.compile(eager_unet, dynamic=False)
     settings = params.diffusion_checkpoint
 
     # training step
@@ -106,7 +116,12 @@ def main() -> None:
         step[0] += 1
 
     world_model.train()
+    started = time.perf_counter()
+    train_step()  # the first step: a compile, for compile
+    sync()
+    train_warmup_s = time.perf_counter() - started
     train_ms = median_ms(train_step, args.repeats, sync)
+    world_model.unet = eager_unet.to(memory_format=torch.contiguous_format)  # generation as the player runs it
     world_model.eval()
 
     # generation
@@ -131,6 +146,8 @@ def main() -> None:
         "parameters_m": round(world_model.num_parameters() / 1e6, 3),
         "batch_size": b,
         "mixed_precision": settings.mixed_precision,
+        "train_mode": args.train_mode,
+        "train_warmup_s": round(train_warmup_s, 1),
         "train_step_ms": round(train_ms, 2),
         "train_samples_per_s": round(b / train_ms * 1000, 2),
         "max_steps": settings.steps,
