@@ -58,3 +58,12 @@ def test_compare_runs_puts_the_headlines_side_by_side(tmp_path: Path) -> None:
     assert rows["onnx/margin_db_vs_copy_last_latent"] == ["2.255", "2.051"]
     assert rows["diffusion_checkpoint.steps"] == ["2752", "1584"]
     assert rows["onnx/controllability_turning"] == ["None", "None"]  # missing numbers shown, not guessed
+
+
+def test_a_failed_rerun_stops_without_showing_the_sources_numbers_as_the_copys(tmp_path: Path) -> None:
+    """The copy starts with the source's metrics: when the rerun cannot run (here the source is no DVC repository),
+    the tool exits non-zero and prints no comparison."""
+    source = finished_run(tmp_path / "run", 2.25, 2752)
+    result = rerun_from(source, tmp_path / "copy", "distilled_model.minutes=11")
+    assert result.returncode != 0 and "margin_db" not in result.stdout, result.stdout
+    assert yaml.safe_load((tmp_path / "copy" / "params.yaml").read_text())["distilled_model"]["minutes"] == 11

@@ -30,12 +30,12 @@ import yaml
 source, target, pairs = sys.argv[1], sys.argv[2], sys.argv[3:]
 params = yaml.safe_load(open(source))
 for pair in pairs:
-    key, _, value = pair.partition("=")
+    key, equals, value = pair.partition("=")
     *path, last = key.split(".")
     section = params
     for part in path:
         section = section.get(part) if isinstance(section, dict) else None
-    if not _ or not isinstance(section, dict) or last not in section:
+    if not equals or not isinstance(section, dict) or last not in section:
         sys.exit(f"error: {pair!r}: give KEY=VALUE with a dotted KEY that params.yaml has")
     section[last] = yaml.safe_load(value)
 yaml.safe_dump(params, open(target, "w"), sort_keys=False)
@@ -45,5 +45,8 @@ rm -rf components; cp -a "$here/components" components; cp "$here/dvc.yaml" dvc.
 find components -name __pycache__ -prune -exec rm -rf {} +
 dvc commit -f -q rl_agent raw_trajectories base_autoencoder validated_latents finetuned_vae "${keep[@]}"
 dvc status | grep -E "^[a-z_]+:" || true
-python -m components repro evaluation 2>&1 | tee repro.log | grep -E "^Running stage|ERROR" || true
+if ! python -m components repro evaluation > repro.log 2>&1; then  # its metrics would be the source's: stop
+  tail -n 20 repro.log >&2; echo "error: the rerun failed; its log is $copy/repro.log" >&2; exit 1
+fi
+grep -E "^Running stage" repro.log || true
 python "$here/docs/experiments/compare_runs.py" "$source" "$copy"
