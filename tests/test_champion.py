@@ -95,9 +95,10 @@ def test_scheduled_retraining_registers_what_its_champion_stage_promoted(micro_p
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for criterion in params["evaluation"]["promotion"]["criteria"]:
         criterion["tolerance"] = 1000.0  # any fresh model is "no worse": this run promotes
-    # A fresh seed for the world model only: the experiment retrains from diffusion_checkpoint on, and DVC restores
-    # the recording and the autoencoder from its cache (the default seed param re-records too, minutes longer).
-    params["orchestration"]["retraining_seed_param"] = "diffusion_checkpoint.seed"
+    # A fresh seed for the student only: the experiment retrains from distilled_model on, and DVC restores the
+    # recording, the autoencoder and the teacher from its cache (the default seed param re-records too, minutes
+    # longer).
+    params["orchestration"]["retraining_seed_param"] = "distilled_model.seed"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["dvc", "repro", "champion"], repo)  # params changed: evaluation and champion run again
     run(["git", "add", "-A"], repo)

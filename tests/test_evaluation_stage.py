@@ -1,13 +1,14 @@
 """The ``evaluation`` stage and the ``promote`` command on a real (tiny, untrained) ONNX export.
 
-The export is built by the real ``distilled_model`` and ``onnx_export`` stages (tests/fixtures/export.py, about
-a minute); the evaluation runs through the CLI as ``dvc repro`` runs it.
+The export is the session's ``tiny_export`` (the real ``distilled_model`` and ``onnx_export`` stages on tiny
+upstream artifacts, tests/fixtures/export.py), copied; the evaluation runs through the CLI as ``dvc repro`` runs it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
 from components.data.windows import HeldOutError, heldout_episodes, pick_windows
 from components.params import EvaluationParams
-from tests.fixtures.export import build_tiny_export, write_export_params
+from tests.fixtures.export import write_export_params
 from tests.fixtures.processes import REPO_ROOT, cli_in
 
 ROLLOUTS = [4, 8]
@@ -89,8 +90,9 @@ def test_stage_fails_clearly_without_heldout_episodes(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = build_tiny_export(tmp_path_factory.mktemp("evaluation"))
+def evaluated(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("evaluation") / "root"
+    shutil.copytree(tiny_export, root, symlinks=True)  # the session's export: the tests here write beside it
     set_evaluation(root, windows=8, rollout_lengths=ROLLOUTS, rollout_windows=2, batch_size=4, sample_windows=2,
                    turn_contexts=3, turn_test_rows=2, long_play_steps=LONG_PLAY, long_play_contexts=2, long_play_rows=2,
                    promotion={"champion_dir": str(root / "champion"), "log": str(root / "docs/promotion-log.md"),

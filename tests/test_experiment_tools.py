@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,8 @@ def test_rerun_from_refuses_an_unfinished_run_and_an_unknown_param_before_copyin
     assert rerun_from().returncode == 2
     result = rerun_from(tmp_path / "missing", tmp_path / "copy")
     assert result.returncode == 2 and "is not a folder" in result.stderr
+    result = rerun_from(source, tmp_path / "missing" / "copy")
+    assert result.returncode == 2 and "no folder" in result.stderr
 
 
 def test_compare_runs_puts_the_headlines_side_by_side(tmp_path: Path) -> None:
@@ -60,10 +63,27 @@ def test_compare_runs_puts_the_headlines_side_by_side(tmp_path: Path) -> None:
     assert rows["onnx/controllability_turning"] == ["None", "None"]  # missing numbers shown, not guessed
 
 
-def test_a_failed_rerun_stops_without_showing_the_sources_numbers_as_the_copys(tmp_path: Path) -> None:
-    """The copy starts with the source's metrics: when the rerun cannot run (here the source is no DVC repository),
-    the tool exits non-zero and prints no comparison."""
+def test_a_copy_that_cannot_be_set_up_is_removed_and_shows_no_numbers(tmp_path: Path) -> None:
+    """The copy starts with the source's metrics: when it cannot be set up (here the source is no DVC repository,
+    so DVC has no graph to take the upstream stages from), the tool exits non-zero, prints no comparison and
+    leaves no half-made copy behind."""
     source = finished_run(tmp_path / "run", 2.25, 2752)
     result = rerun_from(source, tmp_path / "copy", "distilled_model.minutes=11")
     assert result.returncode != 0 and "margin_db" not in result.stdout, result.stdout
-    assert yaml.safe_load((tmp_path / "copy" / "params.yaml").read_text())["distilled_model"]["minutes"] == 11
+    assert not (tmp_path / "copy").exists()
+    assert (source / "metrics" / "evaluation.json").exists()  # the source is untouched
+
+
+def test_the_upstream_stages_come_from_dvcs_graph(tmp_path: Path) -> None:
+    """The stages taken as they are are the world model's ancestors in `dvc dag`; in a DVC repo whose outputs are
+    missing, `dvc commit` then fails and the half-made copy is removed."""
+    source = finished_run(tmp_path / "run", 2.25, 2752)
+    shutil.copy(REPO_ROOT / "params.yaml", source / "params.yaml")  # dvc.yaml's foreach reads it
+    for command in (["git", "init", "-q"], [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
+        subprocess.run(command, cwd=source, check=True, capture_output=True, timeout=60)
+    result = rerun_from(source, tmp_path / "copy", "--keep", "diffusion_checkpoint")
+    taken = next(line for line in result.stdout.splitlines() if line.startswith("taken as they are:"))
+    assert sorted(taken.split(":")[1].split()) == sorted([
+        "rl_agent", "raw_trajectories", "base_autoencoder", "validated_latents", "finetuned_vae",
+        "diffusion_checkpoint"])
+    assert result.returncode != 0 and not (tmp_path / "copy").exists()

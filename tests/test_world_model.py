@@ -155,6 +155,21 @@ def test_actions_give_different_next_frames(trained: dict[str, Any]) -> None:
     assert (frames[0] - frames[1]).abs().mean() > 1e-3
 
 
+def test_a_one_frame_context_trains_and_its_actions_steer_the_sampler(tmp_path: Path) -> None:
+    """The paper's context ablation down to K = 1 (`make ablations`' `context-1`): the warp is fitted, one context
+    latent trains, and the sampled next latent depends on the action."""
+    params = parse_params(micro_params_dict(world_model={"context": 1}, diffusion_checkpoint={**TRAIN, "steps": 20}))
+    num_actions = len(params.environment.actions)
+    latents = write_synthetic_latents(tmp_path / "latents", num_actions, frames_root=tmp_path / "frames")
+    run = train(params, latents, cache_root=tmp_path / "cache", frames_root=tmp_path / "frames")
+    assert run.result.steps == 20 and all(np.isfinite(loss) for _, loss in run.result.losses)
+    batch = WindowStream(open_latents(latents, 1, num_actions), 1, "heldout", 0).read(list(range(4)))
+    assert tuple(batch.context_latents.shape[:2]) == (4, 1)
+    predictions = {a: _sample(run.world_model, batch, action=a) for a in (0, 2)}
+    assert predictions[0].shape == batch.target.shape
+    assert (predictions[0] - predictions[2]).abs().mean() > 1e-3
+
+
 def test_cfg_changes_the_output(trained: dict[str, Any]) -> None:
     world_model, batch = trained["world_model"], trained["batch"]
     plain, guided = _sample(world_model, batch, cfg=1.0), _sample(world_model, batch, cfg=1.5)
