@@ -100,7 +100,7 @@ def test_scheduled_retraining_registers_what_its_champion_stage_promoted(micro_p
     # longer).
     params["orchestration"]["retraining_seed_param"] = "distilled_model.seed"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "repro", "champion"], repo)  # params changed: evaluation and champion run again
+    run(["dvc", "repro", "champion"], repo)  # its promotion params changed: the champion stage runs again
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "first champion"], repo)
     run([*COMPONENTS, "register"], repo)
