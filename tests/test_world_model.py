@@ -163,6 +163,8 @@ def test_a_one_frame_context_trains_and_its_actions_steer_the_sampler(tmp_path: 
     latents = write_synthetic_latents(tmp_path / "latents", num_actions, frames_root=tmp_path / "frames")
     run = train(params, latents, cache_root=tmp_path / "cache", frames_root=tmp_path / "frames")
     assert run.result.steps == 20 and all(np.isfinite(loss) for _, loss in run.result.losses)
+    warp = run.world_model.action_warp
+    assert warp is not None and warp.motion.abs().sum() > 0  # measured on the frames, not left at zero
     batch = WindowStream(open_latents(latents, 1, num_actions), 1, "heldout", 0).read(list(range(4)))
     assert tuple(batch.context_latents.shape[:2]) == (4, 1)
     predictions = {a: _sample(run.world_model, batch, action=a) for a in (0, 2)}
