@@ -238,9 +238,16 @@ def test_base_autoencoder_survives_sigkill_with_the_weights_of_an_uninterrupted_
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("run", "fresh")}
     runs = {name: subprocess.Popen(command(name), env=pipeline_env(threads=1), stdout=log, stderr=log)
             for name, log in logs.items()}
+    try:
+        for process in runs.values():
+            process.wait(timeout=600)
+    finally:  # a timeout leaves neither run behind
+        for name, process in runs.items():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            logs[name].close()
     for name, process in runs.items():
-        process.wait(timeout=600)
-        logs[name].close()
         assert process.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == steps and metrics["resumed_from_step"] == killed_at

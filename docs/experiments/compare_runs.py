@@ -36,10 +36,11 @@ def shown(value: object) -> str:
 
 
 def main(runs: list[Path]) -> None:
-    rows = [(key, [stage_metrics(run, "evaluation").get("headline", {}).get(key) for run in runs])
-            for key in HEADLINE]
-    rows += [(f"{stage}.{key}", [stage_metrics(run, stage).get(key) for run in runs])
-             for stage, keys in TRAINING.items() for key in keys]
+    headlines = [stage_metrics(run, "evaluation").get("headline", {}) for run in runs]
+    rows = [(key, [headline.get(key) for headline in headlines]) for key in HEADLINE]
+    for stage, keys in TRAINING.items():
+        metrics = [stage_metrics(run, stage) for run in runs]
+        rows += [(f"{stage}.{key}", [m.get(key) for m in metrics]) for key in keys]
     print("".ljust(46), *[run.name.ljust(12) for run in runs])
     for key, values in rows:
         print(key.ljust(46), *[shown(value).ljust(12) for value in values])
