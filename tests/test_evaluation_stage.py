@@ -19,7 +19,7 @@ from PIL import Image
 from components.data.trajectory_store import ShardWriter, TrajectoryStore
 from components.data.windows import HeldOutError, heldout_episodes, pick_windows
 from components.params import EvaluationParams
-from tests.fixtures.export import write_export_params
+from tests.fixtures.export import build_tiny_export, write_export_params
 from tests.fixtures.processes import REPO_ROOT, cli_in
 
 ROLLOUTS = [4, 8]
@@ -66,6 +66,13 @@ def evaluation_args(root: Path, raw: Path, export: Path) -> list[str]:
             "--plots", str(root / "plots/evaluation")]
 
 
+def set_small_evaluation(root: Path, **values: object) -> None:
+    """Evaluation settings that fit the tiny export's two held-out episodes, plus ``values``."""
+    set_evaluation(root, windows=8, rollout_lengths=ROLLOUTS, rollout_windows=2, batch_size=4, sample_windows=2,
+                   turn_contexts=3, turn_test_rows=2, long_play_steps=LONG_PLAY, long_play_contexts=2, long_play_rows=2,
+                   **values)
+
+
 def test_stage_refuses_a_training_episode(tmp_path: Path) -> None:
     write_export_params(tmp_path)
     raw = tiny_store(tmp_path)
@@ -93,11 +100,10 @@ def test_stage_fails_clearly_without_heldout_episodes(tmp_path: Path) -> None:
 def evaluated(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("evaluation") / "root"
     shutil.copytree(tiny_export, root, symlinks=True)  # the session's export: the tests here write beside it
-    set_evaluation(root, windows=8, rollout_lengths=ROLLOUTS, rollout_windows=2, batch_size=4, sample_windows=2,
-                   turn_contexts=3, turn_test_rows=2, long_play_steps=LONG_PLAY, long_play_contexts=2, long_play_rows=2,
-                   promotion={"champion_dir": str(root / "champion"), "log": str(root / "docs/promotion-log.md"),
-                              "criteria": [{"metric": "onnx.teacher_forced.psnr.model.pooled", "tolerance": 0.1},
-                                           {"metric": "onnx.rollout.8.mean_psnr_over_steps.model", "tolerance": 0.2}]})
+    set_small_evaluation(root, promotion={
+        "champion_dir": str(root / "champion"), "log": str(root / "docs/promotion-log.md"),
+        "criteria": [{"metric": "onnx.teacher_forced.psnr.model.pooled", "tolerance": 0.1},
+                     {"metric": "onnx.rollout.8.mean_psnr_over_steps.model", "tolerance": 0.2}]})
     data = root / "data"
     cli_in(root, *evaluation_args(root, data / "raw_trajectories", data / "onnx_export"))
     return root
@@ -188,6 +194,27 @@ def test_stage_plays_the_export_long_with_player_keys(evaluated: Path) -> None:
         assert png.format == "PNG" and png.size[0] > 5 * 32 and png.size[1] > 2 * 24  # context + 4 shown steps
     with Image.open(evaluated / "plots/evaluation/long_play_by_step.png") as png:
         assert png.size == (720, 440)
+
+
+def test_a_one_frame_context_is_distilled_exported_and_scored(tmp_path: Path) -> None:
+    """K = 1 (the ablation's `context-1` experiment) through the real student, export and evaluation stages: the
+    export's parity check passes with one context frame, and the evaluation scores it on held-out play."""
+    root = build_tiny_export(tmp_path, context=1)
+    export = root / "data" / "onnx_export"
+    assert json.loads((export / "manifest.json").read_text())["K"] == 1
+    with np.load(export / "contexts.npz") as contexts:
+        assert contexts["context_latents"].shape[1] == 1 and contexts["context_actions"].shape[1] == 1
+    set_small_evaluation(root, promotion={"criteria": [{"metric": "onnx.teacher_forced.psnr.model.pooled",
+                                                          "tolerance": 0.1}]})  # the default's need 16-step rollouts
+    cli_in(root, *evaluation_args(root, root / "data" / "raw_trajectories", export))
+    metrics = json.loads((root / "metrics/evaluation.json").read_text())
+    for model in ("onnx", "teacher"):
+        tf = metrics[model]["teacher_forced"]
+        assert tf["windows"] == 8 and 0.0 < tf["psnr"]["model"]["pooled"] <= 50.0
+        assert tf["margin_db"]["copy_last_latent"]["pooled"] == pytest.approx(
+            tf["psnr"]["model"]["pooled"] - tf["psnr"]["copy_last_latent"]["pooled"])
+        assert all(len(metrics[model]["rollout"][str(n)]["psnr_by_step"]["model"]["pooled"]) == n for n in ROLLOUTS)
+    assert (root / "plots/evaluation/turn_test.png").is_file()
 
 
 def _tree(folder: Path) -> dict[str, str]:
