@@ -383,7 +383,7 @@ class SamplerParams(Section):
     steps: int = Field(4, gt=0, description="DDIM steps per frame")  # paper: 4
     cfg: float = Field(1.0, ge=0.0, description="guidance on the past frames only (1 = off)")  # paper: 1.5
     context_noise_level: float = Field(
-        0.1, ge=0.0, description="std of the noise added to the context at inference; its bucket is given to the "
+        0.0, ge=0.0, description="std of the noise added to the context at inference; its bucket is given to the "
         "model, telling it the context may be imperfect (0 = clean context; README \"Generating frames\")"
     )
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic)")
