@@ -1,6 +1,6 @@
 """Blocking asset checks read from the validation reports that stages write (generic, no per-stage code).
 
-Each report a stage lists in its dvc.yaml ``outs`` (``reports/<name>.json``, ``cache: false``; the format is in
+Each report a stage lists in its dvc.yaml ``outs`` (``reports/<name>.json``; the format is in
 ``orchestration/reports.py``) becomes one ``blocking=True`` asset check on the stage's asset, named after the
 report file (``reports/validated_latents.json`` -> check ``validated_latents``). The check fails (severity ERROR,
 so the downstream assets of the run are skipped) when the report says so or is missing or malformed. For a

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Folders never hashed as part of a code dep that is a directory.
 _SKIP_DIRS = {"__pycache__", ".git", ".dvc", ".venv", "node_modules"}
-# Convention: a gating validation report is `reports/<name>.json`, listed in outs with `cache: false`.
+# Convention: a gating validation report is `reports/<name>.json`, listed in outs (cached or not).
 REPORTS_DIR = "reports"
 
 
@@ -60,7 +60,7 @@ class StageItem:
     code_deps: tuple[str, ...]  # deps not produced by any stage (repo-relative)
     data_deps: tuple[str, ...]  # deps produced by an upstream stage
     outs: tuple[str, ...]  # all outs, metrics and plots included
-    uncached_outs: tuple[str, ...]  # outs with `cache: false` (metrics, plots, reports)
+    uncached_outs: tuple[str, ...]  # outs with `cache: false` (metrics, plots, `champion`'s report)
     metrics: tuple[str, ...]
     plots: tuple[str, ...]
     reports: tuple[str, ...]  # outs under reports/ ending in .json (gating validation reports)

@@ -1,7 +1,7 @@
 """Read the validation report a stage writes: pass/fail and metadata, for its asset check and its failure message.
 
 Convention: a stage that gates its downstream writes ``reports/<name>.json`` and lists it in its dvc.yaml
-``outs`` with ``cache: false``::
+``outs`` (cached, so that DVC keeps the stage's run-cache entry)::
 
     {"success": true, "checks": [{"name": "latents_finite", "success": true, ...}, ...], "summary": "..."}
 

@@ -173,7 +173,7 @@ class DvcResource(dg.ConfigurableResource):
         """Push the items' outs and the run-cache to the default remote, when one is reachable.
 
         ``dvc push --run-cache`` sends the cached outs and the run-cache entries, but not the objects of
-        ``cache: false`` outs (metrics, plots, reports), without which another checkout cannot restore the
+        ``cache: false`` outs (metrics, plots), without which another checkout cannot restore the
         stage from the run-cache; ``_push_uncached`` sends those. Returns whether everything was pushed.
         """
         usable, why = self.remote_reachable()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import ast
 import shlex
+from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from tests.fixtures.processes import REPO_ROOT
+from tests.fixtures.processes import REPO_ROOT, run
 
 # The command-line machinery every stage runs through; editing it changes no stage's output.
 ENTRY_POINT = {"components/__init__.py", "components/__main__.py", "components/cli.py", "components/errors.py",
@@ -156,3 +158,47 @@ def test_every_stage_gets_its_paths_from_its_command_and_dvc_tracks_each_one() -
             elif not under(out, set(paths.values())):
                 problems.append(f"{name}: out {out} is named by no option of its command")
     assert problems == [], "\n".join(problems)
+
+
+def restored_from_run_cache(stage: Any) -> bool:
+    """Whether DVC saves a run-cache entry for ``stage`` (a ``dvc.stage.Stage``), so that it is restored, not rerun,
+    when its deps and params come back to ones it has run with (an experiment, a revert, another clone). DVC's own
+    rule (``Stage.run`` and ``dvc.stage.cache._can_hash``): no persistent out, and no ``cache: false`` out that is
+    neither a metric nor a plot."""
+    return not any(out.persist or (not out.use_cache and not (out.is_metric or out.is_plot)) for out in stage.outs)
+
+
+TOY_STAGES: dict[str, list[Any]] = {  # name -> outs (each writes its files); DVC decides which get a run-cache entry
+    "report_uncached": ["out_a", {"report_a.json": {"cache": False}}],
+    "report_cached": ["out_b", "report_b.json"],
+    "state_persists": [{"out_c": {"persist": True}}],
+}
+
+
+def test_every_stage_but_the_champion_is_restored_from_the_run_cache(tmp_path: Path) -> None:
+    """A real DVC repo shows the rule ``restored_from_run_cache`` states; by it, every stage of dvc.yaml gets a
+    run-cache entry except ``champion``, whose ``artifacts/champion`` persists between runs by design. (The
+    latent gate's and the ONNX parity reports were ``cache: false`` until 2026-12-08, so ``validated_latents`` and
+    ``onnx_export`` recomputed in every ablation experiment, and ``restore`` could not bring their reports back.)"""
+    from dvc.repo import Repo
+
+    run(["git", "init", "-q"], tmp_path)
+    run(["dvc", "init", "-q"], tmp_path)
+    (tmp_path / "dep").write_text("x")
+    stages = {}
+    for name, outs in TOY_STAGES.items():
+        files = [next(iter(out)) if isinstance(out, dict) else out for out in outs]
+        stages[name] = {"cmd": " && ".join(f"cp dep {file}" for file in files), "deps": ["dep"], "outs": outs}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    run(["dvc", "repro", "-q"], tmp_path)
+    entries = [yaml.safe_load(path.read_text())["cmd"] for path in (tmp_path / ".dvc/cache/runs").rglob("*")
+               if path.is_file()]
+    with Repo(str(tmp_path)) as repo:
+        rule = {stage.name: restored_from_run_cache(stage) for stage in repo.index.stages}
+    assert rule == {"report_uncached": False, "report_cached": True, "state_persists": False}
+    assert {name: stages[name]["cmd"] in entries for name in TOY_STAGES} == rule
+
+    with Repo(str(REPO_ROOT)) as repo:
+        rerun_every_time = sorted({stage.name.split("@")[0] for stage in repo.index.stages
+                                   if not restored_from_run_cache(stage)})
+    assert rerun_every_time == ["champion"]

@@ -1,9 +1,9 @@
 """``gamengen restore``: bring every stage output back to what ``dvc.lock`` records, metrics and plots included.
 
 After a stage failed or was killed (DVC had already removed its outputs), or after outputs were edited by hand:
-``dvc checkout`` restores the cached outputs (``data/...``), and the ``cache: false`` ones (metrics, plots,
-reports) come back from the run-cache entry DVC saved when the stage last succeeded. Params and code are not
-touched: the stage a change left stale stays stale, exactly as ``dvc status`` says.
+``dvc checkout`` restores the cached outputs (``data/...``), and the ``cache: false`` ones (metrics, plots)
+come back from the run-cache entry DVC saved when the stage last succeeded. Params and code are not touched:
+the stage a change left stale stays stale, exactly as ``dvc status`` says.
 
     .venv/bin/python -m components restore
 """
