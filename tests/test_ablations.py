@@ -28,7 +28,9 @@ def metrics_for(context: int, noise: float, policy: str) -> dict:
             "teacher_forced": {"psnr": {"model": {"pooled": psnr, "mean": psnr + 3, "median": psnr + 1}},
                                "margin_db": {"copy_last_latent": {"pooled": 0.5}}},
             "rollout": {"8": {"psnr_at_step": curve, "final_step_psnr": {"model": curve["8"]},
-                              "crossing_step": {"copy_last_latent": 4 if not noise else None}}},
+                              "crossing_step": {"copy_last_latent": 4 if not noise else None},
+                              "sharpness_at_step": {str(s): (0.5 if noise else 0.2) / s for s in (1, 2, 4, 8)}}},
+            "long_play": {"end": {"colour_distance": 0.3 if noise else 0.6}},
         },
         "teacher": {"teacher_forced": {"psnr": {"model": {"pooled": psnr + 0.5}}}},
     }
@@ -70,6 +72,8 @@ def test_every_setting_runs_once_per_seed_and_the_tables_show_the_spread() -> No
         metrics["onnx"]["teacher_forced"]["psnr"]["model"]["pooled"] += offset
         metrics["onnx"]["teacher_forced"]["controllability"] = {"turning": {"share": 0.9 if warp else 0.5},
                                                                 "moving": {"share": 0.8 if warp else 0.5}}
+        metrics["onnx"]["turn_response"] = {turn: {"fraction_of_real": (0.7 if warp else 0.0) + offset / 10}
+                                            for turn in ("turn_left", "turn_right")}
         return ablations.Result(f"abl-t-{label}", label, "t", "", params, metrics)
 
     results = [result("base-seed0", 2, True, 0.0), result("base-seed1", 2, True, 0.4),
@@ -78,7 +82,9 @@ def test_every_setting_runs_once_per_seed_and_the_tables_show_the_spread() -> No
     text = ablations.tables(results, seeded)
     assert "ran with 2 seeds" in text
     assert "| 2 | 23.60 ± 0.20 |" in text and "| 1 | 22.50 ± 0.10 |" in text
-    assert "| on | 23.60 ± 0.20 | 0.50 ± 0.00 | 0.90 ± 0.00 | 0.80 ± 0.00 | never, never |" in text
+    on_row = ("| on | 23.60 ± 0.20 | 0.50 ± 0.00 | 0.90 ± 0.00 | 0.80 ± 0.00 | 0.72 ± 0.02 / 0.72 ± 0.02 | "
+              "never, never |")
+    assert on_row in text
     assert "| off | 22.30 ± 0.10 |" in text
 
 
@@ -99,6 +105,9 @@ def test_tables_are_shaped_like_the_papers() -> None:
     assert "| noise augmentation | step 1 | step 2 | step 4 | step 8 | crosses copy-last-latent at |" in text
     assert "| on | 23.35 | 23.30 | 23.20 | 23.00 | never |" in text
     assert "| off | 21.70 | 21.40 | 20.80 | 19.60 | 4 |" in text
+    assert "| noise augmentation | sharpness, step 1 | sharpness, step 2 | sharpness, step 4 | sharpness, step 8 | " \
+           "long-play colour distance |" in text
+    assert "| on | 0.50 | 0.25 | 0.12 | 0.06 | 0.30 |" in text and "| off | 0.20 | 0.10 | 0.05 | 0.03 | 0.60 |" in text
     assert "| agent | 23.40 | 23.00 |" in text and "| random | 22.40 | 22.00 |" in text
     with pytest.raises(ablations.AblationError, match="no 'base'"):
         ablations.tables(results[1:], SETTINGS)

@@ -278,7 +278,28 @@ def _noise_table(settings: Mapping[str, list[Result]], base: list[Result], model
             longest = _longest_rollout(group[0].metrics, model)
             values = [_stat(group, f"{model}.rollout.{longest}.psnr_at_step.{s}") for s in steps]
             out.append(f"| {on} | " + " | ".join(values) + f" | {_crossings(group, model, longest)} |")
-    return out
+    return out + _noise_sharpness_table(settings, steps, model)
+
+
+def _noise_sharpness_table(settings: Mapping[str, list[Result]], steps: list[int], model: str) -> list[str]:
+    """What the PSNR curve hides: how sharp the same rollouts stay, and where long play drifts to (issue 12's
+    measures); empty for results from before the evaluation stage measured them."""
+    rows = []
+    for label, on in (("base", "on"), ("noise-off", "off")):
+        group = settings.get(label)
+        longest = _longest_rollout(group[0].metrics, model) if group else "0"
+        if group and _lookup(group[0].metrics, f"{model}.rollout.{longest}.sharpness_at_step"):
+            values = [_stat(group, f"{model}.rollout.{longest}.sharpness_at_step.{s}") for s in steps]
+            rows.append(f"| {on} | " + " | ".join(values)
+                        + f" | {_stat(group, f'{model}.long_play.end.colour_distance')} |")
+    if not rows:
+        return []
+    return ["", "Sharpness of the same rollouts by step (Laplacian energy above the HUD over the real frames': 1 is "
+            "as sharp as the game, below 1 is blur), and the colour distance from the real frames at the end of "
+            "long play (player-like keys; lower is closer; README \"The `evaluation` stage\").", "",
+            "| noise augmentation | " + " | ".join(f"sharpness, step {s}" for s in steps)
+            + " | long-play colour distance |",
+            "| --- | " + " | ".join("---" for _ in steps) + " | --- |", *rows]
 
 
 def _data_table(groups: list[list[Result]], key: str, base: list[Result], model: str) -> list[str]:
@@ -303,14 +324,17 @@ def _warp_table(settings: Mapping[str, list[Result]], base: list[Result], model:
            "of its action, and `predict_residual` diffuses the difference to it (README \"World model\"); off is the "
            "paper's plain UNet.", "",
            "| warp and residual | PSNR pooled | margin vs copy-last-latent | controllability turning | "
-           f"controllability moving | {longest}-step rollout crosses copy-last-latent at |",
-           "| --- | --- | --- | --- | --- | --- |"]
+           f"controllability moving | turn pan left / right, share of the real game's | {longest}-step rollout "
+           "crosses copy-last-latent at |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, on in (("base", "on"), ("warp-off", "off")):
         g = settings[label]
+        pan = " / ".join(_stat(g, f"{model}.turn_response.{turn}.fraction_of_real")
+                         for turn in ("turn_left", "turn_right"))
         out.append(f"| {on} | {_stat(g, f'{tf}.psnr.model.pooled')} | "
                    f"{_stat(g, f'{tf}.margin_db.copy_last_latent.pooled')} | "
                    f"{_stat(g, f'{tf}.controllability.turning.share')} | "
-                   f"{_stat(g, f'{tf}.controllability.moving.share')} | {_crossings(g, model, longest)} |")
+                   f"{_stat(g, f'{tf}.controllability.moving.share')} | {pan} | {_crossings(g, model, longest)} |")
     return out
 
 
