@@ -89,15 +89,15 @@ def test_restore_brings_back_every_output_of_dvc_lock_after_a_killed_stage(
     repo = copy_pipeline(micro_pipeline, tmp_path)
     outputs = locked_outputs(repo)
     before = snapshot(repo, [*outputs, "dvc.lock"])
-    metrics = repo / watched
+    watched_path = repo / watched
     stage = subprocess.Popen([*COMPONENTS, "repro", "--force", "--single-item", stage_name], cwd=repo,
                              env=pipeline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while metrics.exists() and stage.poll() is None and time.monotonic() < deadline:
+        while watched_path.exists() and stage.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not metrics.exists(), "DVC never removed the stage's outputs"
+        assert not watched_path.exists(), "DVC never removed the stage's outputs"
         time.sleep(1.0)  # the stage's command is starting
     finally:
         os.killpg(stage.pid, signal.SIGKILL)
