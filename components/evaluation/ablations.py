@@ -272,34 +272,27 @@ def _noise_table(settings: Mapping[str, list[Result]], base: list[Result], model
            "The paper shows this only as a plot: without noise augmentation quality drops after 10 to 20 frames.", "",
            "| noise augmentation | " + " | ".join(f"step {s}" for s in steps) + " | crosses copy-last-latent at |",
            "| --- | " + " | ".join("---" for _ in steps) + " | --- |"]
+    sharpness_rows = []  # what the PSNR curve hides (issue 12's measures); absent from older results
     for label, on in (("base", "on"), ("noise-off", "off")):
         group = settings.get(label)
-        if group:
-            longest = _longest_rollout(group[0].metrics, model)
-            values = [_stat(group, f"{model}.rollout.{longest}.psnr_at_step.{s}") for s in steps]
-            out.append(f"| {on} | " + " | ".join(values) + f" | {_crossings(group, model, longest)} |")
-    return out + _noise_sharpness_table(settings, steps, model)
-
-
-def _noise_sharpness_table(settings: Mapping[str, list[Result]], steps: list[int], model: str) -> list[str]:
-    """What the PSNR curve hides: how sharp the same rollouts stay, and where long play drifts to (issue 12's
-    measures); empty for results from before the evaluation stage measured them."""
-    rows = []
-    for label, on in (("base", "on"), ("noise-off", "off")):
-        group = settings.get(label)
-        longest = _longest_rollout(group[0].metrics, model) if group else "0"
-        if group and _lookup(group[0].metrics, f"{model}.rollout.{longest}.sharpness_at_step"):
-            values = [_stat(group, f"{model}.rollout.{longest}.sharpness_at_step.{s}") for s in steps]
-            rows.append(f"| {on} | " + " | ".join(values)
-                        + f" | {_stat(group, f'{model}.long_play.end.colour_distance')} |")
-    if not rows:
-        return []
-    return ["", "Sharpness of the same rollouts by step (Laplacian energy above the HUD over the real frames': 1 is "
-            "as sharp as the game, below 1 is blur), and the colour distance from the real frames at the end of "
-            "long play (player-like keys; lower is closer; README \"The `evaluation` stage\").", "",
-            "| noise augmentation | " + " | ".join(f"sharpness, step {s}" for s in steps)
-            + " | long-play colour distance |",
-            "| --- | " + " | ".join("---" for _ in steps) + " | --- |", *rows]
+        if not group:
+            continue
+        longest = _longest_rollout(group[0].metrics, model)
+        rollout = f"{model}.rollout.{longest}"
+        values = [_stat(group, f"{rollout}.psnr_at_step.{s}") for s in steps]
+        out.append(f"| {on} | " + " | ".join(values) + f" | {_crossings(group, model, longest)} |")
+        if _lookup(group[0].metrics, f"{rollout}.sharpness_at_step"):
+            sharpness = [_stat(group, f"{rollout}.sharpness_at_step.{s}") for s in steps]
+            sharpness_rows.append(f"| {on} | " + " | ".join(sharpness)
+                                  + f" | {_stat(group, f'{model}.long_play.end.colour_distance')} |")
+    if not sharpness_rows:
+        return out
+    return out + ["", "Sharpness of the same rollouts by step (Laplacian energy above the HUD over the real frames': 1 "
+                  "is as sharp as the game, below 1 is blur), and the colour distance from the real frames at the end "
+                  "of long play (player-like keys; lower is closer; README \"The `evaluation` stage\").", "",
+                  "| noise augmentation | " + " | ".join(f"sharpness, step {s}" for s in steps)
+                  + " | long-play colour distance |",
+                  "| --- | " + " | ".join("---" for _ in steps) + " | --- |", *sharpness_rows]
 
 
 def _data_table(groups: list[list[Result]], key: str, base: list[Result], model: str) -> list[str]:
